@@ -1,0 +1,87 @@
+"""Load a user's model: a ``module:function`` builder plus an optional ``state_dict`` checkpoint.
+
+Checkpoints load with ``torch.load(weights_only=True)``: a file that holds pickled code is
+refused, and only a mapping of tensors is accepted. Built-in names (``MODEL_ALIASES``) stand for
+the models that ship with mpq.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mpq.evaluators.task import load_callable
+
+MODEL_ALIASES: dict[str, str] = {
+    "babyai": "mpq.zoo.babyai:build_policy",
+    "babyai-untrained": "mpq.zoo.babyai:build_untrained_policy",
+}
+
+
+def resolve_spec(spec: str) -> str:
+    return MODEL_ALIASES.get(spec, spec)
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, loaded without executing code.
+
+    Raises:
+        ValueError: the file is missing, holds pickled code, or is not a mapping of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  torch raises UnpicklingError, RuntimeError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"checkpoint {str(path)!r}: refused by weights_only=True ({first})"
+        ) from None
+    if (
+        isinstance(state, Mapping)
+        and "state_dict" in state
+        and isinstance(state["state_dict"], Mapping)
+    ):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise ValueError(f"checkpoint {str(path)!r}: not a state_dict (a mapping of tensors)")
+    return dict(state)
+
+
+def build_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
+    """Call the builder named by ``spec`` and, if given, load ``checkpoint`` into it strictly.
+
+    Raises:
+        ValueError: the builder does not import or does not return an ``nn.Module``; the
+            checkpoint does not load or does not match the model's parameters.
+    """
+    builder = load_callable(resolve_spec(spec), "model")
+    model = builder()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {spec!r}: builder returned {type(model).__name__}, not nn.Module")
+    if checkpoint is not None:
+        state = load_state_dict(checkpoint)
+        missing, unexpected = _mismatch(model, state)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {str(checkpoint)!r} does not match model {spec!r}: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            line = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "")
+            raise ValueError(f"checkpoint {str(checkpoint)!r} does not match model {spec!r}: "
+                             f"{line or 'shape mismatch'}") from None  # fmt: skip
+    return model.eval()
+
+
+def _mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    own = set(model.state_dict())
+    return sorted(own - set(state)), sorted(set(state) - own)

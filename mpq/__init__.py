@@ -1,0 +1,1 @@
+"""mpq: mixed-precision quantization search."""

@@ -1,0 +1,284 @@
+"""The search space and a configuration (one point of it), as frozen, typed, versioned data.
+
+Bit-widths are integers: weights 2, 3, 4, 5, 6, 8 (integer, quantized with the seed's formulas),
+16 (stored as float16) or 32 (kept at the original float32, "keep"); activations 8, 16 (float16)
+or 32 (keep). A ``SearchSpace`` gives the options per dimension: defaults, per-layer overrides
+(exact name beats glob, then the first matching glob wins, as torchao's ``FqnToConfig``) and
+layers to skip (kept in float). ``SearchSpace.resolve`` turns it into one ``LayerOptions`` per
+discovered layer; a ``QuantConfig`` picks one ``LayerChoice`` for every layer.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mpq.spaces.discover import LayerInfo
+
+SCHEMA_VERSION = 1
+W_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 16, 32)
+A_BITS: tuple[int, ...] = (8, 16, 32)
+INT_BITS_MAX = 8  # widths up to this are integer; 16 and 32 are float formats
+KEEP = 32
+Granularity = Literal["per_tensor", "per_channel", "per_group"]
+ActMode = Literal["static", "dynamic"]
+ActGranularity = Literal["per_tensor", "per_token"]
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class LayerChoice(BaseModel):
+    """What one layer gets.
+
+    ``w_bits`` <= 8: ``Q(w) = clamp(round(w/s) + z)`` at that width with ``granularity`` (per
+    output channel; per group of ``group_size`` along the reduction axis); ``symmetric`` gives
+    ``z = 0``. ``a_bits`` = 8 quantizes the layer's input activation, with ranges calibrated once
+    (``static``) or computed on every call (``dynamic``, per tensor or per token).
+    """
+
+    model_config = _FROZEN
+    w_bits: int = KEEP
+    a_bits: int = KEEP
+    granularity: Granularity = "per_channel"
+    group_size: int | None = None
+    symmetric: bool = True
+    act_mode: ActMode = "dynamic"
+    act_granularity: ActGranularity = "per_tensor"
+
+    @field_validator("w_bits")
+    @classmethod
+    def _w_bits(cls, v: int) -> int:
+        if v not in W_BITS:
+            raise ValueError(f"w_bits={v} not in {W_BITS}")
+        return v
+
+    @field_validator("a_bits")
+    @classmethod
+    def _a_bits(cls, v: int) -> int:
+        if v not in A_BITS:
+            raise ValueError(f"a_bits={v} not in {A_BITS}")
+        return v
+
+    @model_validator(mode="after")
+    def _group(self) -> LayerChoice:
+        if self.granularity == "per_group":
+            if self.group_size is None or self.group_size < 2:
+                raise ValueError(
+                    f"granularity=per_group needs group_size >= 2, got {self.group_size}"
+                )
+        elif self.group_size is not None:
+            raise ValueError(
+                f"group_size={self.group_size} is only valid with granularity=per_group"
+            )
+        if self.act_granularity == "per_token" and self.act_mode != "dynamic":
+            raise ValueError("act_granularity=per_token needs act_mode=dynamic")
+        return self
+
+    @property
+    def weight_is_int(self) -> bool:
+        return self.w_bits <= INT_BITS_MAX
+
+
+def check_choice(layer: LayerInfo, choice: LayerChoice) -> str | None:
+    """Why ``layer`` cannot take ``choice`` (one phrase), or None when it can."""
+    if choice.granularity == "per_group" and choice.weight_is_int:
+        g = choice.group_size or 0
+        if layer.reduction_size % g:
+            return f"group_size={g} does not divide {layer.reduction_size} (the reduction axis)"
+    if choice.a_bits != KEEP and not layer.takes_activations:
+        return f"a_bits={choice.a_bits} but a {layer.kind} takes no float activation (use 32)"
+    return None
+
+
+class LayerOptions(BaseModel):
+    """The options for each dimension of one layer's choice; a single option fixes it."""
+
+    model_config = _FROZEN
+    w_bits: tuple[int, ...] = (2, 3, 4, 6, 8, KEEP)
+    a_bits: tuple[int, ...] = (KEEP,)
+    granularity: tuple[Granularity, ...] = ("per_channel",)
+    group_size: int = 32
+    symmetric: tuple[bool, ...] = (True,)
+    act_mode: tuple[ActMode, ...] = ("dynamic",)
+
+    @field_validator("w_bits", "a_bits", "granularity", "symmetric", "act_mode")
+    @classmethod
+    def _non_empty(cls, v: tuple[object, ...]) -> tuple[object, ...]:
+        if not v:
+            raise ValueError("needs at least one option")
+        if len(set(v)) != len(v):
+            raise ValueError(f"repeated options {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _bits(self) -> LayerOptions:
+        LayerChoice(w_bits=max(self.w_bits), a_bits=max(self.a_bits))
+        for b in self.w_bits:
+            LayerChoice(w_bits=b)
+        for b in self.a_bits:
+            LayerChoice(a_bits=b)
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size} must be >= 2")
+        return self
+
+    def choices(self) -> tuple[LayerChoice, ...]:
+        """Every combination, in a fixed order."""
+        out = []
+        for w in self.w_bits:
+            for a in self.a_bits:
+                for g in self.granularity:
+                    for s in self.symmetric:
+                        for m in self.act_mode:
+                            gs = self.group_size if g == "per_group" else None
+                            c = LayerChoice(w_bits=w, a_bits=a, granularity=g, group_size=gs,
+                                            symmetric=s, act_mode=m)  # fmt: skip
+                            out.append(c)
+        return tuple(out)
+
+    @property
+    def is_fixed(self) -> bool:
+        return len(self.choices()) == 1
+
+
+class Override(BaseModel):
+    """Options for the layers whose name equals ``match`` or matches it as a glob."""
+
+    model_config = _FROZEN
+    match: str
+    w_bits: tuple[int, ...] | None = None
+    a_bits: tuple[int, ...] | None = None
+    granularity: tuple[Granularity, ...] | None = None
+    group_size: int | None = None
+    symmetric: tuple[bool, ...] | None = None
+    act_mode: tuple[ActMode, ...] | None = None
+
+    def apply(self, base: LayerOptions) -> LayerOptions:
+        changes = self.model_dump(exclude={"match"}, exclude_none=True)
+        return LayerOptions(**{**base.model_dump(), **changes})
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def unknown_name_error(where: str, name: str, known: list[str]) -> ValueError:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = (
+        f"; closest: {close}"
+        if close
+        else f"; layers: {known[:6]}{'...' if len(known) > 6 else ''}"
+    )
+    return ValueError(f"{where}: unknown layer {name!r}{hint}")
+
+
+class SearchSpace(BaseModel):
+    """What can be chosen, per layer; a file (YAML/JSON), never code."""
+
+    model_config = _FROZEN
+    schema_version: Literal[1] = SCHEMA_VERSION
+    defaults: LayerOptions = Field(default_factory=LayerOptions)
+    overrides: tuple[Override, ...] = ()
+    skip: tuple[str, ...] = ()
+
+    def resolve(
+        self, layers: tuple[LayerInfo, ...], source: str = "space"
+    ) -> dict[str, LayerOptions]:
+        """One ``LayerOptions`` per layer, in model order.
+
+        Defaults are narrowed to what each layer can take (an Embedding gets no activation
+        bits, a group size that does not divide the layer drops ``per_group``); an exact-name
+        override that asks for something the layer cannot take is an error.
+
+        Raises:
+            ValueError: an override or skip names no layer (closest names suggested), or an
+                exact override is impossible for its layer.
+        """
+        by_name = {layer.name: layer for layer in layers}
+        known = list(by_name)
+        exact = {o.match: o for o in self.overrides if not _is_glob(o.match)}
+        globs = [o for o in self.overrides if _is_glob(o.match)]
+        for i, o in enumerate(self.overrides):
+            hit = o.match in by_name if not _is_glob(o.match) else any(
+                fnmatch.fnmatchcase(n, o.match) for n in known)  # fmt: skip
+            if not hit:
+                raise unknown_name_error(f"{source}: overrides[{i}].match", o.match, known)
+        for i, pattern in enumerate(self.skip):
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in known):
+                raise unknown_name_error(f"{source}: skip[{i}]", pattern, known)
+        resolved: dict[str, LayerOptions] = {}
+        for layer in layers:
+            if any(fnmatch.fnmatchcase(layer.name, p) for p in self.skip):
+                resolved[layer.name] = LayerOptions(w_bits=(KEEP,), a_bits=(KEEP,))
+                continue
+            override = exact.get(layer.name) or next(
+                (o for o in globs if fnmatch.fnmatchcase(layer.name, o.match)), None)  # fmt: skip
+            options = override.apply(self.defaults) if override else self.defaults
+            strict = override is not None and override.match == layer.name
+            resolved[layer.name] = _narrow(layer, options, strict, source)
+        return resolved
+
+
+def _narrow(layer: LayerInfo, options: LayerOptions, strict: bool, source: str) -> LayerOptions:
+    a_bits = options.a_bits if layer.takes_activations else (KEEP,)
+    granularity = options.granularity
+    int_weights = min(options.w_bits) <= INT_BITS_MAX
+    if layer.reduction_size % options.group_size and "per_group" in granularity and int_weights:
+        granularity = tuple(g for g in granularity if g != "per_group") or ("per_channel",)
+    narrowed = LayerOptions(
+        **{**options.model_dump(), "a_bits": a_bits, "granularity": granularity}
+    )
+    if strict and narrowed != options:
+        if a_bits != options.a_bits:
+            why = check_choice(layer, LayerChoice(a_bits=max(options.a_bits)))
+        else:
+            probe = LayerChoice(
+                w_bits=min(options.w_bits), granularity="per_group", group_size=options.group_size
+            )
+            why = check_choice(layer, probe)
+        raise ValueError(f"{source}: overrides[{layer.name!r}]: {why}")
+    return narrowed
+
+
+class QuantConfig(BaseModel):
+    """One point of the space: a ``LayerChoice`` for every layer, keyed by layer name."""
+
+    model_config = _FROZEN
+    schema_version: Literal[1] = SCHEMA_VERSION
+    layers: dict[str, LayerChoice]
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def key(self) -> str:
+        """Canonical hash (sha256 of the sorted JSON, 16 hex digits): equal configs, equal keys."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+    def check(self, layers: tuple[LayerInfo, ...], source: str = "config") -> None:
+        """Raise a one-line ``ValueError`` unless this covers exactly ``layers`` and each fits."""
+        by_name = {layer.name: layer for layer in layers}
+        for name, choice in self.layers.items():
+            if name not in by_name:
+                raise unknown_name_error(f"{source}: layers", name, list(by_name))
+            why = check_choice(by_name[name], choice)
+            if why:
+                raise ValueError(f"{source}: layers[{name!r}]: {why}")
+        missing = [n for n in by_name if n not in self.layers]
+        if missing:
+            raise ValueError(f"{source}: does not cover layers {missing}")
+
+    @classmethod
+    def uniform(cls, layers: tuple[LayerInfo, ...], choice: LayerChoice) -> QuantConfig:
+        """Every layer gets ``choice`` where it fits; activations stay float where they cannot."""
+        out = {}
+        for layer in layers:
+            c = choice
+            if not layer.takes_activations and c.a_bits != KEEP:
+                c = c.model_copy(update={"a_bits": KEEP})
+            if check_choice(layer, c):
+                c = c.model_copy(update={"granularity": "per_channel", "group_size": None})
+            out[layer.name] = c
+        return cls(layers=out)

@@ -1,0 +1,79 @@
+"""Small models built in the tests, one per family of layer kinds the space covers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.conv1d = nn.Conv1d(16, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, 8, 8)
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))  # (B, 16, 8, 8)
+        x = self.conv1d(x.flatten(2)).mean(-1)  # (B, 16)
+        return self.fc(x)
+
+
+class RecurrentPolicy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.gru = nn.GRU(16, 32, batch_first=True)
+        self.lstm = nn.LSTM(32, 32, batch_first=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: (B, T)
+        h, _ = self.gru(self.embed(tokens))
+        h, _ = self.lstm(h)
+        return self.head(h[:, -1])
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.ff1 = nn.Linear(32, 64)
+        self.ff2 = nn.Linear(64, 32)
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, 32)
+        a, _ = self.attn(x, x, x, need_weights=False)
+        x = self.norm(x + a)
+        return x + self.ff2(torch.relu(self.ff1(x)))
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 50, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.proj(self.embed(tokens))))
+
+
+def example_inputs(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    if isinstance(model, ConvNet):
+        return (torch.randn(batch, 3, 8, 8, generator=g),)
+    if isinstance(model, RecurrentPolicy):
+        return (torch.randint(0, 20, (batch, 5), generator=g),)
+    if isinstance(model, TinyTransformer):
+        return (torch.randn(batch, 6, 32, generator=g),)
+    return (torch.randint(0, 50, (batch, 5), generator=g),)
+
+
+ALL_MODELS = (ConvNet, RecurrentPolicy, TinyTransformer, TiedLM)
+
+
+def build_convnet() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvNet().eval()
