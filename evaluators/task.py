@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,6 +40,8 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
 def load_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
     """Import ``"package.module:function"`` and return the function.
 
+    The current directory is importable (appended to ``sys.path``), as with ``python -m``.
+
     Raises:
         ValueError: one line naming the spec, when it is malformed, does not import, or does
             not name a callable.
@@ -45,6 +49,9 @@ def load_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"{what} {spec!r}: expected 'package.module:function'")
+    # NOTE: like `python -m` and uvicorn, modules next to where mpq runs are importable.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

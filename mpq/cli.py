@@ -73,6 +73,29 @@ def space(
         console.print(f"space written to {out}")
 
 
+@app.command()
+def search(
+    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)")],
+    resume: Annotated[bool, typer.Option(help="continue the study of the same name")] = False,
+    trials: Annotated[int | None, typer.Option(help="trials to finish in all")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="attach to this Ray cluster")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", help="skip MLflow")] = False,
+) -> None:
+    """Search per-layer bit allocations; print the Pareto front."""
+    from mpq.search.session import run_session
+
+    try:
+        result = run_session(config, resume=resume, trials=trials, ray_address=ray_address,
+                             tracking_uri=tracking_uri, tracking=not no_tracking,
+                             console=console)  # fmt: skip
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
 def main() -> None:
     app()
 

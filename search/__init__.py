@@ -1,0 +1,1 @@
+"""Propose, run, keep: the Optuna study, the Ray runner, tracking, the Pareto front."""

@@ -77,3 +77,17 @@ ALL_MODELS = (ConvNet, RecurrentPolicy, TinyTransformer, TiedLM)
 def build_convnet() -> nn.Module:
     torch.manual_seed(0)
     return ConvNet().eval()
+
+
+def convnet_calibration() -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(8, 3, 8, 8, generator=g),) for _ in range(2)]
+
+
+def convnet_task(model: nn.Module, budget: int) -> dict[str, float]:
+    """'Success' = share of ``budget`` fixed inputs where the model's class equals the float one."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(budget, 3, 8, 8, generator=g)
+    with torch.inference_mode():
+        agree = (model(x).argmax(-1) == build_convnet()(x).argmax(-1)).float()
+    return {"success": float(agree.mean()), "n": float(budget)}

@@ -1,7 +1,8 @@
 """The embedded VLA policy: BabyAI (minigrid) levels, RGB image + language instruction -> action.
 
-``build_policy`` is the model builder and ``evaluate_episodes`` the task, both referenced from a
-search config as ``module:function`` exactly like a user's own model and task.
+``build_policy`` is the model builder, ``evaluate_episodes`` the task and ``calibration_batches``
+the calibration inputs, each referenced from a search config as ``module:function`` exactly like
+a user's own model, task and data.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mpq.zoo.babyai.policy import (
     build_untrained_policy,
     tokenize,
 )
+from mpq.zoo.babyai.task import calibration_batches, evaluate_episodes, example_inputs
 
 __all__ = [
     "CHECKPOINT_PATH",
@@ -23,5 +25,8 @@ __all__ = [
     "BabyAIVLAPolicy",
     "build_policy",
     "build_untrained_policy",
+    "calibration_batches",
+    "evaluate_episodes",
+    "example_inputs",
     "tokenize",
 ]

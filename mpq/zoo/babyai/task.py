@@ -84,3 +84,32 @@ def evaluate_episodes(
     metrics["mean_episode_length"] = float(np.concatenate(lengths).mean())
     metrics["episodes_per_s"] = total_n / (time.perf_counter() - start)
     return metrics
+
+
+def calibration_batches(episodes_per_level: int = 16) -> list[tuple[torch.Tensor, ...]]:
+    """Calibration inputs from held-out bot demos (never the evaluation seeds).
+
+    Whole episodes are fed as sequences from an empty memory, so every input is one the policy
+    really sees; episodes of equal length share a batch: (image (B, T, 56, 56, 3), tokens (B, L),
+    memory (1, B, 256)).
+    """
+    from mpq.zoo.babyai.demos import HELDOUT_SEED_BASE, collect_demos
+
+    demos = collect_demos(LEVELS, episodes_per_level, HELDOUT_SEED_BASE)
+    by_length: dict[int, list] = {}
+    for ep in demos:
+        by_length.setdefault(len(ep.actions), []).append(ep)
+    batches = []
+    for length in sorted(by_length):
+        eps = by_length[length]
+        images = torch.from_numpy(np.stack([e.images for e in eps]))
+        memory = torch.zeros(1, len(eps), 256)
+        batches.append((images, tokenize([e.mission for e in eps]), memory))
+    return batches
+
+
+def example_inputs() -> tuple[torch.Tensor, ...]:
+    """One control step at batch 1, as a robot runs the policy: the latency inputs."""
+    batch = calibration_batches(episodes_per_level=1)[0]
+    image, tokens, _ = batch
+    return image[:1, :1].contiguous(), tokens[:1], torch.zeros(1, 1, 256)

@@ -1,0 +1,69 @@
+"""The backend interface and its registry (``@register_backend("name")``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from torch import nn
+
+from mpq.spaces.discover import LayerInfo
+from mpq.spaces.space import LayerChoice, QuantConfig
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """A lowered model: ``run()`` executes it once on the example inputs.
+
+    ``kernels`` maps each layer to the kernel that really ran; ``fallbacks`` maps the layers
+    whose asked choice had no kernel to the reason and what ran instead.
+    """
+
+    run: Callable[[], Any]
+    module: Any
+    kernels: dict[str, str]
+    fallbacks: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    name: str
+
+    def supported_w_bits(self, layer: LayerInfo) -> tuple[int, ...]:
+        """Weight bit-widths this backend has a real kernel for on ``layer``."""
+        ...
+
+    def lower(
+        self,
+        model: nn.Module,
+        layers: tuple[LayerInfo, ...],
+        config: QuantConfig,
+        example_inputs: tuple[Any, ...],
+    ) -> Lowered: ...
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {}
+
+
+def register_backend(name: str) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
+        cls.name = name  # type: ignore[attr-defined]
+        BACKENDS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} not in {sorted(BACKENDS)}")
+    return BACKENDS[name]()
+
+
+def describe(choice: LayerChoice) -> str:
+    w = (
+        "float32"
+        if choice.w_bits == 32
+        else ("float16" if choice.w_bits == 16 else f"int{choice.w_bits}")
+    )
+    return f"w:{w} a:{'float' if choice.a_bits == 32 else choice.a_bits}"

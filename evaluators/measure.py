@@ -1,0 +1,120 @@
+"""One configuration -> measurements: exact size, real-kernel latency, proxy, task success.
+
+``EvalSpec`` is plain data (it travels to Ray workers); ``Evaluator`` loads the model, task,
+calibration data and example inputs once per process and measures any number of configurations.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpq.evaluators.apply import apply_config
+from mpq.evaluators.backends import get_backend
+from mpq.evaluators.latency import measure_latency
+from mpq.evaluators.model import build_model
+from mpq.evaluators.proxy import output_agreement, reference_outputs
+from mpq.evaluators.size import config_size, float_size_bytes
+from mpq.evaluators.task import load_callable, run_task
+from mpq.spaces.discover import LayerInfo, discover_layers
+from mpq.spaces.space import LayerChoice, QuantConfig
+
+
+@dataclass(frozen=True, slots=True)
+class EvalSpec:
+    """What to measure with: references to the user's callables, and measurement settings."""
+
+    model: str
+    task: str
+    calibration: str
+    checkpoint: str | None = None
+    example_inputs: str | None = None
+    backend: str = "torch"
+    observer: str = "minmax"
+    latency_threads: int = 1
+    latency_warmup: int = 5
+    latency_runs: int = 30
+    measure_latency: bool = True
+
+
+def _as_tuple(batch: Any) -> tuple[Any, ...]:
+    return tuple(batch) if isinstance(batch, tuple | list) else (batch,)
+
+
+class Evaluator:
+    """Measures configurations of one model on one task."""
+
+    def __init__(self, spec: EvalSpec) -> None:
+        self.spec = spec
+        self.model: nn.Module = build_model(spec.model, spec.checkpoint)
+        self.layers: tuple[LayerInfo, ...] = discover_layers(self.model)
+        self.task = load_callable(spec.task, "task")
+        batches = list(load_callable(spec.calibration, "calibration")())
+        if not batches:
+            raise ValueError(f"calibration {spec.calibration!r} returned no batch")
+        self.calibration = batches
+        if spec.example_inputs:
+            self.example_inputs = _as_tuple(load_callable(spec.example_inputs, "example_inputs")())
+        else:
+            self.example_inputs = _as_tuple(batches[0])
+        self.reference = reference_outputs(self.model, self.calibration)
+        self.backend = get_backend(spec.backend)
+        self.float_bytes = float_size_bytes(self.model)
+
+    def quantized(self, config: QuantConfig) -> nn.Module:
+        return apply_config(self.model, config, self.calibration, self.spec.observer, self.layers)
+
+    def latency(self, config: QuantConfig) -> dict[str, Any]:
+        """Latency on the backend's real kernels, with what ran per layer."""
+        lowered = self.backend.lower(self.model, self.layers, config, self.example_inputs)
+        s = self.spec
+        stats = measure_latency(lowered.run, s.latency_warmup, s.latency_runs, s.latency_threads)
+        return {"latency_ms": stats.median_ms, "latency_iqr_ms": stats.iqr_ms,
+                "latency_info": stats.as_dict(), "kernels": lowered.kernels,
+                "fallbacks": lowered.fallbacks}  # fmt: skip
+
+    def screen(self, config: QuantConfig) -> dict[str, Any]:
+        """The cheap part: size, proxy agreement with the float model and latency."""
+        qmodel = self.quantized(config)
+        out: dict[str, Any] = {
+            "size_bytes": config_size(self.model, self.layers, config).total_bytes
+        }
+        out.update(output_agreement(qmodel, self.calibration, self.reference))
+        if self.spec.measure_latency:
+            out.update(self.latency(config))
+        return out
+
+    def success(self, config: QuantConfig | None, budget: int) -> dict[str, float]:
+        """Task metrics of the quantized model (or the float model when ``config`` is None)."""
+        model = self.model if config is None else self.quantized(config)
+        metrics = run_task(self.task, model, budget)
+        return metrics
+
+    def float_reference(self, budget: int) -> dict[str, Any]:
+        keep = QuantConfig.uniform(self.layers, LayerChoice())
+        out = self.screen(keep)
+        out.update(self.success(None, budget))
+        out["size_bytes"] = self.float_bytes
+        return out
+
+
+@functools.lru_cache(maxsize=2)
+def get_evaluator(spec: EvalSpec) -> Evaluator:
+    """One ``Evaluator`` per spec per process (Ray reuses worker processes between trials)."""
+    torch.set_num_threads(max(1, spec.latency_threads))
+    return Evaluator(spec)
+
+
+def finite_or_error(metrics: dict[str, Any], keys: tuple[str, ...]) -> None:
+    bad = [
+        k
+        for k in keys
+        if not isinstance(metrics.get(k), int | float) or not math.isfinite(metrics[k])
+    ]
+    if bad:
+        raise ValueError(f"measurement returned non-finite {bad}")

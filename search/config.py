@@ -1,0 +1,153 @@
+"""The search configuration file (YAML/JSON): frozen, typed, versioned data.
+
+Every field is documented here; ``mpq config-reference`` prints the table the README carries,
+generated from these models so it cannot drift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mpq.spaces.io import parse_model, read_data
+from mpq.spaces.space import SearchSpace
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+OBJECTIVES = {"success": "maximize", "size_bytes": "minimize", "latency_ms": "minimize"}
+SAMPLERS = ("nsga2", "tpe", "random", "gp")
+Objective = Literal["success", "size_bytes", "latency_ms"]
+
+
+class Constraints(BaseModel):
+    """Feasibility; infeasible trials are kept and marked (Optuna ``constraints_func``)."""
+
+    model_config = _FROZEN
+    max_success_drop: float | None = Field(
+        0.05, description="success >= float success - this (absolute, e.g. 0.05 = 5 points)"
+    )
+    max_size_bytes: int | None = Field(None, description="size budget in bytes")
+    max_latency_ms: float | None = Field(None, description="latency budget in milliseconds")
+
+
+class Sensitivity(BaseModel):
+    """Per-layer sensitivity before the search; seeds the study with greedy allocations."""
+
+    model_config = _FROZEN
+    enabled: bool = Field(True, description="measure sensitivity and enqueue seed trials")
+    budgets: tuple[float, ...] = Field(
+        (0.75, 0.6, 0.5), description="greedy allocations at these fractions of the 8-bit size"
+    )
+    uniform_bits: tuple[int, ...] = Field((8, 4), description="uniform seed trials at these bits")
+
+
+class LatencyConfig(BaseModel):
+    """How latency is measured: on real kernels of ``backend``, batch 1, fixed threads."""
+
+    model_config = _FROZEN
+    enabled: bool = Field(
+        True, description="measure latency (needed for the latency_ms objective)"
+    )
+    backend: str = Field("torch", description="backend name (evaluators/backends)")
+    threads: int = Field(1, ge=1, description="intra-op threads while timing")
+    warmup: int = Field(5, ge=0, description="untimed calls first")
+    runs: int = Field(30, ge=3, description="timed calls; the median is reported")
+
+
+class RayConfig(BaseModel):
+    """Where trials run: a local Ray started by the command, or an existing cluster."""
+
+    model_config = _FROZEN
+    address: str | None = Field(None, description="existing cluster address (None: start one)")
+    workers: int = Field(2, ge=1, description="trials in flight at once")
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs reserved per trial")
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs reserved per trial")
+    resources_per_trial: dict[str, float] = Field(
+        default_factory=dict, description="custom resources, e.g. {target_cpu_arm: 1}"
+    )
+    max_retries: int = Field(1, ge=0, description="retries of a trial whose worker died")
+
+
+class TrackingConfig(BaseModel):
+    """MLflow tracking."""
+
+    model_config = _FROZEN
+    enabled: bool = Field(True, description="track trials in MLflow")
+    uri: str | None = Field(None, description="tracking URI (None: SQLite store in output_dir)")
+    required: bool = Field(False, description="fail at start when the tracking store is down")
+
+
+class SearchConfig(BaseModel):
+    """``mpq search CONFIG``: what to search, how to measure, where to keep it."""
+
+    model_config = _FROZEN
+    schema_version: Literal[1] = 1
+    name: str = Field(..., description="study name (Optuna study and MLflow experiment)")
+    model: str = Field(..., description="model builder 'module:function' or a built-in name")
+    checkpoint: str | None = Field(None, description="state_dict path (weights_only=True)")
+    task: str = Field(..., description="task 'module:function'(model, budget) -> metrics")
+    calibration: str = Field(..., description="'module:function'() -> list of input batches")
+    example_inputs: str | None = Field(None, description="batch-1 inputs for latency")
+    space: SearchSpace = Field(default_factory=SearchSpace, description="the search space")
+    objectives: tuple[Objective, ...] = Field(
+        ("success", "size_bytes", "latency_ms"), description="any subset, in this order"
+    )
+    constraints: Constraints = Field(default_factory=Constraints)
+    sampler: Literal["nsga2", "tpe", "random", "gp"] = Field("nsga2", description="Optuna sampler")
+    population_size: int = Field(16, ge=2, description="NSGA-II population size")
+    trials: int = Field(24, ge=1, description="trials to finish (complete, pruned or failed)")
+    seed: int = Field(0, description="sampler seed")
+    task_budget: int = Field(50, ge=1, description="full-fidelity task budget (episodes)")
+    screen_budget: int = Field(
+        0, ge=0, description="cheap-check task budget before the full one (0: no screening)"
+    )
+    trial_timeout_s: float = Field(900, gt=0, description="a trial running longer fails")
+    observer: Literal["minmax", "percentile", "mse"] = Field("minmax", description="calibration")
+    storage: str | None = Field(None, description="Optuna RDB URL (None: SQLite in output_dir)")
+    output_dir: str = Field("mpq-runs", description="study database, caches, exports")
+    sensitivity: Sensitivity = Field(default_factory=Sensitivity)
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError(f"objectives needs at least one of {sorted(OBJECTIVES)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"objectives has repeats: {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _latency(self) -> SearchConfig:
+        if "latency_ms" in self.objectives and not self.latency.enabled:
+            raise ValueError("objective latency_ms needs latency.enabled: true")
+        if self.screen_budget >= self.task_budget:
+            raise ValueError(
+                f"screen_budget={self.screen_budget} must be < task_budget={self.task_budget}"
+            )
+        return self
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[o] for o in self.objectives]
+
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        return f"sqlite:///{Path(self.output_dir).resolve() / 'study.db'}"
+
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        return f"sqlite:///{Path(self.output_dir).resolve() / 'mlflow.db'}"
+
+
+def load_search_config(path: str | Path, **overrides: object) -> SearchConfig:
+    """Read and validate a search config; ``overrides`` replace top-level fields (CLI flags)."""
+    data = read_data(path)
+    if isinstance(data, dict):
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    return parse_model(SearchConfig, data, str(path))

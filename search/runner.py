@@ -1,0 +1,380 @@
+"""The search loop: ``study.ask()`` -> a Ray task per trial -> ``study.tell()``.
+
+Optuna's ask/tell drives Ray core directly (not Ray Tune), so the Optuna RDB storage stays the
+one record of every trial: a trial is told exactly once, when its result is in, and a process
+killed at any moment leaves finished trials untouched and running ones to be failed as stale
+(heartbeats, ``study.py``). Only this module catches trial errors: a trial that raises, returns
+NaN, passes its time limit or loses its worker is told FAIL with the reason, and the search
+goes on.
+
+Multi-fidelity: with ``screen_budget`` > 0 a trial first runs the cheap stage (size, latency,
+proxy and ``screen_budget`` episodes); it gets the full ``task_budget`` only if, with the upper
+end of its 95% success interval, no finished trial dominates it; otherwise it is PRUNED with the
+screening figures kept. Duplicate configurations are answered from the first evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from optuna.trial import FrozenTrial, TrialState
+
+from mpq.evaluators.measure import EvalSpec, finite_or_error, get_evaluator
+from mpq.evaluators.task import wilson_interval
+from mpq.search import study as study_mod
+from mpq.search.config import SearchConfig
+from mpq.search.pareto import front_trials
+from mpq.spaces.space import QuantConfig
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+POLL_S = 0.5
+
+
+def eval_spec(cfg: SearchConfig) -> EvalSpec:
+    return EvalSpec(
+        model=cfg.model, task=cfg.task, calibration=cfg.calibration, checkpoint=cfg.checkpoint,
+        example_inputs=cfg.example_inputs, backend=cfg.latency.backend, observer=cfg.observer,
+        latency_threads=cfg.latency.threads, latency_warmup=cfg.latency.warmup,
+        latency_runs=cfg.latency.runs, measure_latency=cfg.latency.enabled,
+    )  # fmt: skip
+
+
+def evaluate_stage(spec: EvalSpec, config_json: str, stage: str, budget: int) -> dict[str, Any]:
+    """Runs in a Ray worker: ``screen`` (size, latency, proxy, small task) or ``full`` task."""
+    fault = os.environ.get("MPQ_FAULT_INJECT")  # used by the fault-injection tests only
+    if fault:
+        _inject(fault, config_json)
+    start = time.perf_counter()
+    evaluator = get_evaluator(spec)
+    config = QuantConfig.model_validate_json(config_json)
+    out: dict[str, Any] = {}
+    if stage == "screen":
+        out.update(evaluator.screen(config))
+    if budget > 0:
+        out.update(evaluator.success(config, budget))
+        out["episodes"] = budget
+    out["eval_s"] = time.perf_counter() - start
+    out["node"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    finite_or_error(out, ("success",) if budget > 0 else ("size_bytes",))
+    return out
+
+
+def _inject(fault: str, config_json: str) -> None:
+    kind, _, target = fault.partition(":")
+    if target and target not in config_json:
+        return
+    if kind == "raise":
+        raise RuntimeError("injected failure")
+    if kind == "sleep":
+        time.sleep(3600)
+    if kind == "exit":
+        os._exit(1)
+
+
+@dataclass
+class Running:
+    trial: optuna.Trial
+    config: QuantConfig
+    stage: str
+    ref: Any
+    started: float
+    screen: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SearchResult:
+    study: optuna.Study
+    float_reference: dict[str, Any]
+    interrupted: bool = False
+
+
+class Runner:
+    """One search: owns the study, the Ray tasks in flight and the tracking callback."""
+
+    def __init__(
+        self,
+        cfg: SearchConfig,
+        resume: bool = False,
+        on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+        progress: Callable[[dict[str, int]], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.spec = eval_spec(cfg)
+        self.study = study_mod.open_study(cfg, resume)
+        self.on_trial = on_trial
+        self.progress = progress
+        self.running: dict[int, Running] = {}
+        self.seen: dict[str, FrozenTrial] = {
+            t.user_attrs["config_key"]: t
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "config_key" in t.user_attrs
+        }
+
+    # -- set-up -------------------------------------------------------------------------------
+    def prepare(self) -> dict[str, Any]:
+        """Float reference, resolved space and seed trials (sensitivity), once per study."""
+        evaluator = get_evaluator(self.spec)
+        self.resolved = self.cfg.space.resolve(evaluator.layers, f"{self.cfg.name}: space")
+        self.dists = study_mod.distributions(self.resolved)
+        if not self.dists:
+            raise ValueError(f"{self.cfg.name}: space: every layer is fixed; nothing to search")
+        ref = self.study.user_attrs.get("float_reference")
+        if ref is None:
+            ref = _jsonable(evaluator.float_reference(self.cfg.task_budget))
+            self.study.set_user_attr("float_reference", ref)
+            self.study.set_user_attr("layers", [la.name for la in evaluator.layers])
+            self._enqueue_seeds(evaluator)
+        self.float_reference = ref
+        return ref
+
+    def _enqueue_seeds(self, evaluator: Any) -> None:
+        from mpq.search import sensitivity as sens
+
+        if not self.cfg.sensitivity.enabled:
+            return
+        seeds: list[tuple[str, QuantConfig]] = []
+        for bits in self.cfg.sensitivity.uniform_bits:
+            seeds.append((f"uniform-{bits}bit", sens.uniform_config(self.resolved, bits)))
+        s = sens.measure_sensitivity(evaluator, self.resolved, Path(self.cfg.output_dir))
+        self.study.set_user_attr("sensitivity", {k: {str(b): v for b, v in d.items()}
+                                                 for k, d in s.items()})  # fmt: skip
+        from mpq.evaluators.size import config_size
+
+        size8 = config_size(evaluator.model, evaluator.layers,
+                            sens.uniform_config(self.resolved, 8)).total_bytes  # fmt: skip
+        for frac in self.cfg.sensitivity.budgets:
+            config = sens.greedy_allocation(evaluator, self.resolved, s, int(size8 * frac))
+            seeds.append((f"greedy-{int(frac * 100)}pct", config))
+        done: set[str] = set()
+        for label, config in seeds:
+            if config.key() in done:
+                continue
+            done.add(config.key())
+            params = study_mod.params_from_config(self.resolved, config)
+            self.study.enqueue_trial(params, user_attrs={"seed": label})
+
+    # -- the loop -----------------------------------------------------------------------------
+    def finished_count(self) -> int:
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        return len(self.study.get_trials(deepcopy=False, states=states))
+
+    def run(self) -> SearchResult:
+        remote = ray.remote(evaluate_stage).options(
+            num_cpus=self.cfg.ray.cpus_per_trial, num_gpus=self.cfg.ray.gpus_per_trial,
+            resources=dict(self.cfg.ray.resources_per_trial), max_retries=self.cfg.ray.max_retries,
+            retry_exceptions=False,
+        )  # fmt: skip
+        self.remote = remote
+        interrupted = False
+        try:
+            while True:
+                optuna.storages.fail_stale_trials(self.study)
+                self._fill()
+                if not self.running:
+                    break
+                self._poll()
+                self._heartbeat()
+                self._report()
+        except KeyboardInterrupt:
+            interrupted = True
+            self._interrupt()
+        self._report()
+        return SearchResult(self.study, self.float_reference, interrupted)
+
+    def _fill(self) -> None:
+        while len(self.running) < self.cfg.ray.workers and (
+            self.finished_count() + len(self.running) < self.cfg.trials
+        ):
+            trial = self.study.ask(self.dists)
+            self.study._storage.record_heartbeat(trial._trial_id)  # noqa: SLF001
+            config = study_mod.config_from_params(self.resolved, trial.params)
+            key = config.key()
+            trial.set_user_attr("config_key", key)
+            trial.set_user_attr("config", config.model_dump(mode="json", exclude_none=True))
+            if key in self.seen:
+                self._tell_duplicate(trial, self.seen[key])
+                continue
+            stage = "screen" if self.cfg.screen_budget > 0 else "full"
+            budget = self.cfg.screen_budget if stage == "screen" else self.cfg.task_budget
+            ref = self.remote.remote(self.spec, config.model_dump_json(), "screen", budget)
+            self.running[trial.number] = Running(trial, config, stage, ref, time.monotonic())
+
+    def _poll(self) -> None:
+        refs = [r.ref for r in self.running.values()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=POLL_S)
+        ready_set = set(ready)
+        for number, run in list(self.running.items()):
+            if run.ref in ready_set:
+                try:
+                    result = ray.get(run.ref)
+                except Exception as exc:  # noqa: BLE001  a failed trial is data, not a crash
+                    self._fail(run, _reason(exc))
+                    continue
+                self._advance(run, result)
+            elif time.monotonic() - run.started > self.cfg.trial_timeout_s:
+                ray.cancel(run.ref, force=True)
+                self._fail(run, f"time limit {self.cfg.trial_timeout_s:.0f}s exceeded")
+
+    def _advance(self, run: Running, result: dict[str, Any]) -> None:
+        if run.stage == "screen" and self.cfg.screen_budget > 0:
+            run.screen = result
+            optimistic = {**result, "success": self._success_upper(result)}
+            if self._dominated(optimistic):
+                self._tell(run, result, TrialState.PRUNED)
+                return
+            run.stage = "full"
+            run.ref = self.remote.remote(self.spec, run.config.model_dump_json(), "full",
+                                         self.cfg.task_budget)  # fmt: skip
+            return
+        metrics = {**run.screen, **result}
+        if run.screen:
+            metrics["episodes"] = run.screen.get("episodes", 0) + result.get("episodes", 0)
+        self._tell(run, metrics, TrialState.COMPLETE)
+
+    def _success_upper(self, result: dict[str, Any]) -> float:
+        """Upper end of the 95% interval: the task's own, else Wilson over the budget."""
+        if "success_hi" in result:
+            return float(result["success_hi"])
+        n = self.cfg.screen_budget
+        return wilson_interval(round(float(result["success"]) * n), n)[1]
+
+    def _dominated(self, metrics: dict[str, Any]) -> bool:
+        values = study_mod.objective_values(self.cfg, metrics)
+        signs = [1 if d == "minimize" else -1 for d in self.cfg.directions]
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if not _feasible(t) or t.values is None:
+                continue
+            a = [s * v for s, v in zip(signs, t.values, strict=True)]
+            b = [s * v for s, v in zip(signs, values, strict=True)]
+            if all(x <= y for x, y in zip(a, b, strict=True)) and any(
+                x < y for x, y in zip(a, b, strict=True)
+            ):
+                return True
+        return False
+
+    def _tell(self, run: Running, metrics: dict[str, Any], state: TrialState) -> None:
+        trial = run.trial
+        for k, v in _jsonable(metrics).items():
+            trial.set_user_attr(k, v)
+        trial.set_user_attr("stage", run.stage)
+        if state == TrialState.COMPLETE:
+            values = study_mod.objective_values(self.cfg, metrics)
+            if not all(math.isfinite(v) for v in values):
+                self._fail(run, f"non-finite objective values {values}")
+                return
+            ref_success = float(self.float_reference["success"])
+            cons = study_mod.constraint_values(self.cfg, metrics, ref_success)
+            for name, value in cons.items():
+                trial.set_constraint(name, value)
+            trial.set_user_attr("constraints", list(cons.values()))
+            frozen = self.study.tell(trial, values)
+            self.seen[run.config.key()] = frozen
+        else:
+            frozen = self.study.tell(trial, state=state)
+        self.running.pop(trial.number, None)
+        self._track(frozen)
+
+    def _tell_duplicate(self, trial: optuna.Trial, first: FrozenTrial) -> None:
+        for k, v in first.user_attrs.items():
+            if k not in ("seed",):
+                trial.set_user_attr(k, v)
+        for name, value in zip(self._constraint_names(), first.user_attrs.get("constraints", []),
+                               strict=False):  # fmt: skip
+            trial.set_constraint(name, value)
+        trial.set_user_attr("duplicate_of", first.number)
+        trial.set_user_attr("episodes", 0)
+        frozen = self.study.tell(trial, list(first.values or []))
+        self._track(frozen)
+
+    def _constraint_names(self) -> list[str]:
+        probe = {"success": 0.0, "size_bytes": 0.0, "latency_ms": 0.0}
+        return list(study_mod.constraint_values(self.cfg, probe, 0.0))
+
+    def _fail(self, run: Running, reason: str) -> None:
+        run.trial.set_user_attr("fail_reason", reason[:500])
+        frozen = self.study.tell(run.trial, state=TrialState.FAIL)
+        self.running.pop(run.trial.number, None)
+        self._track(frozen)
+
+    def _track(self, frozen: FrozenTrial) -> None:
+        if self.on_trial is not None:
+            self.on_trial(self.study, frozen)
+
+    def _heartbeat(self) -> None:
+        for run in self.running.values():
+            self.study._storage.record_heartbeat(run.trial._trial_id)  # noqa: SLF001
+
+    def _interrupt(self) -> None:
+        for run in list(self.running.values()):
+            ray.cancel(run.ref, force=True)
+            self._fail(run, "interrupted (SIGINT)")
+
+    def _report(self) -> None:
+        if self.progress is None:
+            return
+        trials = self.study.get_trials(deepcopy=False)
+        counts = {s.name.lower(): 0 for s in TrialState}
+        for t in trials:
+            counts[t.state.name.lower()] += 1
+        counts["in_flight"] = len(self.running)
+        counts["front"] = len(front_trials(self.study))
+        counts["target"] = self.cfg.trials
+        self.progress(counts)
+
+
+def _feasible(trial: FrozenTrial) -> bool:
+    return all(c <= 0 for c in trial.user_attrs.get("constraints", [0.0]))
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: the innermost error type and message, without Ray's traceback dump."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    last = next((ln for ln in reversed(text) if ln.strip()), "") if text else ""
+    name = type(cause).__name__
+    if "OutOfMemory" in name or "memory" in last.lower() and "kill" in last.lower():
+        return f"out of memory: {last[:300]}"
+    if "WorkerCrashed" in name or "died" in last.lower():
+        return f"worker died: {last[:300]}"
+    return f"{name}: {last[:300]}"
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(metrics, default=str))
+
+
+def init_ray(cfg: SearchConfig) -> bool:
+    """Attach to ``cfg.ray.address`` or start a local Ray; returns True if we started it.
+
+    Raises:
+        ValueError: the address does not answer.
+    """
+    if ray.is_initialized():
+        return False
+    pythonpath = os.pathsep.join([os.getcwd(), *sys.path[1:4], os.environ.get("PYTHONPATH", "")])
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "PYTHONWARNINGS": "ignore"}}
+    fault = os.environ.get("MPQ_FAULT_INJECT")
+    if fault:
+        runtime_env["env_vars"]["MPQ_FAULT_INJECT"] = fault
+    if cfg.ray.address:
+        try:
+            ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=False,
+                     configure_logging=False)  # fmt: skip
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"ray.address={cfg.ray.address!r} does not answer: {first}") from None
+        return False
+    cpus = max(1, math.ceil(cfg.ray.workers * cfg.ray.cpus_per_trial))
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False,
+             configure_logging=False, _node_ip_address="127.0.0.1")  # fmt: skip
+    return True

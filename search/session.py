@@ -1,0 +1,114 @@
+"""One ``mpq search`` from start to end: config -> Ray -> runner -> tracking -> front table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ray
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mpq.search.config import SearchConfig, load_search_config
+from mpq.search.pareto import front_table, hypervolume
+from mpq.search.runner import Runner, SearchResult, init_ray
+
+
+def build_config(
+    path: str | Path,
+    trials: int | None = None,
+    ray_address: str | None = None,
+    tracking_uri: str | None = None,
+    tracking: bool = True,
+) -> SearchConfig:
+    cfg = load_search_config(path, trials=trials)
+    updates: dict[str, Any] = {}
+    if ray_address:
+        updates["ray"] = cfg.ray.model_copy(update={"address": ray_address})
+    if tracking_uri or not tracking:
+        updates["tracking"] = cfg.tracking.model_copy(
+            update={"uri": tracking_uri or cfg.tracking.uri, "enabled": tracking}
+        )
+    return cfg.model_copy(update=updates) if updates else cfg
+
+
+def run_session(
+    path: str | Path,
+    resume: bool = False,
+    trials: int | None = None,
+    ray_address: str | None = None,
+    tracking_uri: str | None = None,
+    tracking: bool = True,
+    console: Console | None = None,
+) -> SearchResult:
+    """Run (or resume) the search described by the config file at ``path``."""
+    console = console or Console()
+    cfg = build_config(path, trials, ray_address, tracking_uri, tracking)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    tracker = None
+    if cfg.tracking.enabled:
+        from mpq.search.tracking import Tracker
+
+        tracker = Tracker(cfg, console)
+    started = init_ray(cfg)
+    try:
+        with _progress(console) as progress:
+            task = progress.add_task("setting up", total=cfg.trials)
+
+            def report(counts: dict[str, int]) -> None:
+                done = counts["complete"] + counts["pruned"] + counts["fail"]
+                progress.update(task, completed=min(done, cfg.trials), description=(
+                    f"{counts['complete']} done, {counts['pruned']} pruned, {counts['fail']} "
+                    f"failed, {counts['in_flight']} running, front {counts['front']}"))  # fmt: skip
+
+            runner = Runner(cfg, resume, on_trial=tracker.on_trial if tracker else None,
+                            progress=report)  # fmt: skip
+            progress.update(task, description="float reference and sensitivity")
+            ref = runner.prepare()
+            if tracker:
+                tracker.start(runner.study)
+            result = runner.run()
+        if tracker:
+            tracker.finish(result.study)
+    finally:
+        if started:
+            ray.shutdown()
+    print_summary(console, cfg, result, ref)
+    return result
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]search[/]"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+    )  # fmt: skip
+
+
+def print_summary(
+    console: Console, cfg: SearchConfig, result: SearchResult, ref: dict[str, Any]
+) -> None:
+    df = front_table(result.study)
+    table = Table(title=f"Pareto front of {cfg.name!r} ({len(df)} trials)")
+    cols = ["trial", "success", "success_lo", "success_hi", "size_bytes", "compression",
+            "latency_ms", "speedup", "mean_w_bits", "seed"]  # fmt: skip
+    cols = [c for c in cols if c in df.columns]
+    for c in cols:
+        table.add_column(c, justify="left" if c == "seed" else "right")
+    for _, row in df.iterrows():
+        table.add_row(*[_fmt(row[c]) for c in cols])
+    console.print(table)
+    lat = ref.get("latency_ms")
+    console.print(
+        f"float model: success {ref.get('success', float('nan')):.3f}, "
+        f"{ref.get('size_bytes', 0):,} bytes" + (f", {lat:.3f} ms" if lat else "")
+    )
+    console.print(f"hypervolume {hypervolume(result.study):.4f}  storage {cfg.storage_url()}")
+    if result.interrupted:
+        console.print("[yellow]interrupted[/]: finished trials are kept; --resume continues")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+    return "" if v is None else f"{v:,}" if isinstance(v, int) else str(v)
