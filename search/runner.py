@@ -51,9 +51,6 @@ def eval_spec(cfg: SearchConfig) -> EvalSpec:
 
 def evaluate_stage(spec: EvalSpec, config_json: str, stage: str, budget: int) -> dict[str, Any]:
     """Runs in a Ray worker: ``screen`` (size, latency, proxy, small task) or ``full`` task."""
-    fault = os.environ.get("MPQ_FAULT_INJECT")  # used by the fault-injection tests only
-    if fault:
-        _inject(fault, config_json)
     start = time.perf_counter()
     evaluator = get_evaluator(spec)
     config = QuantConfig.model_validate_json(config_json)
@@ -67,18 +64,6 @@ def evaluate_stage(spec: EvalSpec, config_json: str, stage: str, budget: int) ->
     out["node"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     finite_or_error(out, ("success",) if budget > 0 else ("size_bytes",))
     return out
-
-
-def _inject(fault: str, config_json: str) -> None:
-    kind, _, target = fault.partition(":")
-    if target and target not in config_json:
-        return
-    if kind == "raise":
-        raise RuntimeError("injected failure")
-    if kind == "sleep":
-        time.sleep(3600)
-    if kind == "exit":
-        os._exit(1)
 
 
 @dataclass
@@ -363,9 +348,6 @@ def init_ray(cfg: SearchConfig) -> bool:
         return False
     pythonpath = os.pathsep.join([os.getcwd(), *sys.path[1:4], os.environ.get("PYTHONPATH", "")])
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "PYTHONWARNINGS": "ignore"}}
-    fault = os.environ.get("MPQ_FAULT_INJECT")
-    if fault:
-        runtime_env["env_vars"]["MPQ_FAULT_INJECT"] = fault
     if cfg.ray.address:
         try:
             ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=False,

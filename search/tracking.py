@@ -113,15 +113,19 @@ class Tracker:
     def start(self, study: optuna.Study) -> None:
         self._guard(self._start, study)
 
-    def _start(self, study: optuna.Study) -> None:
+    def load_runs(self, study: optuna.Study) -> None:
+        """Find the study's parent run and the trials that already have runs."""
         assert self.experiment_id is not None
-        runs = self.client.search_runs([self.experiment_id], f"tags.{STUDY_TAG} = '{study.study_name}'",
-                                       max_results=50000)  # fmt: skip
-        for r in runs:
+        query = f"tags.{STUDY_TAG} = '{study.study_name}'"
+        for r in self.client.search_runs([self.experiment_id], query, max_results=50000):
             if r.data.tags.get(KIND_TAG) == "study":
                 self.parent_id = r.info.run_id
             elif TRIAL_TAG in r.data.tags:
                 self.runs[int(r.data.tags[TRIAL_TAG])] = r.info.run_id
+
+    def _start(self, study: optuna.Study) -> None:
+        assert self.experiment_id is not None
+        self.load_runs(study)
         if self.parent_id is None:
             run = self.client.create_run(self.experiment_id, run_name=study.study_name,
                                          tags={STUDY_TAG: study.study_name, KIND_TAG: "study"})  # fmt: skip
@@ -147,8 +151,7 @@ class Tracker:
         if self.parent_id is None:
             self._guard(self._start, study)
             return  # _start back-fills every finished trial, this one included
-        if self._guard(self._trial, study, trial) is not None and self.down is False:
-            pass
+        self._guard(self._trial, study, trial)
 
     def _trial(self, study: optuna.Study, t: FrozenTrial) -> bool:
         assert self.experiment_id is not None and self.parent_id is not None
@@ -224,6 +227,7 @@ def _line(exc: BaseException) -> str:
 def sync(cfg: SearchConfig, study: optuna.Study, console: Console | None = None) -> int:
     """Back-fill every finished trial that has no MLflow run; returns how many were added."""
     tracker = Tracker(cfg, console)
+    tracker._guard(tracker.load_runs, study)
     before = len(tracker.runs)
     tracker.start(study)
     tracker.finish(study)

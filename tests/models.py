@@ -91,3 +91,35 @@ def convnet_task(model: nn.Module, budget: int) -> dict[str, float]:
     with torch.inference_mode():
         agree = (model(x).argmax(-1) == build_convnet()(x).argmax(-1)).float()
     return {"success": float(agree.mean()), "n": float(budget)}
+
+
+def _weight_levels(model: nn.Module) -> int:
+    return int(torch.unique(model.fc.weight[0]).numel())
+
+
+def flaky_task(model: nn.Module, budget: int) -> dict[str, float]:
+    """Raises for a 2-bit ``fc`` (at most 4 levels per row), returns NaN for a 3-bit one."""
+    levels = _weight_levels(model)
+    if levels <= 4:
+        raise RuntimeError("injected: fc at 2 bits")
+    if levels <= 8:
+        return {"success": float("nan")}
+    return convnet_task(model, budget)
+
+
+def slow_task(model: nn.Module, budget: int) -> dict[str, float]:
+    """Hangs for a 2-bit ``fc``: exercises the trial time limit."""
+    import time
+
+    if _weight_levels(model) <= 4:
+        time.sleep(120)
+    return convnet_task(model, budget)
+
+
+def dying_task(model: nn.Module, budget: int) -> dict[str, float]:
+    """Kills its own worker process for a 2-bit ``fc``: a worker lost mid-trial."""
+    import os
+
+    if _weight_levels(model) <= 4:
+        os._exit(1)
+    return convnet_task(model, budget)

@@ -1,0 +1,57 @@
+"""Front and hypervolume on trials built directly (Optuna's create_trial), not by a search."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+
+from mpq.search.pareto import front_table, front_trials, hypervolume, hypervolume_history
+from mpq.search.plots import bit_map, front_frame
+
+
+def _study(points: list[tuple[float, float, float, float]]) -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.set_user_attr("objectives", ["success", "size_bytes", "latency_ms"])
+    study.set_user_attr("float_reference", {"success": 1.0, "size_bytes": 1000, "latency_ms": 2.0})
+    for success, size, latency, drop in points:
+        t = create_trial(
+            values=[success, size, latency], state=TrialState.COMPLETE,
+            params={"fc/w_bits": 4}, distributions={"fc/w_bits": CategoricalDistribution([4, 8])},
+            user_attrs={"success": success, "size_bytes": size, "latency_ms": latency,
+                        "constraints": [drop], "config": {"layers": {"fc": {"w_bits": 4}}}},
+            system_attrs={"constraints": [drop]},
+        )  # fmt: skip
+        study.add_trial(t)
+    return study
+
+
+def test_front_excludes_dominated_and_infeasible() -> None:
+    study = _study([
+        (0.9, 500, 1.0, -1),   # front
+        (0.8, 600, 1.5, -1),   # dominated by 0
+        (1.0, 900, 1.8, -1),   # front
+        (0.99, 100, 0.5, 1),   # would dominate, but infeasible
+    ])  # fmt: skip
+    assert [t.number for t in front_trials(study)] == [0, 2]
+    table = front_table(study)
+    assert list(table["trial"]) == [0, 2]
+    assert table["compression"].tolist() == pytest.approx([2.0, 1000 / 900])
+
+
+def test_hypervolume_grows_with_a_better_point() -> None:
+    base = hypervolume(_study([(0.9, 500, 1.0, -1)]))
+    # box of (-0.9, 0.5, 0.5) to reference (0, 1, 2): 0.9 * 0.5 * 1.5
+    assert base == pytest.approx(0.9 * 0.5 * 1.5)
+    better = hypervolume(_study([(0.9, 500, 1.0, -1), (0.95, 400, 1.0, -1)]))
+    assert better > base
+    history = hypervolume_history(_study([(0.5, 900, 1.9, -1), (0.9, 500, 1.0, -1)]))
+    assert history[0][1] < history[1][1]
+
+
+def test_plot_frames() -> None:
+    study = _study([(0.9, 500, 1.0, -1), (0.8, 600, 1.5, -1)])
+    df = front_frame(study)
+    assert df["on_front"].tolist() == [True, False]
+    assert bit_map(study).to_dict() == {"trial 0": {"fc": 4}}

@@ -1,0 +1,131 @@
+"""The search loop with a real Optuna RDB storage and a real local Ray runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from mpq.search.runner import Runner
+from tests.search.helpers import conv_config
+
+
+def _run(cfg, resume: bool = False):  # type: ignore[no-untyped-def]
+    runner = Runner(cfg, resume)
+    runner.prepare()
+    return runner.run()
+
+
+def test_search_finishes_its_budget_with_seeds(ray_local: None, tmp_path: Path) -> None:
+    cfg = conv_config(tmp_path)
+    result = _run(cfg)
+    trials = result.study.get_trials()
+    finished = [t for t in trials if t.state.is_finished()]
+    assert len(finished) == 8
+    seeds = {t.user_attrs.get("seed") for t in trials} - {None}
+    assert {"uniform-8bit", "uniform-4bit", "greedy-50pct"} <= seeds
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert complete and all(len(t.values) == 3 for t in complete)
+    for t in complete:
+        assert t.user_attrs["size_bytes"] == t.values[1]
+        assert 0.0 <= t.values[0] <= 1.0 and t.values[2] > 0
+        assert t.user_attrs["kernels"]  # what really ran, per layer
+    assert result.float_reference["success"] == 1.0
+
+
+def test_resume_keeps_finished_trials_and_continues(ray_local: None, tmp_path: Path) -> None:
+    cfg = conv_config(tmp_path, trials=4)
+    first = {t.number: t.values for t in _run(cfg).study.get_trials() if t.values}
+    with pytest.raises(ValueError, match="already exists .* use --resume"):
+        Runner(cfg, resume=False)
+    more = conv_config(tmp_path, trials=7)
+    study = _run(more, resume=True).study
+    assert len([t for t in study.get_trials() if t.state.is_finished()]) == 7
+    for number, values in first.items():
+        assert study.trials[number].values == values  # unchanged, exactly once
+
+
+def test_resume_of_a_missing_study(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--resume: no study 'conv'"):
+        Runner(conv_config(tmp_path), resume=True)
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(
+    ray_local: None, tmp_path: Path
+) -> None:
+    cfg = conv_config(
+        tmp_path,
+        task="tests.models:flaky_task",
+        trials=10,
+        space={"defaults": {"w_bits": [2, 3, 8]}},
+        sensitivity={"enabled": False},
+    )
+    study = _run(cfg).study
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    reasons = {t.user_attrs["fail_reason"] for t in failed}
+    assert any("RuntimeError: injected: fc at 2 bits" in r for r in reasons)
+    assert any("non-finite" in r and "success" in r for r in reasons)
+    assert len([t for t in study.trials if t.state.is_finished()]) == 10
+    assert any(t.state == TrialState.COMPLETE for t in study.trials)
+
+
+def test_time_limit_fails_the_trial(ray_local: None, tmp_path: Path) -> None:
+    cfg = conv_config(
+        tmp_path,
+        task="tests.models:slow_task",
+        trials=4,
+        trial_timeout_s=8,
+        space={"defaults": {"w_bits": [2, 8]}},
+        sensitivity={"enabled": False},
+    )
+    study = _run(cfg).study
+    reasons = [t.user_attrs.get("fail_reason", "") for t in study.trials]
+    assert any("time limit 8s exceeded" in r for r in reasons)
+    assert len([t for t in study.trials if t.state.is_finished()]) == 4
+
+
+def test_worker_killed_mid_trial(ray_local: None, tmp_path: Path) -> None:
+    cfg = conv_config(
+        tmp_path,
+        task="tests.models:dying_task",
+        trials=5,
+        space={"defaults": {"w_bits": [2, 8]}},
+        sensitivity={"enabled": False},
+        ray={"max_retries": 1},
+    )
+    study = _run(cfg).study
+    killed = [t for t in study.trials if t.params.get("fc/w_bits") == 2]
+    assert killed
+    assert all(t.state == TrialState.FAIL for t in killed)
+    assert all("worker died" in t.user_attrs["fail_reason"] for t in killed)
+    assert len([t for t in study.trials if t.state.is_finished()]) == 5
+
+
+def test_screening_prunes_and_saves_episodes(ray_local: None, tmp_path: Path) -> None:
+    cfg = conv_config(tmp_path, task_budget=64, screen_budget=8, trials=10)
+    study = _run(cfg).study
+    states = [t.state for t in study.trials]
+    assert TrialState.COMPLETE in states
+    for t in study.trials:
+        if t.state == TrialState.PRUNED:
+            assert t.user_attrs["episodes"] == 8 and t.user_attrs["stage"] == "screen"
+        elif t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs:
+            assert t.user_attrs["episodes"] == 72
+
+
+def test_duplicates_are_not_evaluated_twice(ray_local: None, tmp_path: Path) -> None:
+    cfg = conv_config(
+        tmp_path,
+        trials=12,
+        space={"defaults": {"w_bits": [4, 8]}},
+        sensitivity={"enabled": False},
+        sampler="random",
+    )
+    study = _run(cfg).study
+    dups = [t for t in study.trials if "duplicate_of" in t.user_attrs]
+    assert dups, "16 configs, 12 random draws: some must repeat"
+    for t in dups:
+        first = study.trials[t.user_attrs["duplicate_of"]]
+        assert t.values == first.values and t.user_attrs["episodes"] == 0
+        assert t.user_attrs["config_key"] == first.user_attrs["config_key"]

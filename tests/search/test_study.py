@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from optuna.distributions import CategoricalDistribution
+
+from mpq.search import study as study_mod
+from mpq.search.config import SearchConfig, load_search_config
+from mpq.spaces.discover import discover_layers
+from mpq.spaces.space import LayerOptions, Override, SearchSpace
+from tests.models import ConvNet
+from tests.search.helpers import conv_config
+
+LAYERS = discover_layers(ConvNet())
+
+
+def _resolved():  # type: ignore[no-untyped-def]
+    space = SearchSpace(
+        defaults=LayerOptions(w_bits=(4, 8, 32), a_bits=(8, 32)),
+        overrides=(Override(match="fc", w_bits=(8,), a_bits=(32,)),),
+    )
+    return space.resolve(LAYERS)
+
+
+def test_fixed_dimensions_are_not_searched() -> None:
+    dists = study_mod.distributions(_resolved())
+    assert "fc/w_bits" not in dists and "fc/a_bits" not in dists
+    assert dists["conv1/w_bits"] == CategoricalDistribution([4, 8, 32])
+    assert set(dists) == {
+        f"{n}/{d}" for n in ("conv1", "conv2", "conv1d") for d in ("w_bits", "a_bits")
+    }
+
+
+def test_params_and_config_round_trip() -> None:
+    resolved = _resolved()
+    params = {k: d.choices[-1] for k, d in study_mod.distributions(resolved).items()}
+    config = study_mod.config_from_params(resolved, params)
+    config.check(LAYERS)
+    assert config.layers["fc"].w_bits == 8 and config.layers["conv1"].w_bits == 32
+    assert study_mod.params_from_config(resolved, config) == params
+
+
+def test_constraints_are_named_and_signed() -> None:
+    cfg = SearchConfig.model_validate({
+        "name": "c", "model": "m:f", "task": "m:t", "calibration": "m:c",
+        "constraints": {"max_success_drop": 0.05, "max_size_bytes": 1000, "max_latency_ms": 2.0},
+    })  # fmt: skip
+    values = study_mod.constraint_values(
+        cfg, {"success": 0.9, "size_bytes": 1200, "latency_ms": 1.0}, 1.0
+    )
+    assert values == pytest.approx(
+        {"success_drop": 0.05, "size_budget": 200, "latency_budget": -1.0}
+    )
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "random", "gp"])
+def test_samplers_by_name(sampler: str, tmp_path: Path) -> None:
+    cfg = conv_config(tmp_path, sampler=sampler)
+    study = study_mod.open_study(cfg, resume=False)
+    assert type(study.sampler).__name__.lower().startswith(sampler[:3])
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
+
+
+def test_objective_mismatch_on_resume(tmp_path: Path) -> None:
+    study_mod.open_study(conv_config(tmp_path), resume=False)
+    other = conv_config(tmp_path, objectives=["success", "size_bytes"])
+    with pytest.raises(ValueError, match="has objectives"):
+        study_mod.open_study(other, resume=True)
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("name: x\nmodel: m:f\ntask: m:t\ncalibration: m:c\nobjectives: [success, speed]\n",
+     "objectives.1: Input should be 'success', 'size_bytes' or 'latency_ms'"),
+    ("name: x\nmodel: m:f\ntask: m:t\ncalibration: m:c\nsampler: cmaes\n", "sampler: Input should be"),
+    ("name: x\nmodel: m:f\ntask: m:t\ncalibration: m:c\nbogus: 1\n", "bogus: Extra inputs are not permitted"),
+    ("name: x\nmodel: m:f\ntask: m:t\ncalibration: m:c\ntask_budget: 5\nscreen_budget: 5\n",
+     "screen_budget=5 must be < task_budget=5"),
+    ("model: m:f\ntask: m:t\ncalibration: m:c\n", "name: Field required"),
+])  # fmt: skip
+def test_bad_search_configs(tmp_path: Path, yaml_text: str, message: str) -> None:
+    p = tmp_path / "search.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_search_config(p)

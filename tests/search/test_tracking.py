@@ -1,0 +1,109 @@
+"""Tracking against a real MLflow server process (SQLite backend) and a real local store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from mpq.search.runner import Runner
+from mpq.search.tracking import Tracker, sync
+from tests.mlflow_server import MlflowServer
+from tests.search.helpers import conv_config
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()
+
+
+def _search(cfg):  # type: ignore[no-untyped-def]
+    tracker = Tracker(cfg)
+    runner = Runner(cfg, on_trial=tracker.on_trial)
+    runner.prepare()
+    tracker.start(runner.study)
+    result = runner.run()
+    tracker.finish(result.study)
+    return result.study, tracker
+
+
+@pytest.mark.slow
+def test_runs_match_optuna_storage(
+    ray_local: None, mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    cfg = conv_config(
+        tmp_path,
+        name="tracked",
+        trials=6,
+        screen_budget=8,
+        tracking={"enabled": True, "uri": mlflow_server.uri},
+    )
+    study, tracker = _search(cfg)
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("tracked")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parent = [r for r in runs if r.data.tags.get("mpq_kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("mpq_kind") == "trial"]
+    assert len(parent) == 1
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(children) == len(finished) == 6
+    by_number = {int(r.data.tags["mpq_trial"]): r for r in children}
+    front = {t.number for t in study.best_trials}
+    for t in finished:
+        r = by_number[t.number]
+        assert r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert r.data.tags["state"] == t.state.name.lower()
+        assert r.data.tags["on_front"] == str(t.number in front).lower()
+        if t.state == TrialState.COMPLETE:
+            assert r.data.metrics["success"] == pytest.approx(t.values[0])
+            assert r.data.metrics["size_bytes"] == pytest.approx(t.values[1])
+            assert r.data.metrics["latency_ms"] == pytest.approx(t.values[2])
+            assert "compression_ratio" in r.data.metrics and "speedup" in r.data.metrics
+            assert r.data.params["fc.w_bits"] == str(
+                t.user_attrs["config"]["layers"]["fc"]["w_bits"]
+            )
+            names = {a.path for a in client.list_artifacts(r.info.run_id)}
+            assert {"config.yaml", "config.json", "kernels.json"} <= names
+    parent_artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    assert {
+        "pareto_front.csv",
+        "pareto_front.html",
+        "pareto_front.png",
+        "bit_map.png",
+    } <= parent_artifacts
+    history = client.get_metric_history(parent[0].info.run_id, "hypervolume")
+    assert len(history) == 6 and history[-1].value >= history[0].value
+    assert "float.success" in client.get_run(parent[0].info.run_id).data.metrics
+
+
+def test_local_store_and_sync_backfills(ray_local: None, tmp_path: Path) -> None:
+    cfg = conv_config(tmp_path, name="local", trials=4, tracking={"enabled": True})
+    runner = Runner(cfg)  # tracking left out on purpose: sync must back-fill every trial
+    runner.prepare()
+    study = runner.run().study
+    assert sync(cfg, study) == 4
+    assert sync(cfg, study) == 0  # idempotent
+    client = MlflowClient(cfg.tracking_uri())
+    exp = client.get_experiment_by_name("local")
+    runs = client.search_runs([exp.experiment_id], "tags.mpq_kind = 'trial'")
+    assert len(runs) == 4
+
+
+def test_unreachable_tracking_is_an_error_only_when_required(tmp_path: Path) -> None:
+    cfg = conv_config(
+        tmp_path, tracking={"enabled": True, "uri": "http://127.0.0.1:9", "required": True}
+    )
+    import os
+
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "2"
+    with pytest.raises(ValueError, match="tracking uri 'http://127.0.0.1:9' does not answer"):
+        Tracker(cfg)
+    relaxed = conv_config(tmp_path, tracking={"enabled": True, "uri": "http://127.0.0.1:9"})
+    tracker = Tracker(relaxed)
+    assert tracker.down
