@@ -110,12 +110,15 @@ def apply_config(
     calibration: Iterable[Any] | None = None,
     observer: str = "minmax",
     layers: tuple[LayerInfo, ...] | None = None,
+    quantize_weights: bool = True,
 ) -> nn.Module:
     """A deep copy of ``model`` with ``config`` applied (see the module docstring).
 
     Args:
         calibration: batches of model inputs; required when any layer has static activations.
         observer: ``minmax`` (the notes), ``percentile`` or ``mse`` (``evaluators.calibrate``).
+        quantize_weights: False when the weights already hold quantized values (an exported
+            artifact), so only the activation quantization is attached.
 
     Raises:
         ValueError: the config does not fit the model, or static activations get no (or
@@ -124,7 +127,8 @@ def apply_config(
     layers = layers if layers is not None else discover_layers(model)
     config.check(layers)
     qmodel = copy.deepcopy(model).eval()
-    quantize_weights_(qmodel, layers, config)
+    if quantize_weights:
+        quantize_weights_(qmodel, layers, config)
     hooks: dict[str, _InputQuantizer] = {}
     for layer in layers:
         c = config.layers[layer.name]

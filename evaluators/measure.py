@@ -34,7 +34,7 @@ class EvalSpec:
     calibration: str
     checkpoint: str | None = None
     example_inputs: str | None = None
-    backend: str = "torch"
+    backend: str = "onnxruntime"
     observer: str = "minmax"
     latency_threads: int = 1
     latency_warmup: int = 5
@@ -65,18 +65,37 @@ class Evaluator:
         self.reference = reference_outputs(self.model, self.calibration)
         self.backend = get_backend(spec.backend)
         self.float_bytes = float_size_bytes(self.model)
+        self._float_lowered: Any = None
 
     def quantized(self, config: QuantConfig) -> nn.Module:
         return apply_config(self.model, config, self.calibration, self.spec.observer, self.layers)
 
     def latency(self, config: QuantConfig) -> dict[str, Any]:
-        """Latency on the backend's real kernels, with what ran per layer."""
-        lowered = self.backend.lower(self.model, self.layers, config, self.example_inputs)
+        """Latency on the backend's real kernels, with what ran per layer.
+
+        The float model is timed right before, in the same process and conditions, so that
+        ``speedup_paired`` = float / quantized is not skewed by load from other trials.
+        """
         s = self.spec
+        if self._float_lowered is None:
+            keep = QuantConfig.uniform(self.layers, LayerChoice())
+            self._float_lowered = self.backend.lower(self.model, self.layers, keep,
+                                                     self.example_inputs, s.latency_threads)  # fmt: skip
+        lowered = self.backend.lower(self.model, self.layers, config, self.example_inputs,
+                                     s.latency_threads)  # fmt: skip
+        base = measure_latency(self._float_lowered.run, s.latency_warmup, s.latency_runs,
+                               s.latency_threads)  # fmt: skip
         stats = measure_latency(lowered.run, s.latency_warmup, s.latency_runs, s.latency_threads)
-        return {"latency_ms": stats.median_ms, "latency_iqr_ms": stats.iqr_ms,
-                "latency_info": stats.as_dict(), "kernels": lowered.kernels,
-                "fallbacks": lowered.fallbacks}  # fmt: skip
+        out: dict[str, Any] = {
+            "latency_ms": stats.median_ms, "latency_iqr_ms": stats.iqr_ms,
+            "float_latency_ms_paired": base.median_ms,
+            "speedup_paired": base.median_ms / stats.median_ms,
+            "latency_info": {**stats.as_dict(), "backend": s.backend},
+            "kernels": lowered.kernels, "fallbacks": lowered.fallbacks,
+        }  # fmt: skip
+        if lowered.ran_config is not None:
+            out["ran_config"] = lowered.ran_config.model_dump(mode="json", exclude_none=True)
+        return out
 
     def screen(self, config: QuantConfig) -> dict[str, Any]:
         """The cheap part: size, proxy agreement with the float model and latency."""

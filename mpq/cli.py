@@ -96,6 +96,111 @@ def search(
         raise typer.Exit(130)
 
 
+@app.command()
+def sync(config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)")]) -> None:
+    """Back-fill MLflow runs for finished trials that have none (after a tracking outage)."""
+    from mpq.search.config import load_search_config
+    from mpq.search.study import open_study
+    from mpq.search.tracking import sync as sync_runs
+
+    try:
+        cfg = load_search_config(config)
+        added = sync_runs(cfg, open_study(cfg, resume=True), console)
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    console.print(f"{added} trial run(s) back-filled in {cfg.tracking_uri()}")
+
+
+@app.command()
+def ui(
+    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)")],
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 5000,
+) -> None:
+    """Open the MLflow UI on the study's tracking store (binds 127.0.0.1 unless asked)."""
+    import subprocess
+    import sys
+
+    from mpq.search.config import load_search_config
+
+    try:
+        cfg = load_search_config(config)
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    uri = cfg.tracking_uri()
+    if not uri.startswith("sqlite:"):
+        console.print(f"the study tracks to {uri}; open it there")
+        return
+    console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
+           "--port", str(port)]  # fmt: skip
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def export(
+    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)")],
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("mpq-export"),
+    trial: Annotated[int | None, typer.Option(help="export this trial number")] = None,
+    rule: Annotated[str, typer.Option(help="knee | best")] = "knee",
+    max_size_bytes: Annotated[int | None, typer.Option(help="best success within size")] = None,
+    max_latency_ms: Annotated[
+        float | None, typer.Option(help="best success within latency")
+    ] = None,
+) -> None:
+    """Write a chosen configuration, its packed artifact and a model card."""
+    from mpq.search.config import load_search_config
+    from mpq.search.export import export_trial, pick_trial
+    from mpq.search.study import open_study
+
+    try:
+        cfg = load_search_config(config)
+        if rule not in ("knee", "best"):
+            raise ValueError(f"--rule {rule!r} not in ['best', 'knee']")
+        study = open_study(cfg, resume=True)
+        chosen = pick_trial(study, trial, rule, max_size_bytes, max_latency_ms)
+        info = export_trial(cfg, study, chosen, out)
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    console.print(f"trial {info['trial']} exported to {info['out_dir']}: artifact payload "
+                  f"{info['payload_bytes']:,} bytes (search reported {info['reported_bytes']:,}; "
+                  f"file {info['file_bytes']:,} bytes with container overhead)")  # fmt: skip
+
+
+@app.command("apply")
+def apply_cmd(
+    config: Annotated[Path, typer.Argument(help="a configuration (.yaml/.json)")],
+    model: ModelArg,
+    checkpoint: CheckpointOpt = None,
+    out: Annotated[Path | None, typer.Option(help="write the packed artifact here")] = None,
+) -> None:
+    """Rebuild the quantized model from a configuration and the float checkpoint."""
+    import torch
+
+    from mpq.evaluators.artifact import pack_state, payload_bytes
+    from mpq.evaluators.size import config_size, float_size_bytes
+    from mpq.spaces.io import load_config
+
+    try:
+        qc = load_config(config)
+        net = build_model(model, checkpoint)
+        layers = discover_layers(net)
+        qc.check(layers, str(config))
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    size = config_size(net, layers, qc).total_bytes
+    console.print(f"{model}: {float_size_bytes(net):,} float bytes -> {size:,} bytes")
+    if out is not None:
+        state = pack_state(net, layers, qc)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, out)
+        console.print(f"artifact {out}: payload {payload_bytes(state):,} bytes")
+
+
 def main() -> None:
     app()
 

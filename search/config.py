@@ -49,7 +49,7 @@ class LatencyConfig(BaseModel):
     enabled: bool = Field(
         True, description="measure latency (needed for the latency_ms objective)"
     )
-    backend: str = Field("torch", description="backend name (evaluators/backends)")
+    backend: str = Field("onnxruntime", description="backend name (evaluators/backends)")
     threads: int = Field(1, ge=1, description="intra-op threads while timing")
     warmup: int = Field(5, ge=0, description="untimed calls first")
     runs: int = Field(30, ge=3, description="timed calls; the median is reported")

@@ -217,30 +217,31 @@ class SearchSpace(BaseModel):
             override = exact.get(layer.name) or next(
                 (o for o in globs if fnmatch.fnmatchcase(layer.name, o.match)), None)  # fmt: skip
             options = override.apply(self.defaults) if override else self.defaults
-            strict = override is not None and override.match == layer.name
-            resolved[layer.name] = _narrow(layer, options, strict, source)
+            explicit = (
+                override.model_fields_set if override and override.match == layer.name else set()
+            )
+            resolved[layer.name] = _narrow(layer, options, explicit, source)
         return resolved
 
 
-def _narrow(layer: LayerInfo, options: LayerOptions, strict: bool, source: str) -> LayerOptions:
+def _narrow(
+    layer: LayerInfo, options: LayerOptions, explicit: set[str], source: str
+) -> LayerOptions:
+    """Drop the options ``layer`` cannot take; an exact override that asked for them errors."""
     a_bits = options.a_bits if layer.takes_activations else (KEEP,)
     granularity = options.granularity
     int_weights = min(options.w_bits) <= INT_BITS_MAX
     if layer.reduction_size % options.group_size and "per_group" in granularity and int_weights:
         granularity = tuple(g for g in granularity if g != "per_group") or ("per_channel",)
-    narrowed = LayerOptions(
-        **{**options.model_dump(), "a_bits": a_bits, "granularity": granularity}
-    )
-    if strict and narrowed != options:
-        if a_bits != options.a_bits:
-            why = check_choice(layer, LayerChoice(a_bits=max(options.a_bits)))
-        else:
-            probe = LayerChoice(
-                w_bits=min(options.w_bits), granularity="per_group", group_size=options.group_size
-            )
-            why = check_choice(layer, probe)
-        raise ValueError(f"{source}: overrides[{layer.name!r}]: {why}")
-    return narrowed
+    if a_bits != options.a_bits and "a_bits" in explicit:
+        probe = LayerChoice(a_bits=min(b for b in options.a_bits if b != KEEP))
+        raise ValueError(f"{source}: overrides[{layer.name!r}]: {check_choice(layer, probe)}")
+    if granularity != options.granularity and explicit & {"granularity", "group_size"}:
+        probe = LayerChoice(
+            w_bits=min(options.w_bits), granularity="per_group", group_size=options.group_size
+        )
+        raise ValueError(f"{source}: overrides[{layer.name!r}]: {check_choice(layer, probe)}")
+    return LayerOptions(**{**options.model_dump(), "a_bits": a_bits, "granularity": granularity})
 
 
 class QuantConfig(BaseModel):

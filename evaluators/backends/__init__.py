@@ -6,6 +6,7 @@ no kernel for is lowered to the nearest format it has, and that is recorded, nev
 
 from __future__ import annotations
 
+from mpq.evaluators.backends import onnxruntime_backend as _ort_backend  # noqa: F401
 from mpq.evaluators.backends import torch_backend as _torch_backend  # noqa: F401  (registers)
 from mpq.evaluators.backends.base import BACKENDS, Backend, Lowered, get_backend, register_backend
 

@@ -17,13 +17,15 @@ class Lowered:
     """A lowered model: ``run()`` executes it once on the example inputs.
 
     ``kernels`` maps each layer to the kernel that really ran; ``fallbacks`` maps the layers
-    whose asked choice had no kernel to the reason and what ran instead.
+    whose asked choice had no kernel to the reason and what ran instead; ``ran_config`` is what
+    ran, as a configuration, so the simulated model of it is the reference for the outputs.
     """
 
     run: Callable[[], Any]
     module: Any
     kernels: dict[str, str]
     fallbacks: dict[str, str] = field(default_factory=dict)
+    ran_config: QuantConfig | None = None  # what really ran, as a configuration
 
 
 class Backend(Protocol):
@@ -39,6 +41,7 @@ class Backend(Protocol):
         layers: tuple[LayerInfo, ...],
         config: QuantConfig,
         example_inputs: tuple[Any, ...],
+        threads: int = 1,
     ) -> Lowered: ...
 
 

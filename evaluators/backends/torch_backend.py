@@ -51,6 +51,7 @@ class TorchBackend:
         layers: tuple[LayerInfo, ...],
         config: QuantConfig,
         example_inputs: tuple[Any, ...],
+        threads: int = 1,
     ) -> Lowered:
         import copy
 
@@ -93,4 +94,13 @@ class TorchBackend:
         def run() -> Any:
             return lowered(*example_inputs)
 
-        return Lowered(run, lowered, kernels, fallbacks)
+        # Float kernels run the simulated-quantized weights, so they compute the asked choice;
+        # int8 kernels add per-tensor int8 activations (and requantize the weights at int8).
+        ran = {}
+        for la in layers:
+            asked = config.layers[la.name]
+            if kernels[la.name] == INT8_DYNAMIC:
+                asked = asked.model_copy(update={"a_bits": 8, "act_mode": "dynamic",
+                                                 "act_granularity": "per_tensor"})  # fmt: skip
+            ran[la.name] = asked
+        return Lowered(run, lowered, kernels, fallbacks, QuantConfig(layers=ran))

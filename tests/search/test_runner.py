@@ -59,7 +59,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(
         task="tests.models:flaky_task",
         trials=10,
         space={"defaults": {"w_bits": [2, 3, 8]}},
-        sensitivity={"enabled": False},
+        sensitivity={"uniform_bits": [2, 3, 8], "budgets": []},  # 2-bit seed first
     )
     study = _run(cfg).study
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
@@ -77,7 +77,7 @@ def test_time_limit_fails_the_trial(ray_local: None, tmp_path: Path) -> None:
         trials=4,
         trial_timeout_s=8,
         space={"defaults": {"w_bits": [2, 8]}},
-        sensitivity={"enabled": False},
+        sensitivity={"uniform_bits": [2, 8], "budgets": []},  # 2-bit seed first
     )
     study = _run(cfg).study
     reasons = [t.user_attrs.get("fail_reason", "") for t in study.trials]
@@ -91,7 +91,7 @@ def test_worker_killed_mid_trial(ray_local: None, tmp_path: Path) -> None:
         task="tests.models:dying_task",
         trials=5,
         space={"defaults": {"w_bits": [2, 8]}},
-        sensitivity={"enabled": False},
+        sensitivity={"uniform_bits": [2, 8], "budgets": []},  # 2-bit seed first
         ray={"max_retries": 1},
     )
     study = _run(cfg).study

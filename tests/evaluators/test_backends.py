@@ -1,0 +1,112 @@
+"""One contract suite for every backend: lower any configuration, run it on real kernels, match
+the simulated model of what ran within the format's tolerance, and record every fallback."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mpq.evaluators.apply import apply_config
+from mpq.evaluators.backends import BACKENDS, get_backend
+from mpq.evaluators.latency import measure_latency
+from mpq.evaluators.proxy import first_tensor
+from mpq.spaces.discover import discover_layers
+from mpq.spaces.space import LayerChoice, QuantConfig
+from mpq.zoo.babyai import build_untrained_policy
+from tests.models import ConvNet, RecurrentPolicy, TinyTransformer, example_inputs
+
+# Max |lowered - simulated(ran_config)| relative to max |float output|, by narrowest int width.
+TOLERANCE = {32: 1e-4, 8: 0.03, 4: 0.15, 2: 0.6}
+
+
+def _policy_inputs() -> tuple[torch.Tensor, ...]:
+    from mpq.zoo.babyai import tokenize
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 255, (1, 1, 56, 56, 3), dtype=torch.uint8, generator=g)
+    return image, tokenize(["go to the red ball"]), torch.zeros(1, 1, 256)
+
+
+MODELS = {
+    "convnet": (ConvNet, None),
+    "recurrent": (RecurrentPolicy, None),
+    "transformer": (TinyTransformer, None),
+    "babyai": (build_untrained_policy, _policy_inputs),
+}
+
+
+def _numpy(out: object) -> torch.Tensor:
+    while isinstance(out, tuple | list):
+        out = out[0]
+    return torch.as_tensor(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
+
+
+def _random_config(layers, seed: int) -> QuantConfig:  # type: ignore[no-untyped-def]
+    rng = random.Random(seed)
+    return QuantConfig.uniform(layers, LayerChoice()).model_copy(update={"layers": {
+        la.name: LayerChoice(w_bits=rng.choice([2, 3, 4, 6, 8, 16, 32]),
+                             a_bits=rng.choice([8, 32]) if la.takes_activations else 32,
+                             symmetric=rng.random() < 0.5)
+        for la in layers}})  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lowered_matches_simulated(backend: str, model_name: str, seed: int) -> None:
+    torch.manual_seed(seed)
+    builder, inputs_fn = MODELS[model_name]
+    model = builder().eval()
+    x = inputs_fn() if inputs_fn else example_inputs(model, batch=1)
+    layers = discover_layers(model)
+    config = _random_config(layers, seed)
+    lowered = get_backend(backend).lower(model, layers, config, x)
+    assert set(lowered.kernels) == {la.name for la in layers}
+    for la in layers:  # every asked choice that did not run as asked is recorded
+        asked = config.layers[la.name].w_bits
+        ran = lowered.ran_config.layers[la.name].w_bits
+        if asked != ran:
+            assert la.name in lowered.fallbacks, (la.name, asked, ran)
+    with torch.inference_mode():
+        out = _numpy(lowered.run()).float()
+        ref = first_tensor(model(*x)).float()
+        sim = first_tensor(apply_config(model, lowered.ran_config, layers=layers)(*x)).float()
+    assert out.shape == ref.shape
+    narrowest = min(c.w_bits for c in lowered.ran_config.layers.values())
+    tol = TOLERANCE[min(k for k in TOLERANCE if k >= narrowest)]
+    assert float((out - sim).abs().max()) <= tol * float(ref.abs().max()) + 1e-5
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_keep_everything_runs_float(backend: str) -> None:
+    model = TinyTransformer().eval()
+    layers = discover_layers(model)
+    lowered = get_backend(backend).lower(model, layers, QuantConfig.uniform(layers, LayerChoice()),
+                                         example_inputs(model, batch=1))  # fmt: skip
+    assert not lowered.fallbacks
+    assert all("float32" in k for k in lowered.kernels.values())
+    stats = measure_latency(lowered.run, warmup=1, runs=5)
+    assert stats.median_ms > 0 and stats.threads == 1 and stats.cpu
+
+
+def test_onnxruntime_runs_low_bit_matmuls() -> None:
+    model = TinyTransformer().eval()
+    layers = discover_layers(model)
+    config = QuantConfig.uniform(layers, LayerChoice(w_bits=3, a_bits=8))
+    lowered = get_backend("onnxruntime").lower(model, layers, config, example_inputs(model, 1))
+    assert lowered.kernels["ff1"] == "MatMulNBits int4 block32 acc4"
+    assert lowered.fallbacks["ff1"] == "w3 per_channel -> int4 block32"
+    assert lowered.ran_config.layers["ff1"].w_bits == 4
+
+
+def test_unknown_backend() -> None:
+    with pytest.raises(ValueError, match=r"backend='tensorrt' not in \['onnxruntime', 'torch'\]"):
+        get_backend("tensorrt")
+
+
+def test_latency_argument_errors() -> None:
+    with pytest.raises(ValueError, match="latency runs=2 must be >= 3"):
+        measure_latency(lambda: None, runs=2)
