@@ -201,6 +201,21 @@ def apply_cmd(
         console.print(f"artifact {out}: payload {payload_bytes(state):,} bytes")
 
 
+@app.command("config-reference")
+def config_reference(
+    readme: Annotated[
+        Path | None, typer.Option(help="write it into this README's section")
+    ] = None,
+) -> None:
+    """Print the configuration reference (Markdown), generated from the config models."""
+    from mpq.search.reference import config_reference_markdown, write_into_readme
+
+    if readme is not None:
+        write_into_readme(str(readme))
+        return
+    print(config_reference_markdown(), end="")
+
+
 def main() -> None:
     app()
 

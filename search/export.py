@@ -11,6 +11,7 @@ Rules for picking (all among feasible front trials, Optuna's ``best_trials``):
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -137,12 +138,11 @@ def export_trial(
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(out_dir / "config.yaml", dump_text(config, "c.yaml"))
         write_atomic(out_dir / "config.json", dump_text(config, "c.json"))
-        tmp = out_dir / f".{ARTIFACT}.tmp"
-        torch.save(state, tmp)
-        tmp.replace(out_dir / ARTIFACT)
+        buf = io.BytesIO()
+        torch.save(state, buf)  # serialised in memory, so a full disk fails in plain file I/O
+        write_atomic(out_dir / ARTIFACT, buf.getvalue())
         write_atomic(out_dir / "MODEL_CARD.md", model_card(cfg, study, t, nbytes))
     except OSError as exc:
-        (out_dir / f".{ARTIFACT}.tmp").unlink(missing_ok=True)
         raise ValueError(f"export to {str(out_dir)!r} failed: {exc.strerror or exc}") from None
     return {"trial": t.number, "payload_bytes": nbytes, "reported_bytes": reported,
             "file_bytes": (out_dir / ARTIFACT).stat().st_size, "out_dir": str(out_dir)}  # fmt: skip

@@ -83,7 +83,10 @@ def trial_row(study: optuna.Study, t: FrozenTrial) -> dict[str, Any]:
     if a.get("size_bytes"):
         row["compression"] = ref.get("size_bytes", 0) / a["size_bytes"]
     row["latency_ms"] = a.get("latency_ms")
-    if a.get("latency_ms"):
+    # Paired: float and quantized timed back to back in the same worker (same load).
+    if a.get("speedup_paired"):
+        row["speedup"] = a["speedup_paired"]
+    elif a.get("latency_ms"):
         row["speedup"] = ref.get("latency_ms", 0) / a["latency_ms"]
     config = a.get("config", {}).get("layers", {})
     bits = [c.get("w_bits", 32) for c in config.values()]

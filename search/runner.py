@@ -9,8 +9,8 @@ goes on.
 
 Multi-fidelity: with ``screen_budget`` > 0 a trial first runs the cheap stage (size, latency,
 proxy and ``screen_budget`` episodes); it gets the full ``task_budget`` only if, with the upper
-end of its 95% success interval, no finished trial dominates it; otherwise it is PRUNED with the
-screening figures kept. Duplicate configurations are answered from the first evaluation.
+end of its 95% success interval, it can still meet the success constraint and no finished
+trial dominates it; otherwise it is PRUNED with the screening figures kept. Duplicate configurations are answered from the first evaluation.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ class Runner:
         if run.stage == "screen" and self.cfg.screen_budget > 0:
             run.screen = result
             optimistic = {**result, "success": self._success_upper(result)}
-            if self._dominated(optimistic):
+            if self._cannot_be_feasible(optimistic) or self._dominated(optimistic):
                 self._tell(run, result, TrialState.PRUNED)
                 return
             run.stage = "full"
@@ -225,6 +225,13 @@ class Runner:
         if run.screen:
             metrics["episodes"] = run.screen.get("episodes", 0) + result.get("episodes", 0)
         self._tell(run, metrics, TrialState.COMPLETE)
+
+    def _cannot_be_feasible(self, optimistic: dict[str, Any]) -> bool:
+        """Even the upper end of its success interval misses the success constraint."""
+        drop = self.cfg.constraints.max_success_drop
+        if drop is None:
+            return False
+        return float(optimistic["success"]) < float(self.float_reference["success"]) - drop
 
     def _success_upper(self, result: dict[str, Any]) -> float:
         """Upper end of the 95% interval: the task's own, else Wilson over the budget."""

@@ -29,11 +29,12 @@ Sensitivity = dict[str, dict[int, float]]  # layer -> bits -> KL
 
 
 def base_choice(options: LayerOptions, w_bits: int) -> LayerChoice:
-    """The choice with ``w_bits`` and the first option of every other dimension."""
+    """The choice with ``w_bits``, the narrowest activation bits offered (W8A8-style, as the
+    sensitivity-ordered tools allocate) and the first option of every other dimension."""
     g = options.granularity[0]
     return LayerChoice(
         w_bits=w_bits,
-        a_bits=options.a_bits[-1] if 32 in options.a_bits else options.a_bits[0],
+        a_bits=min(options.a_bits),
         granularity=g,
         group_size=options.group_size if g == "per_group" else None,
         symmetric=options.symmetric[0],

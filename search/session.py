@@ -75,7 +75,25 @@ def run_session(
         if started:
             ray.shutdown()
     print_summary(console, cfg, result, ref)
+    export_best(console, cfg, result, path)
     return result
+
+
+def export_best(
+    console: Console, cfg: SearchConfig, result: SearchResult, path: str | Path
+) -> None:
+    """Export the knee of the front to ``<output_dir>/best`` and say how to look further."""
+    from mpq.search.export import export_trial, pick_trial
+    from mpq.search.pareto import front_trials
+
+    if front_trials(result.study):
+        chosen = pick_trial(result.study, rule="knee")
+        info = export_trial(cfg, result.study, chosen, Path(cfg.output_dir) / "best")
+        console.print(f"knee of the front: trial {info['trial']} exported to {info['out_dir']} "
+                      f"(config.yaml, {info['payload_bytes']:,}-byte artifact, MODEL_CARD.md)")  # fmt: skip
+    if cfg.tracking.enabled:
+        console.print(f"MLflow UI: mpq ui {path}   (or mlflow ui --backend-store-uri "
+                      f"{cfg.tracking_uri()})")  # fmt: skip
 
 
 def _progress(console: Console) -> Progress:

@@ -21,6 +21,7 @@ from mpq.spaces.space import LayerChoice, LayerOptions, QuantConfig
 # NOTE: heartbeats are marked experimental and "meant for Study.optimize"; the runner records
 # them itself for its ask/tell trials, which is what makes stale trials detectable.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 DIMS = ("w_bits", "a_bits", "granularity", "symmetric", "act_mode")
 HEARTBEAT_INTERVAL_S = 2
@@ -80,11 +81,11 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def open_study(cfg: SearchConfig, resume: bool) -> optuna.Study:
-    """Create the study, or load it with ``resume``.
+    """Create the study; with ``resume``, continue it if it exists (else create it).
 
     Raises:
-        ValueError: the study exists and ``resume`` is False (nothing is overwritten), or it does
-            not exist and ``resume`` is True, or its objectives differ from the config's.
+        ValueError: the study exists and ``resume`` is False (nothing is overwritten), or its
+            objectives differ from the config's.
     """
     storage = make_storage(cfg.storage_url())
     names = optuna.study.get_all_study_names(storage)
@@ -93,14 +94,12 @@ def open_study(cfg: SearchConfig, resume: bool) -> optuna.Study:
             f"study {cfg.name!r} already exists in {cfg.storage_url()}; "
             "use --resume to continue it or pick another name"
         )
-    if cfg.name not in names and resume:
-        raise ValueError(f"--resume: no study {cfg.name!r} in {cfg.storage_url()}")
     study = optuna.create_study(
         storage=storage,
         study_name=cfg.name,
         directions=cfg.directions,
         sampler=make_sampler(cfg),
-        load_if_exists=resume,
+        load_if_exists=True,
     )
     stored = study.user_attrs.get("objectives")
     if stored is None:

@@ -98,12 +98,18 @@ class LayerOptions(BaseModel):
     """The options for each dimension of one layer's choice; a single option fixes it."""
 
     model_config = _FROZEN
-    w_bits: tuple[int, ...] = (2, 3, 4, 6, 8, KEEP)
-    a_bits: tuple[int, ...] = (KEEP,)
-    granularity: tuple[Granularity, ...] = ("per_channel",)
-    group_size: int = 32
-    symmetric: tuple[bool, ...] = (True,)
-    act_mode: tuple[ActMode, ...] = ("dynamic",)
+    w_bits: tuple[int, ...] = Field(
+        (2, 3, 4, 6, 8, KEEP), description=f"weight bits to choose from, each in {W_BITS}"
+    )
+    a_bits: tuple[int, ...] = Field((KEEP,), description=f"activation bits, each in {A_BITS}")
+    granularity: tuple[Granularity, ...] = Field(
+        ("per_channel",), description="per_tensor, per_channel, per_group"
+    )
+    group_size: int = Field(32, description="group size when per_group (must divide the layer)")
+    symmetric: tuple[bool, ...] = Field((True,), description="symmetric (z=0) and/or asymmetric")
+    act_mode: tuple[ActMode, ...] = Field(
+        ("dynamic",), description="static (calibrated) and/or dynamic activation ranges"
+    )
 
     @field_validator("w_bits", "a_bits", "granularity", "symmetric", "act_mode")
     @classmethod
@@ -148,7 +154,7 @@ class Override(BaseModel):
     """Options for the layers whose name equals ``match`` or matches it as a glob."""
 
     model_config = _FROZEN
-    match: str
+    match: str = Field(..., description="a layer name, or a glob such as 'memory_gru.*'")
     w_bits: tuple[int, ...] | None = None
     a_bits: tuple[int, ...] | None = None
     granularity: tuple[Granularity, ...] | None = None
@@ -181,8 +187,8 @@ class SearchSpace(BaseModel):
     model_config = _FROZEN
     schema_version: Literal[1] = SCHEMA_VERSION
     defaults: LayerOptions = Field(default_factory=LayerOptions)
-    overrides: tuple[Override, ...] = ()
-    skip: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = Field((), description="per-layer options, see below")
+    skip: tuple[str, ...] = Field((), description="layer names or globs kept in float")
 
     def resolve(
         self, layers: tuple[LayerInfo, ...], source: str = "space"

@@ -46,9 +46,9 @@ def test_resume_keeps_finished_trials_and_continues(ray_local: None, tmp_path: P
         assert study.trials[number].values == values  # unchanged, exactly once
 
 
-def test_resume_of_a_missing_study(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--resume: no study 'conv'"):
-        Runner(conv_config(tmp_path), resume=True)
+def test_resume_of_a_missing_study_creates_it(tmp_path: Path) -> None:
+    runner = Runner(conv_config(tmp_path), resume=True)
+    assert runner.study.study_name == "conv" and not runner.study.trials
 
 
 def test_failing_trials_are_recorded_and_the_search_goes_on(

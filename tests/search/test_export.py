@@ -1,0 +1,136 @@
+"""Export round trip: trial -> config + packed artifact -> a model with the trial's size and outputs."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mpq.cli import app
+from mpq.evaluators.apply import apply_config
+from mpq.evaluators.model import load_state_dict
+from mpq.search.export import ARTIFACT, export_trial, load_artifact, pick_trial
+from mpq.search.runner import Runner
+from mpq.spaces.io import load_config, read_data
+from mpq.spaces.space import QuantConfig
+from tests.models import build_convnet, convnet_calibration
+from tests.search.helpers import conv_config
+
+
+@pytest.fixture(scope="module")
+def searched(ray_local: None, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = conv_config(tmp, trials=6, space={"defaults": {"w_bits": [2, 3, 4, 8, 32],
+                                                         "a_bits": [8, 32],
+                                                         "act_mode": ["static", "dynamic"]}})  # fmt: skip
+    runner = Runner(cfg)
+    runner.prepare()
+    return cfg, runner.run().study
+
+
+def test_export_round_trip(searched, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, study = searched
+    trial = pick_trial(study, rule="knee")
+    info = export_trial(cfg, study, trial, tmp_path / "out")
+    assert info["payload_bytes"] == trial.user_attrs["size_bytes"] == info["reported_bytes"]
+    config = load_config(tmp_path / "out" / "config.yaml")
+    assert config == load_config(tmp_path / "out" / "config.json")
+    assert config.model_dump(mode="json", exclude_none=True) == trial.user_attrs["config"]
+    assert "| task success" in (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    calib = convnet_calibration()
+    loaded = load_artifact(tmp_path / "out" / ARTIFACT, config, cfg.model, calibration=calib)
+    rebuilt = apply_config(build_convnet(), config, calib)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x), rebuilt(x), atol=1e-5)
+    state = load_state_dict(tmp_path / "out" / ARTIFACT)  # plain tensors: weights_only=True
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_cli_apply_gives_the_same_size(searched, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, study = searched
+    trial = pick_trial(study, rule="best")
+    export_trial(cfg, study, trial, tmp_path / "e")
+    result = CliRunner().invoke(app, ["apply", str(tmp_path / "e" / "config.yaml"), cfg.model,
+                                      "--out", str(tmp_path / "again.pt")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"{trial.user_attrs['size_bytes']:,} bytes" in result.output
+    assert f"payload {trial.user_attrs['size_bytes']:,} bytes" in result.output
+
+
+def test_pick_rules(searched) -> None:  # type: ignore[no-untyped-def]
+    _, study = searched
+    front = study.best_trials
+    best = pick_trial(study, rule="best")
+    assert best.values[0] == max(t.values[0] for t in front)
+    small = min(t.user_attrs["size_bytes"] for t in front)
+    within = pick_trial(study, max_size_bytes=small)
+    assert within.user_attrs["size_bytes"] == small
+    with pytest.raises(ValueError, match="no front trial within size<=10"):
+        pick_trial(study, max_size_bytes=10)
+    with pytest.raises(ValueError, match="--trial 999: the study has trials 0.."):
+        pick_trial(study, trial=999)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_export_folder_is_a_clear_error(searched, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, study = searched
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    with pytest.raises(ValueError, match="export to .* failed"):
+        export_trial(cfg, study, pick_trial(study), ro)
+
+
+def test_unwritable_export_folder_even_as_root(searched) -> None:  # type: ignore[no-untyped-def]
+    cfg, study = searched
+    with pytest.raises(ValueError, match="export to '/proc/self/mpq-export' failed"):
+        export_trial(cfg, study, pick_trial(study), Path("/proc/self/mpq-export"))
+
+
+_FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+import optuna
+from mpq.search.config import SearchConfig
+from mpq.search.export import export_trial, pick_trial
+from mpq.search.study import open_study
+cfg = SearchConfig.model_validate_json(sys.argv[1])
+study = open_study(cfg, resume=True)
+trial = pick_trial(study)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))  # the disk is 'full' past 2000 bytes
+try:
+    export_trial(cfg, study, trial, Path(sys.argv[2]))
+except ValueError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def test_export_to_a_full_disk_is_a_clear_error(searched, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    cfg, study = searched
+    before = [(t.number, t.state, t.values) for t in study.trials]
+    out = tmp_path / "full"
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, cfg.model_dump_json(), str(out)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "export to" in proc.stdout and "File too large" in proc.stdout
+    assert not list(out.glob(".*.tmp")) and not (out / ARTIFACT).exists()
+    study2 = type(study)(study.study_name, study._storage)
+    assert [(t.number, t.state, t.values) for t in study2.trials] == before
+
+
+def test_exported_config_is_plain_data(searched, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, study = searched
+    export_trial(cfg, study, pick_trial(study), tmp_path / "p")
+    data = read_data(tmp_path / "p" / "config.yaml")
+    assert isinstance(data, dict) and QuantConfig.model_validate(data)
+    assert "!!python" not in (tmp_path / "p" / "config.yaml").read_text()
