@@ -123,3 +123,11 @@ def dying_task(model: nn.Module, budget: int) -> dict[str, float]:
     if _weight_levels(model) <= 4:
         os._exit(1)
     return convnet_task(model, budget)
+
+
+def paced_task(model: nn.Module, budget: int) -> dict[str, float]:
+    """``convnet_task`` that takes about a second, so a kill lands mid-search."""
+    import time
+
+    time.sleep(1.0)
+    return convnet_task(model, budget)
