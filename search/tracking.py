@@ -217,6 +217,7 @@ class Tracker:
             plots.write_all(study, out)
             self.client.log_artifacts(self.parent_id, str(out))
         self.client.set_tag(self.parent_id, "trials", str(len(study.trials)))
+        self.client.set_terminated(self.parent_id, "FINISHED")
 
 
 def _line(exc: BaseException) -> str:

@@ -37,3 +37,25 @@ def test_space_with_a_space_file(tmp_path: Path) -> None:
 def test_help() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and "space" in result.output
+
+
+def test_search_with_a_bad_config_is_one_line(tmp_path: Path) -> None:
+    p = tmp_path / "search.yaml"
+    p.write_text("name: x\nmodel: babyai\ntask: m:t\ncalibration: m:c\nobjectives: [speed]\n")
+    result = runner.invoke(app, ["search", str(p)])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "search.yaml: objectives.0: Input should be" in lines[0]
+
+
+def test_search_with_a_missing_config(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["search", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "nope.yaml: cannot read" in result.output
+
+
+def test_export_with_no_study_yet(tmp_path: Path) -> None:
+    p = tmp_path / "search.yaml"
+    p.write_text(f"name: empty\nmodel: tests.models:build_convnet\ntask: tests.models:convnet_task\n"
+                 f"calibration: tests.models:convnet_calibration\noutput_dir: {tmp_path}\n")  # fmt: skip
+    result = runner.invoke(app, ["export", str(p), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "has no feasible complete trial yet" in result.output

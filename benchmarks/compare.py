@@ -1,0 +1,129 @@
+"""mpq's search against what users would pick instead, on the embedded VLA policy.
+
+    python benchmarks/compare.py [--trials 16] [--seeds 0 1 2] [--episodes 50]
+
+Rows, all measured in this run with the same task (fixed evaluation seeds, `--episodes` per
+level), the same space and the same kernels (onnxruntime, batch 1, 1 thread):
+
+- float; uniform W8A8; uniform W4A8; the greedy sensitivity allocation (HAWQ-V2/V3- and
+  AIMET-AMP-style: lower the layer with the least KL increase per byte saved until the model
+  fits) at 75/60/50% of the 8-bit size -- these are the seed trials of the mpq study;
+- random search, plain NSGA-II and TPE without seeds, and mpq (sensitivity-seeded NSGA-II with
+  screening), each at the same trial budget.
+
+For each search: hypervolume of its feasible front (reference point: success 0, float size,
+2x float latency; objectives normalised by the float model), the smallest feasible model and
+the best feasible paired speed-up, trials and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+from optuna.trial import TrialState
+
+from mpq.search.config import load_search_config
+from mpq.search.pareto import hypervolume
+from mpq.search.runner import Runner, init_ray
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "random search": {"sampler": "random", "sensitivity": {"enabled": False}, "screen_budget": 0},
+    "NSGA-II (plain)": {"sampler": "nsga2", "sensitivity": {"enabled": False}, "screen_budget": 0},
+    "TPE (plain)": {"sampler": "tpe", "sensitivity": {"enabled": False}, "screen_budget": 0},
+    "mpq (seeded NSGA-II + screening)": {},
+}
+
+
+def run_variant(base, overrides: dict, seed: int, trials: int, out: Path):  # type: ignore[no-untyped-def]
+    data = base.model_dump()
+    data.update({"name": f"cmp-{abs(hash((str(overrides), seed))) % 10**8}", "seed": seed,
+                 "trials": trials, "output_dir": str(out), "storage": None,
+                 "tracking": {"enabled": False}})  # fmt: skip
+    for k, v in overrides.items():
+        data[k] = {**data[k], **v} if isinstance(v, dict) else v
+    cfg = type(base).model_validate(data)
+    start = time.perf_counter()
+    runner = Runner(cfg)
+    runner.prepare()
+    study = runner.run().study
+    return study, time.perf_counter() - start
+
+
+def feasible(t) -> bool:  # type: ignore[no-untyped-def]
+    return all(c <= 0 for c in t.user_attrs.get("constraints", [0.0]))
+
+
+def row_of(t, ref) -> str:  # type: ignore[no-untyped-def]
+    a = t.user_attrs
+    return (f"{a['success']:.3f} ({a.get('success_lo', 0):.3f}-{a.get('success_hi', 0):.3f}) | "
+            f"{ref['size_bytes'] / a['size_bytes']:.2f}x | {a.get('speedup_paired', 0):.2f}x")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "examples/babyai/search.yaml"))
+    p.add_argument("--trials", type=int, default=16)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--episodes", type=int, default=50, help="task budget per level")
+    args = p.parse_args()
+    base = load_search_config(args.config, task_budget=args.episodes, screen_budget=10)
+    base = base.model_copy(update={"population_size": 8})
+    init_ray(base)
+    results: dict[str, list] = {k: [] for k in VARIANTS}  # type: ignore[type-arg]
+    seeded = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, overrides in VARIANTS.items():
+            for seed in args.seeds:
+                study, wall = run_variant(
+                    base, overrides, seed, args.trials, Path(tmp) / f"{name}{seed}"
+                )
+                results[name].append((study, wall))
+                if name.startswith("mpq") and seeded is None:
+                    seeded = study
+                print(
+                    f"# {name} seed {seed}: hv {hypervolume(study):.4f} in {wall:.0f}s", flush=True
+                )
+    ray.shutdown()
+    assert seeded is not None
+    ref = seeded.user_attrs["float_reference"]
+    print(
+        f"\nFloat policy: success {ref['success']:.3f} ({ref['success_lo']:.3f}-"
+        f"{ref['success_hi']:.3f}), {ref['size_bytes']:,} bytes, {ref['latency_ms']:.3f} ms "
+        f"(onnxruntime, 1 thread). Constraint: success >= float - "
+        f"{base.constraints.max_success_drop}. {args.episodes} episodes per level.\n"
+    )
+    print("| configuration | success (95% CI) | size ratio | speed-up (paired) |")
+    print("|---|---|---|---|")
+    for t in seeded.trials:
+        if "seed" in t.user_attrs and t.state == TrialState.COMPLETE:
+            print(f"| {t.user_attrs['seed']} | {row_of(t, ref)} |")
+    print(
+        f"\n| search ({args.trials} trials, seeds {args.seeds}) | hypervolume mean (min-max) | "
+        "smallest feasible: success, size ratio, speed-up | best feasible speed-up | "
+        "trials complete/pruned/failed | wall s |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, runs in results.items():
+        hvs = [hypervolume(s) for s, _ in runs]
+        study = runs[0][0]
+        feas = [t for t in study.trials if t.state == TrialState.COMPLETE and feasible(t)]
+        small = min(feas, key=lambda t: t.user_attrs["size_bytes"]) if feas else None
+        fast = max((t.user_attrs.get("speedup_paired", 0) for t in feas), default=0)
+        states = [t.state for t in study.trials]
+        counts = "/".join(str(states.count(s)) for s in (TrialState.COMPLETE, TrialState.PRUNED,
+                                                         TrialState.FAIL))  # fmt: skip
+        print(
+            f"| {name} | {statistics.mean(hvs):.4f} ({min(hvs):.4f}-{max(hvs):.4f}) | "
+            f"{row_of(small, ref) if small else 'none'} | {fast:.2f}x | {counts} | "
+            f"{statistics.mean(w for _, w in runs):.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Each example runs end to end on a tiny budget (the README's commands with smaller numbers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from mpq.search.session import run_session
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny(tmp_path: Path, example: str, **changes: object) -> Path:
+    data = yaml.safe_load((ROOT / "examples" / example / "search.yaml").read_text())
+    data.update({"output_dir": str(tmp_path / "out"), "trials": 3,
+                 "latency": {"runs": 5, "warmup": 1}, **changes})  # fmt: skip
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("example,changes", [
+    ("babyai", {"task_budget": 3, "screen_budget": 0, "sensitivity": {"budgets": [0.5]}}),
+    ("classifier", {"task_budget": 200}),
+])  # fmt: skip
+def test_example_runs(ray_local: None, tmp_path: Path, example: str, changes: dict) -> None:
+    console = Console(record=True, width=200)
+    result = run_session(_tiny(tmp_path, example, **changes), resume=True, console=console)
+    text = console.export_text()
+    assert "Pareto front of" in text and "exported to" in text and "mpq ui" in text
+    assert len([t for t in result.study.trials if t.state.is_finished()]) >= 3
+    assert (tmp_path / "out" / "best" / "config.yaml").exists()

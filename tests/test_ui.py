@@ -1,0 +1,56 @@
+"""The MLflow UI, served by a real ``mlflow server`` on 127.0.0.1, opened in headless Chromium:
+the study's runs must be on the page. A screenshot is saved to test-output/mlflow_ui.png."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mpq.search.runner import Runner
+from mpq.search.tracking import Tracker
+from tests.mlflow_server import MlflowServer
+from tests.search.helpers import conv_config
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+OUT = Path(__file__).resolve().parents[1] / "test-output"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--virtual-time-budget=20000", "--window-size=1400,900"]  # fmt: skip
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_mlflow_ui_shows_the_study(ray_local: None, tmp_path: Path) -> None:
+    server = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        cfg = conv_config(tmp_path, name="ui-study", trials=4,
+                          tracking={"enabled": True, "uri": server.uri})  # fmt: skip
+        tracker = Tracker(cfg)
+        runner = Runner(cfg, on_trial=tracker.on_trial)
+        runner.prepare()
+        tracker.start(runner.study)
+        tracker.finish(runner.run().study)
+        runs_url = f"{server.uri}/#/experiments/{tracker.experiment_id}/runs"
+        study_url = f"{runs_url}/{tracker.parent_id}"
+        profile = tmp_path / "chrome-profile"
+
+        def dom(url: str) -> str:
+            args = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", url]
+            return subprocess.run(args, capture_output=True, text=True, timeout=120).stdout
+
+        assert "ui-study" in dom(runs_url)  # the study's parent run in the experiment's table
+        page = dom(study_url)  # the parent run: its metrics and its nested trial runs
+        assert "float.success" in page and "hypervolume" in page
+        assert all(f"trial-{i}" in page for i in range(4))
+        OUT.mkdir(exist_ok=True)
+        for name, url in (("mlflow_ui.png", runs_url), ("mlflow_ui_study.png", study_url)):
+            shot = OUT / name
+            subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}",
+                            f"--screenshot={shot}", url], capture_output=True, timeout=120)  # fmt: skip
+            assert shot.exists() and shot.stat().st_size > 10_000
+    finally:
+        server.stop()

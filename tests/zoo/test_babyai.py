@@ -1,0 +1,91 @@
+"""The shipped VLA policy, its task, its calibration data and its training script."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mpq.evaluators.task import run_task
+from mpq.zoo.babyai import (
+    LEVELS,
+    build_policy,
+    calibration_batches,
+    evaluate_episodes,
+    example_inputs,
+    tokenize,
+)
+from mpq.zoo.babyai.demos import EVAL_SEED_BASE, HELDOUT_SEED_BASE, TRAIN_SEED_BASE, LEVEL_STRIDE
+
+
+def test_shipped_checkpoint_loads_and_succeeds() -> None:
+    policy = build_policy()
+    metrics = run_task(evaluate_episodes, policy, 20)
+    assert metrics["success"] >= 0.85  # model card: ~0.97 over 500 episodes per level
+    assert {f"success/{lv.removeprefix('BabyAI-').removesuffix('-v0')}" for lv in LEVELS} <= set(
+        metrics
+    )
+    assert metrics["success_lo"] <= metrics["success"] <= metrics["success_hi"]
+    assert (
+        Path(build_policy.__code__.co_filename).parent.joinpath("babyai_vla.pt").stat().st_size
+        < 20e6
+    )
+
+
+def test_episodes_are_paired_across_calls() -> None:
+    policy = build_policy()
+    assert evaluate_episodes(policy, 5) | {"episodes_per_s": 0} == evaluate_episodes(policy, 5) | {
+        "episodes_per_s": 0
+    }
+
+
+def test_quantization_matters_on_the_task() -> None:
+    from mpq.evaluators.apply import apply_config
+    from mpq.spaces.discover import discover_layers
+    from mpq.spaces.space import LayerChoice, QuantConfig
+
+    policy = build_policy()
+    layers = discover_layers(policy)
+    two_bit = apply_config(policy, QuantConfig.uniform(layers, LayerChoice(w_bits=2)))
+    assert (
+        evaluate_episodes(two_bit, 10)["success"] < evaluate_episodes(policy, 10)["success"] - 0.3
+    )
+
+
+def test_seed_ranges_are_disjoint() -> None:
+    bases = sorted([TRAIN_SEED_BASE, HELDOUT_SEED_BASE, EVAL_SEED_BASE])
+    span = LEVEL_STRIDE * len(LEVELS)
+    assert all(b - a >= span for a, b in zip(bases, bases[1:], strict=False))
+
+
+def test_calibration_and_example_inputs() -> None:
+    batches = calibration_batches(episodes_per_level=2)
+    assert batches and all(
+        b[0].dtype == torch.uint8 and b[0].shape[2:] == (56, 56, 3) for b in batches
+    )
+    image, tokens, memory = example_inputs()
+    assert (
+        image.shape == (1, 1, 56, 56, 3)
+        and tokens.shape == (1, 10)
+        and memory.shape == (1, 1, 256)
+    )
+    logits, new_memory = build_policy()(image, tokens, memory)
+    assert logits.shape == (1, 1, 7) and new_memory.shape == memory.shape
+
+
+def test_tokenize_left_pads_and_maps_unknown_words() -> None:
+    t = tokenize(["go to the red ball", "fly to the moon"])
+    assert t[0, :5].tolist() == [0] * 5 and t[0, -1] != 0
+    assert t[1, -4].item() == 1  # 'fly' -> <unk>
+
+
+def test_training_script_runs(tmp_path: Path) -> None:
+    from mpq.zoo.babyai.train import main
+
+    out = tmp_path / "tiny.pt"
+    main(["--out", str(out), "--demos-per-level", "3", "--steps", "4", "--dagger-rounds", "1",
+          "--dagger-episodes", "1", "--eval-episodes", "1", "--batch-size", "4", "--workers", "1",
+          "--threads", "1"])  # fmt: skip
+    policy = build_policy(out)  # loads with weights_only=True
+    assert sum(p.numel() for p in policy.parameters()) > 1_000_000
+    assert out.with_suffix(".train.json").exists()
