@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -353,7 +352,8 @@ def init_ray(cfg: SearchConfig) -> bool:
     """
     if ray.is_initialized():
         return False
-    pythonpath = os.pathsep.join([os.getcwd(), *sys.path[1:4], os.environ.get("PYTHONPATH", "")])
+    # Workers import the user's modules from where mpq runs, like the driver does.
+    pythonpath = os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "PYTHONWARNINGS": "ignore"}}
     if cfg.ray.address:
         try:
