@@ -58,15 +58,21 @@ def main() -> None:
                      if "eval_s" in t.user_attrs and "duplicate_of" not in t.user_attrs]  # fmt: skip
         client = MlflowClient(cfg.tracking_uri())
         exp = client.get_experiment_by_name("load")
-        runs = client.search_runs([exp.experiment_id], "tags.mpq_kind = 'trial'", max_results=10000)
+        runs = client.search_runs(
+            [exp.experiment_id], "tags.mpq_kind = 'trial'", max_results=10000
+        )
         per_trial = wall * args.workers / len(finished)
-        print(f"| trials | workers | wall s | trials/min | eval s/trial (mean) | "
-              f"overhead s/trial | duplicates answered | MLflow runs = Optuna trials |")
+        print(
+            f"| trials | workers | wall s | trials/min | eval s/trial (mean) | "
+            f"overhead s/trial | duplicates answered | MLflow runs = Optuna trials |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         dups = sum("duplicate_of" in t.user_attrs for t in finished)
-        print(f"| {len(finished)} | {args.workers} | {wall:.0f} | {len(finished) / wall * 60:.0f} | "
-              f"{statistics.mean(evaluated):.3f} | {per_trial - statistics.mean(evaluated):.3f} | "
-              f"{dups} | {len(runs)} = {len(finished)}: {len(runs) == len(finished)} |")
+        print(
+            f"| {len(finished)} | {args.workers} | {wall:.0f} | {len(finished) / wall * 60:.0f} | "
+            f"{statistics.mean(evaluated):.3f} | {per_trial - statistics.mean(evaluated):.3f} | "
+            f"{dups} | {len(runs)} = {len(finished)}: {len(runs) == len(finished)} |"
+        )
 
 
 if __name__ == "__main__":

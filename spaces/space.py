@@ -223,9 +223,11 @@ class SearchSpace(BaseModel):
             override = exact.get(layer.name) or next(
                 (o for o in globs if fnmatch.fnmatchcase(layer.name, o.match)), None)  # fmt: skip
             options = override.apply(self.defaults) if override else self.defaults
-            explicit = (
-                override.model_fields_set if override and override.match == layer.name else set()
-            )
+            explicit: set[str] = set()  # fields the exact override set (None = not set)
+            if override is not None and override.match == layer.name:
+                explicit = {
+                    f for f in override.model_fields_set if getattr(override, f) is not None
+                }
             resolved[layer.name] = _narrow(layer, options, explicit, source)
         return resolved
 

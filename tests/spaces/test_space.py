@@ -132,3 +132,12 @@ def test_configs_are_frozen() -> None:
     c = LayerChoice(w_bits=4)
     with pytest.raises(ValidationError, match="frozen"):
         c.w_bits = 8  # type: ignore[misc]
+
+
+def test_a_round_tripped_space_resolves_the_same() -> None:
+    space = SearchSpace(
+        defaults=LayerOptions(a_bits=(8, 32)), overrides=(Override(match="embed", w_bits=(4, 8)),)
+    )
+    again = SearchSpace.model_validate(space.model_dump())  # None fields now explicitly set
+    assert again.resolve(REC) == space.resolve(REC)
+    assert again.resolve(REC)["embed"].a_bits == (32,)
