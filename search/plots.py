@@ -43,11 +43,11 @@ def plot_front_html(df: pd.DataFrame, path: Path) -> None:
         return
     df = df.assign(kind=df["on_front"].map({True: "Pareto front", False: "other"}))
     size = "size_bytes" if "size_bytes" in df else None
-    y = "latency_ms" if "latency_ms" in df and df["latency_ms"].notna().any() else None
+    y = "latency_ms" if "latency_ms" in df and df["latency_ms"].notna().all() else None
     fig = px.scatter(df, x=size, y="success", color="kind", symbol="feasible",
                      size="latency_ms" if y else None,
-                     hover_data=["trial", "success_lo", "success_hi", "compression", "speedup",
-                                 "mean_w_bits", "seed"],
+                     hover_data=[c for c in ("trial", "success_lo", "success_hi", "compression",
+                                             "speedup", "mean_w_bits", "seed") if c in df],
                      title="success vs size (marker size: latency)")  # fmt: skip
     fig.write_html(path, include_plotlyjs=True)
 

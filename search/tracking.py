@@ -195,9 +195,18 @@ class Tracker:
 
     # -- end of study -------------------------------------------------------------------------
     def finish(self, study: optuna.Study) -> None:
-        self._guard(self._finish, study)
+        """Back-fill, tag the front, log hypervolume, the front table and the plots."""
+        from mpq.search import plots
 
-    def _finish(self, study: optuna.Study) -> None:
+        # NOTE: the figures are drawn outside the outage guard: a bug in them must surface,
+        # not pass for a tracking outage.
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            front_table(study).to_csv(out / "pareto_front.csv", index=False)
+            plots.write_all(study, out)
+            self._guard(self._finish, study, out)
+
+    def _finish(self, study: optuna.Study, artifacts: Path) -> None:
         if self.parent_id is None:
             self._start(study)
         self._backfill(study)
@@ -209,13 +218,7 @@ class Tracker:
         metrics = [Metric("hypervolume", hv, 0, n) for n, hv in history]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.parent_id, metrics=metrics[i : i + 1000])
-        from mpq.search import plots
-
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            front_table(study).to_csv(out / "pareto_front.csv", index=False)
-            plots.write_all(study, out)
-            self.client.log_artifacts(self.parent_id, str(out))
+        self.client.log_artifacts(self.parent_id, str(artifacts))
         self.client.set_tag(self.parent_id, "trials", str(len(study.trials)))
         self.client.set_terminated(self.parent_id, "FINISHED")
 

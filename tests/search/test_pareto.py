@@ -55,3 +55,16 @@ def test_plot_frames() -> None:
     df = front_frame(study)
     assert df["on_front"].tolist() == [True, False]
     assert bit_map(study).to_dict() == {"trial 0": {"fc": 4}}
+
+
+def test_plots_without_latency(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mpq.search.plots import write_all
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr("objectives", ["success", "size_bytes"])
+    study.set_user_attr("float_reference", {"success": 1.0, "size_bytes": 1000})
+    study.add_trial(create_trial(values=[0.9, 500], state=TrialState.COMPLETE,
+                                 user_attrs={"success": 0.9, "size_bytes": 500,
+                                             "config": {"layers": {"fc": {"w_bits": 4}}}}))  # fmt: skip
+    names = {p.name for p in write_all(study, tmp_path)}
+    assert {"pareto_front.html", "pareto_front.png", "bit_map.png"} <= names
