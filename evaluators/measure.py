@@ -111,8 +111,7 @@ class Evaluator:
     def success(self, config: QuantConfig | None, budget: int) -> dict[str, float]:
         """Task metrics of the quantized model (or the float model when ``config`` is None)."""
         model = self.model if config is None else self.quantized(config)
-        metrics = run_task(self.task, model, budget)
-        return metrics
+        return run_task(self.task, model, budget)
 
     def float_reference(self, budget: int) -> dict[str, Any]:
         keep = QuantConfig.uniform(self.layers, LayerChoice())

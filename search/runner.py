@@ -367,3 +367,7 @@ def init_ray(cfg: SearchConfig) -> bool:
     ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False,
              configure_logging=False, _node_ip_address="127.0.0.1")  # fmt: skip
     return True
+
+
+def shutdown_ray() -> None:
+    ray.shutdown()

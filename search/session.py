@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mpq.search.config import SearchConfig, load_search_config
 from mpq.search.pareto import front_table, hypervolume
-from mpq.search.runner import Runner, SearchResult, init_ray
+from mpq.search.runner import Runner, SearchResult, init_ray, shutdown_ray
 
 
 def build_config(
@@ -73,7 +72,7 @@ def run_session(
             tracker.finish(result.study)
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
     print_summary(console, cfg, result, ref)
     export_best(console, cfg, result, path)
     return result
