@@ -42,9 +42,16 @@ VARIANTS = {
 
 def run_variant(base, overrides: dict, seed: int, trials: int, out: Path):  # type: ignore[no-untyped-def]
     data = base.model_dump()
-    data.update({"name": f"cmp-{abs(hash((str(overrides), seed))) % 10**8}", "seed": seed,
-                 "trials": trials, "output_dir": str(out), "storage": None,
-                 "tracking": {"enabled": False}})  # fmt: skip
+    data.update(
+        {
+            "name": f"cmp-{abs(hash((str(overrides), seed))) % 10**8}",
+            "seed": seed,
+            "trials": trials,
+            "output_dir": str(out),
+            "storage": None,
+            "tracking": {"enabled": False},
+        }
+    )
     for k, v in overrides.items():
         data[k] = {**data[k], **v} if isinstance(v, dict) else v
     cfg = type(base).model_validate(data)
@@ -61,8 +68,10 @@ def feasible(t) -> bool:  # type: ignore[no-untyped-def]
 
 def row_of(t, ref) -> str:  # type: ignore[no-untyped-def]
     a = t.user_attrs
-    return (f"{a['success']:.3f} ({a.get('success_lo', 0):.3f}-{a.get('success_hi', 0):.3f}) | "
-            f"{ref['size_bytes'] / a['size_bytes']:.2f}x | {a.get('speedup_paired', 0):.2f}x")  # fmt: skip
+    return (
+        f"{a['success']:.3f} ({a.get('success_lo', 0):.3f}-{a.get('success_hi', 0):.3f}) | "
+        f"{ref['size_bytes'] / a['size_bytes']:.2f}x | {a.get('speedup_paired', 0):.2f}x"
+    )
 
 
 def main() -> None:
@@ -116,8 +125,9 @@ def main() -> None:
         small = min(feas, key=lambda t: t.user_attrs["size_bytes"]) if feas else None
         fast = max((t.user_attrs.get("speedup_paired", 0) for t in feas), default=0)
         states = [t.state for t in study.trials]
-        counts = "/".join(str(states.count(s)) for s in (TrialState.COMPLETE, TrialState.PRUNED,
-                                                         TrialState.FAIL))  # fmt: skip
+        counts = "/".join(
+            str(states.count(s)) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        )
         print(
             f"| {name} | {statistics.mean(hvs):.4f} ({min(hvs):.4f}-{max(hvs):.4f}) | "
             f"{row_of(small, ref) if small else 'none'} | {fast:.2f}x | {counts} | "

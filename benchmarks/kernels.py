@@ -70,8 +70,10 @@ def models() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
 
 def configs(layers) -> dict[str, QuantConfig]:  # type: ignore[no-untyped-def]
     half = len(layers) // 2
-    mixed = {la.name: LayerChoice(w_bits=8 if i < half else 4, a_bits=8 if la.takes_activations else 32)
-             for i, la in enumerate(layers)}  # fmt: skip
+    mixed = {
+        la.name: LayerChoice(w_bits=8 if i < half else 4, a_bits=8 if la.takes_activations else 32)
+        for i, la in enumerate(layers)
+    }
     return {
         "W8A8": QuantConfig.uniform(layers, LayerChoice(w_bits=8, a_bits=8)),
         "W4A8": QuantConfig.uniform(layers, LayerChoice(w_bits=4, a_bits=8)),
@@ -87,10 +89,14 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=200)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_model()}; {kernel_versions()}; {args.threads} thread(s), batch 1, "
-          f"median of {args.runs} runs\n")  # fmt: skip
-    header = ("| model | config | backend | ms | x torch float | x ORT float | bytes | packed | "
-              "x smaller |")  # fmt: skip
+    print(
+        f"CPU: {cpu_model()}; {kernel_versions()}; {args.threads} thread(s), batch 1, "
+        f"median of {args.runs} runs\n"
+    )
+    header = (
+        "| model | config | backend | ms | x torch float | x ORT float | bytes | packed | "
+        "x smaller |"
+    )
     print(header)
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (model, x) in models().items():

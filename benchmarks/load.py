@@ -35,14 +35,23 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = SearchConfig.model_validate({
-            "name": "load", "model": "tests.models:build_convnet",
-            "task": "tests.models:convnet_task", "calibration": "tests.models:convnet_calibration",
-            "objectives": ["success", "size_bytes"], "task_budget": 32, "trials": args.trials,
-            "sampler": "random", "output_dir": tmp, "latency": {"enabled": False},
-            "sensitivity": {"enabled": False}, "ray": {"workers": args.workers},
-            "space": {"defaults": {"w_bits": [2, 3, 4, 5, 6, 8, 32], "a_bits": [8, 32]}},
-        })  # fmt: skip
+        cfg = SearchConfig.model_validate(
+            {
+                "name": "load",
+                "model": "tests.models:build_convnet",
+                "task": "tests.models:convnet_task",
+                "calibration": "tests.models:convnet_calibration",
+                "objectives": ["success", "size_bytes"],
+                "task_budget": 32,
+                "trials": args.trials,
+                "sampler": "random",
+                "output_dir": tmp,
+                "latency": {"enabled": False},
+                "sensitivity": {"enabled": False},
+                "ray": {"workers": args.workers},
+                "space": {"defaults": {"w_bits": [2, 3, 4, 5, 6, 8, 32], "a_bits": [8, 32]}},
+            }
+        )
         init_ray(cfg)
         tracker = Tracker(cfg)
         start = time.perf_counter()
@@ -54,8 +63,11 @@ def main() -> None:
         wall = time.perf_counter() - start
         ray.shutdown()
         finished = [t for t in study.trials if t.state.is_finished()]
-        evaluated = [t.user_attrs["eval_s"] for t in finished
-                     if "eval_s" in t.user_attrs and "duplicate_of" not in t.user_attrs]  # fmt: skip
+        evaluated = [
+            t.user_attrs["eval_s"]
+            for t in finished
+            if "eval_s" in t.user_attrs and "duplicate_of" not in t.user_attrs
+        ]
         client = MlflowClient(cfg.tracking_uri())
         exp = client.get_experiment_by_name("load")
         runs = client.search_runs(
@@ -63,8 +75,8 @@ def main() -> None:
         )
         per_trial = wall * args.workers / len(finished)
         print(
-            f"| trials | workers | wall s | trials/min | eval s/trial (mean) | "
-            f"overhead s/trial | duplicates answered | MLflow runs = Optuna trials |"
+            "| trials | workers | wall s | trials/min | eval s/trial (mean) | "
+            "overhead s/trial | duplicates answered | MLflow runs = Optuna trials |"
         )
         print("|---|---|---|---|---|---|---|---|")
         dups = sum("duplicate_of" in t.user_attrs for t in finished)

@@ -100,8 +100,9 @@ def quantize_weights_(
             if c.w_bits == 16:
                 param.copy_(param.half().to(param.dtype))
             else:
-                param.copy_(fake_quantize_weight(param, c.w_bits, c.granularity, c.group_size,
-                                                 c.symmetric))  # fmt: skip
+                param.copy_(
+                    fake_quantize_weight(param, c.w_bits, c.granularity, c.group_size, c.symmetric)
+                )
 
 
 def apply_config(
@@ -138,8 +139,9 @@ def apply_config(
         static = c.a_bits <= 8 and c.act_mode == "static"
         for i in _arg_indices(layer):
             obs = make_observer(observer, c.a_bits) if static else None
-            hook.specs.append(_InputSpec(i, c.a_bits, not static, c.act_granularity == "per_token",
-                                         obs))  # fmt: skip
+            hook.specs.append(
+                _InputSpec(i, c.a_bits, not static, c.act_granularity == "per_token", obs)
+            )
     for module_name, hook in hooks.items():
         qmodel.get_submodule(module_name).register_forward_pre_hook(hook, with_kwargs=True)
     static_specs = [s for h in hooks.values() for s in h.specs if s.observer is not None]

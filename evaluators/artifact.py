@@ -40,16 +40,22 @@ def pack_state(
         elif choice.w_bits > INT_BITS_MAX:
             state[name] = tensor.detach().to(torch.float16)
         else:
-            packed = pack_weight(tensor.detach(), choice.w_bits, choice.granularity,
-                                 choice.group_size, choice.symmetric)  # fmt: skip
+            packed = pack_weight(
+                tensor.detach(),
+                choice.w_bits,
+                choice.granularity,
+                choice.group_size,
+                choice.symmetric,
+            )
             state.update({f"{name}{SEP}{k}": v for k, v in packed.to_state().items()})
     return state
 
 
 def payload_bytes(state: dict[str, torch.Tensor]) -> int:
     """Stored bytes of an artifact: every tensor except the ``::meta`` bookkeeping."""
-    return sum(t.numel() * t.element_size() for k, t in state.items()
-               if not k.endswith(f"{SEP}meta"))  # fmt: skip
+    return sum(
+        t.numel() * t.element_size() for k, t in state.items() if not k.endswith(f"{SEP}meta")
+    )
 
 
 def unpack_state(

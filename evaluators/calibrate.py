@@ -36,8 +36,12 @@ class MinMaxObserver:
         self.hi = torch.maximum(self.hi, x.max())
         flat = x.reshape(-1)
         if flat.numel() > _SAMPLE_PER_CALL:
-            idx = torch.randint(0, flat.numel(), (_SAMPLE_PER_CALL,),
-                                generator=torch.Generator().manual_seed(flat.numel()))  # fmt: skip
+            idx = torch.randint(
+                0,
+                flat.numel(),
+                (_SAMPLE_PER_CALL,),
+                generator=torch.Generator().manual_seed(flat.numel()),
+            )
             flat = flat[idx]
         self.samples.append(flat)
 
@@ -64,8 +68,12 @@ class MSEObserver(MinMaxObserver):
         sample = torch.cat(self.samples)
         best, best_err = (lo, hi), float("inf")
         for r in _MSE_RATIOS:
-            err = float(((sample - fake_quantize_activation(sample, self.bits, False, lo * r,
-                                                            hi * r)) ** 2).mean())  # fmt: skip
+            err = float(
+                (
+                    (sample - fake_quantize_activation(sample, self.bits, False, lo * r, hi * r))
+                    ** 2
+                ).mean()
+            )
             if err < best_err:
                 best, best_err = (lo * r, hi * r), err
         return best

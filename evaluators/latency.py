@@ -78,5 +78,6 @@ def measure_latency(
     finally:
         torch.set_num_threads(previous)
     q1, _, q3 = statistics.quantiles(times, n=4)
-    return LatencyStats(statistics.median(times), q3 - q1, runs, threads, cpu_model(),
-                        kernel_versions())  # fmt: skip
+    return LatencyStats(
+        statistics.median(times), q3 - q1, runs, threads, cpu_model(), kernel_versions()
+    )

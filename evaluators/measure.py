@@ -79,20 +79,25 @@ class Evaluator:
         s = self.spec
         if self._float_lowered is None:
             keep = QuantConfig.uniform(self.layers, LayerChoice())
-            self._float_lowered = self.backend.lower(self.model, self.layers, keep,
-                                                     self.example_inputs, s.latency_threads)  # fmt: skip
-        lowered = self.backend.lower(self.model, self.layers, config, self.example_inputs,
-                                     s.latency_threads)  # fmt: skip
-        base = measure_latency(self._float_lowered.run, s.latency_warmup, s.latency_runs,
-                               s.latency_threads)  # fmt: skip
+            self._float_lowered = self.backend.lower(
+                self.model, self.layers, keep, self.example_inputs, s.latency_threads
+            )
+        lowered = self.backend.lower(
+            self.model, self.layers, config, self.example_inputs, s.latency_threads
+        )
+        base = measure_latency(
+            self._float_lowered.run, s.latency_warmup, s.latency_runs, s.latency_threads
+        )
         stats = measure_latency(lowered.run, s.latency_warmup, s.latency_runs, s.latency_threads)
         out: dict[str, Any] = {
-            "latency_ms": stats.median_ms, "latency_iqr_ms": stats.iqr_ms,
+            "latency_ms": stats.median_ms,
+            "latency_iqr_ms": stats.iqr_ms,
             "float_latency_ms_paired": base.median_ms,
             "speedup_paired": base.median_ms / stats.median_ms,
             "latency_info": {**stats.as_dict(), "backend": s.backend},
-            "kernels": lowered.kernels, "fallbacks": lowered.fallbacks,
-        }  # fmt: skip
+            "kernels": lowered.kernels,
+            "fallbacks": lowered.fallbacks,
+        }
         if lowered.ran_config is not None:
             out["ran_config"] = lowered.ran_config.model_dump(mode="json", exclude_none=True)
         return out

@@ -77,8 +77,10 @@ def build_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
             model.load_state_dict(state)
         except RuntimeError as exc:
             line = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "")
-            raise ValueError(f"checkpoint {str(checkpoint)!r} does not match model {spec!r}: "
-                             f"{line or 'shape mismatch'}") from None  # fmt: skip
+            raise ValueError(
+                f"checkpoint {str(checkpoint)!r} does not match model {spec!r}: "
+                f"{line or 'shape mismatch'}"
+            ) from None
     return model.eval()
 
 

@@ -65,7 +65,7 @@ class PackedWeight:
                     len(self.grouped_shape),
                     *self.grouped_shape,
                 ]
-            ),  # fmt: skip
+            ),
         }
         if self.zero_point is not None:
             state["zero_point"] = self.zero_point
@@ -78,8 +78,9 @@ class PackedWeight:
         shape = tuple(meta[3 : 3 + nd])
         ng = meta[3 + nd]
         grouped = tuple(meta[4 + nd : 4 + nd + ng])
-        return cls(state["data"], state["scale"], state.get("zero_point"), bits, symmetric,
-                   shape, grouped)  # fmt: skip
+        return cls(
+            state["data"], state["scale"], state.get("zero_point"), bits, symmetric, shape, grouped
+        )
 
 
 def pack_weight(

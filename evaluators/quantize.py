@@ -105,8 +105,9 @@ def weight_qparams(
     """Grouped view of ``w`` and its min-max qparams (one per group, ``keepdim`` shaped)."""
     check_finite(w, "weight")
     grouped = group_view(w.detach().float(), granularity, group_size)
-    qp = choose_qparams(grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True), bits,
-                        symmetric)  # fmt: skip
+    qp = choose_qparams(
+        grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True), bits, symmetric
+    )
     return grouped, qp
 
 

@@ -62,9 +62,16 @@ def space(
     for layer in layers:
         opts = resolved[layer.name]
         shape = "x".join(map(str, layer.shape))
-        table.add_row(layer.name, layer.kind, f"{layer.num_params:,}", shape,
-                      ",".join(map(str, opts.w_bits)), ",".join(map(str, opts.a_bits)),
-                      ",".join(opts.granularity), ",".join(layer.tied))  # fmt: skip
+        table.add_row(
+            layer.name,
+            layer.kind,
+            f"{layer.num_params:,}",
+            shape,
+            ",".join(map(str, opts.w_bits)),
+            ",".join(map(str, opts.a_bits)),
+            ",".join(opts.granularity),
+            ",".join(layer.tied),
+        )
     console.print(table)
     n = sum(la.num_params for la in layers)
     console.print(f"{n:,} quantizable parameters; 32 = keep float32, 16 = float16")
@@ -86,9 +93,15 @@ def search(
     from mpq.search.session import run_session
 
     try:
-        result = run_session(config, resume=resume, trials=trials, ray_address=ray_address,
-                             tracking_uri=tracking_uri, tracking=not no_tracking,
-                             console=console)  # fmt: skip
+        result = run_session(
+            config,
+            resume=resume,
+            trials=trials,
+            ray_address=ray_address,
+            tracking_uri=tracking_uri,
+            tracking=not no_tracking,
+            console=console,
+        )
     except ValueError as exc:
         fail(str(exc))
         return
@@ -134,8 +147,18 @@ def ui(
         console.print(f"the study tracks to {uri}; open it there")
         return
     console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
-           "--port", str(port)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     raise typer.Exit(subprocess.call(cmd))
 
 
@@ -165,9 +188,11 @@ def export(
     except ValueError as exc:
         fail(str(exc))
         return
-    console.print(f"trial {info['trial']} exported to {info['out_dir']}: artifact payload "
-                  f"{info['payload_bytes']:,} bytes (search reported {info['reported_bytes']:,}; "
-                  f"file {info['file_bytes']:,} bytes with container overhead)")  # fmt: skip
+    console.print(
+        f"trial {info['trial']} exported to {info['out_dir']}: artifact payload "
+        f"{info['payload_bytes']:,} bytes (search reported {info['reported_bytes']:,}; "
+        f"file {info['file_bytes']:,} bytes with container overhead)"
+    )
 
 
 @app.command("apply")

@@ -51,9 +51,12 @@ def pick_trial(
     front = front_trials(study)
     if not front:
         raise ValueError(f"study {study.study_name!r} has no feasible complete trial yet")
-    pool = [t for t in front
-            if (max_size_bytes is None or t.user_attrs.get("size_bytes", math.inf) <= max_size_bytes)
-            and (max_latency_ms is None or t.user_attrs.get("latency_ms", math.inf) <= max_latency_ms)]  # fmt: skip
+    pool = [
+        t
+        for t in front
+        if (max_size_bytes is None or t.user_attrs.get("size_bytes", math.inf) <= max_size_bytes)
+        and (max_latency_ms is None or t.user_attrs.get("latency_ms", math.inf) <= max_latency_ms)
+    ]
     if not pool:
         raise ValueError(f"no front trial within size<={max_size_bytes} latency<={max_latency_ms}")
     if rule == "knee" and max_size_bytes is None and max_latency_ms is None:
@@ -70,8 +73,12 @@ def _knee(study: optuna.Study, pool: list[FrozenTrial]) -> FrozenTrial:
     hi = [max(col) for col in zip(*rows, strict=True)]
 
     def dist(row: list[float]) -> float:
-        return math.sqrt(sum(((v - a) / (b - a) if b > a else 0.0) ** 2
-                             for v, a, b in zip(row, lo, hi, strict=True)))  # fmt: skip
+        return math.sqrt(
+            sum(
+                ((v - a) / (b - a) if b > a else 0.0) ** 2
+                for v, a, b in zip(row, lo, hi, strict=True)
+            )
+        )
 
     return min(zip(pool, rows, strict=True), key=lambda pr: dist(pr[1]))[0]
 
@@ -96,8 +103,10 @@ def model_card(cfg: SearchConfig, study: optuna.Study, t: FrozenTrial, artifact_
         f"({ref.get('size_bytes', 0) / max(a.get('size_bytes', 1), 1):.2f}x smaller) |",
     ]
     if a.get("latency_ms"):
-        lines.append(f"| latency (ms, batch 1, median) | {ref.get('latency_ms', float('nan')):.3f} "
-                     f"| {a['latency_ms']:.3f} ({ref.get('latency_ms', 0) / a['latency_ms']:.2f}x) |")  # fmt: skip
+        lines.append(
+            f"| latency (ms, batch 1, median) | {ref.get('latency_ms', float('nan')):.3f} "
+            f"| {a['latency_ms']:.3f} ({ref.get('latency_ms', 0) / a['latency_ms']:.2f}x) |"
+        )
     lines += [
         "",
         f"Latency: backend `{cfg.latency.backend}`, {info.get('threads', '?')} thread(s), "
@@ -144,8 +153,13 @@ def export_trial(
         write_atomic(out_dir / "MODEL_CARD.md", model_card(cfg, study, t, nbytes))
     except OSError as exc:
         raise ValueError(f"export to {str(out_dir)!r} failed: {exc.strerror or exc}") from None
-    return {"trial": t.number, "payload_bytes": nbytes, "reported_bytes": reported,
-            "file_bytes": (out_dir / ARTIFACT).stat().st_size, "out_dir": str(out_dir)}  # fmt: skip
+    return {
+        "trial": t.number,
+        "payload_bytes": nbytes,
+        "reported_bytes": reported,
+        "file_bytes": (out_dir / ARTIFACT).stat().st_size,
+        "out_dir": str(out_dir),
+    }
 
 
 def load_artifact(

@@ -51,8 +51,13 @@ def hypervolume(study: optuna.Study, trials: list[FrozenTrial] | None = None) ->
     """Hypervolume of the feasible non-dominated points among ``trials`` (default: all)."""
     objectives = list(study.user_attrs.get("objectives", []))
     pool = trials if trials is not None else study.get_trials(deepcopy=False)
-    pool = [t for t in pool if t.state == TrialState.COMPLETE and t.values is not None
-            and all(c <= 0 for c in t.user_attrs.get("constraints", [0.0]))]  # fmt: skip
+    pool = [
+        t
+        for t in pool
+        if t.state == TrialState.COMPLETE
+        and t.values is not None
+        and all(c <= 0 for c in t.user_attrs.get("constraints", [0.0]))
+    ]
     if not pool or not objectives:
         return 0.0
     losses = _normalised_losses(study, pool)

@@ -44,11 +44,28 @@ def plot_front_html(df: pd.DataFrame, path: Path) -> None:
     df = df.assign(kind=df["on_front"].map({True: "Pareto front", False: "other"}))
     size = "size_bytes" if "size_bytes" in df else None
     y = "latency_ms" if "latency_ms" in df and df["latency_ms"].notna().all() else None
-    fig = px.scatter(df, x=size, y="success", color="kind", symbol="feasible",
-                     size="latency_ms" if y else None,
-                     hover_data=[c for c in ("trial", "success_lo", "success_hi", "compression",
-                                             "speedup", "mean_w_bits", "seed") if c in df],
-                     title="success vs size (marker size: latency)")  # fmt: skip
+    fig = px.scatter(
+        df,
+        x=size,
+        y="success",
+        color="kind",
+        symbol="feasible",
+        size="latency_ms" if y else None,
+        hover_data=[
+            c
+            for c in (
+                "trial",
+                "success_lo",
+                "success_hi",
+                "compression",
+                "speedup",
+                "mean_w_bits",
+                "seed",
+            )
+            if c in df
+        ],
+        title="success vs size (marker size: latency)",
+    )
     fig.write_html(path, include_plotlyjs=True)
 
 
@@ -82,8 +99,13 @@ def plot_bit_map(bits: pd.DataFrame, html: Path, png: Path) -> None:
     if bits.empty:
         html.write_text("<p>no front</p>")
         return
-    fig = px.imshow(bits, text_auto=True, aspect="auto", color_continuous_scale="Viridis",
-                    title="weight bits per layer on the Pareto front (32 = float)")  # fmt: skip
+    fig = px.imshow(
+        bits,
+        text_auto=True,
+        aspect="auto",
+        color_continuous_scale="Viridis",
+        title="weight bits per layer on the Pareto front (32 = float)",
+    )
     fig.write_html(html, include_plotlyjs=True)
     import matplotlib
 

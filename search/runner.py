@@ -10,7 +10,8 @@ goes on.
 Multi-fidelity: with ``screen_budget`` > 0 a trial first runs the cheap stage (size, latency,
 proxy and ``screen_budget`` episodes); it gets the full ``task_budget`` only if, with the upper
 end of its 95% success interval, it can still meet the success constraint and no finished
-trial dominates it; otherwise it is PRUNED with the screening figures kept. Duplicate configurations are answered from the first evaluation.
+trial dominates it; otherwise it is PRUNED with the screening figures kept. Duplicate
+configurations are answered from the first evaluation.
 """
 
 from __future__ import annotations
@@ -41,11 +42,18 @@ POLL_S = 0.5
 
 def eval_spec(cfg: SearchConfig) -> EvalSpec:
     return EvalSpec(
-        model=cfg.model, task=cfg.task, calibration=cfg.calibration, checkpoint=cfg.checkpoint,
-        example_inputs=cfg.example_inputs, backend=cfg.latency.backend, observer=cfg.observer,
-        latency_threads=cfg.latency.threads, latency_warmup=cfg.latency.warmup,
-        latency_runs=cfg.latency.runs, measure_latency=cfg.latency.enabled,
-    )  # fmt: skip
+        model=cfg.model,
+        task=cfg.task,
+        calibration=cfg.calibration,
+        checkpoint=cfg.checkpoint,
+        example_inputs=cfg.example_inputs,
+        backend=cfg.latency.backend,
+        observer=cfg.observer,
+        latency_threads=cfg.latency.threads,
+        latency_warmup=cfg.latency.warmup,
+        latency_runs=cfg.latency.runs,
+        measure_latency=cfg.latency.enabled,
+    )
 
 
 def evaluate_stage(spec: EvalSpec, config_json: str, stage: str, budget: int) -> dict[str, Any]:
@@ -130,12 +138,14 @@ class Runner:
         for bits in self.cfg.sensitivity.uniform_bits:
             seeds.append((f"uniform-{bits}bit", sens.uniform_config(self.resolved, bits)))
         s = sens.measure_sensitivity(evaluator, self.resolved, Path(self.cfg.output_dir))
-        self.study.set_user_attr("sensitivity", {k: {str(b): v for b, v in d.items()}
-                                                 for k, d in s.items()})  # fmt: skip
+        self.study.set_user_attr(
+            "sensitivity", {k: {str(b): v for b, v in d.items()} for k, d in s.items()}
+        )
         from mpq.evaluators.size import config_size
 
-        size8 = config_size(evaluator.model, evaluator.layers,
-                            sens.uniform_config(self.resolved, 8)).total_bytes  # fmt: skip
+        size8 = config_size(
+            evaluator.model, evaluator.layers, sens.uniform_config(self.resolved, 8)
+        ).total_bytes
         for frac in self.cfg.sensitivity.budgets:
             config = sens.greedy_allocation(evaluator, self.resolved, s, int(size8 * frac))
             seeds.append((f"greedy-{int(frac * 100)}pct", config))
@@ -154,10 +164,12 @@ class Runner:
 
     def run(self) -> SearchResult:
         remote = ray.remote(evaluate_stage).options(
-            num_cpus=self.cfg.ray.cpus_per_trial, num_gpus=self.cfg.ray.gpus_per_trial,
-            resources=dict(self.cfg.ray.resources_per_trial), max_retries=self.cfg.ray.max_retries,
+            num_cpus=self.cfg.ray.cpus_per_trial,
+            num_gpus=self.cfg.ray.gpus_per_trial,
+            resources=dict(self.cfg.ray.resources_per_trial),
+            max_retries=self.cfg.ray.max_retries,
             retry_exceptions=False,
-        )  # fmt: skip
+        )
         self.remote = remote
         interrupted = False
         try:
@@ -197,7 +209,7 @@ class Runner:
         refs = [r.ref for r in self.running.values()]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=POLL_S)
         ready_set = set(ready)
-        for number, run in list(self.running.items()):
+        for run in list(self.running.values()):
             if run.ref in ready_set:
                 try:
                     result = ray.get(run.ref)
@@ -217,8 +229,9 @@ class Runner:
                 self._tell(run, result, TrialState.PRUNED)
                 return
             run.stage = "full"
-            run.ref = self.remote.remote(self.spec, run.config.model_dump_json(), "full",
-                                         self.cfg.task_budget)  # fmt: skip
+            run.ref = self.remote.remote(
+                self.spec, run.config.model_dump_json(), "full", self.cfg.task_budget
+            )
             return
         metrics = {**run.screen, **result}
         if run.screen:
@@ -279,8 +292,9 @@ class Runner:
         for k, v in first.user_attrs.items():
             if k not in ("seed",):
                 trial.set_user_attr(k, v)
-        for name, value in zip(self._constraint_names(), first.user_attrs.get("constraints", []),
-                               strict=False):  # fmt: skip
+        for name, value in zip(
+            self._constraint_names(), first.user_attrs.get("constraints", []), strict=False
+        ):
             trial.set_constraint(name, value)
         trial.set_user_attr("duplicate_of", first.number)
         trial.set_user_attr("episodes", 0)
@@ -357,15 +371,25 @@ def init_ray(cfg: SearchConfig) -> bool:
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "PYTHONWARNINGS": "ignore"}}
     if cfg.ray.address:
         try:
-            ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=False,
-                     configure_logging=False)  # fmt: skip
+            ray.init(
+                address=cfg.ray.address,
+                runtime_env=runtime_env,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"ray.address={cfg.ray.address!r} does not answer: {first}") from None
         return False
     cpus = max(1, math.ceil(cfg.ray.workers * cfg.ray.cpus_per_trial))
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False,
-             configure_logging=False, _node_ip_address="127.0.0.1")  # fmt: skip
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        log_to_driver=False,
+        configure_logging=False,
+        _node_ip_address="127.0.0.1",
+    )
     return True
 
 

@@ -51,14 +51,20 @@ def cache_key(evaluator: Evaluator, resolved: dict[str, LayerOptions]) -> str:
     h.update(evaluator.spec.model.encode())
     for name, t in evaluator.model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                 if t.numel() else b"")  # fmt: skip
+        h.update(
+            t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            if t.numel()
+            else b""
+        )
     for batch in evaluator.calibration:
         for t in batch if isinstance(batch, tuple | list) else (batch,):
             if isinstance(t, torch.Tensor):
                 h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps({k: v.model_dump(mode="json") for k, v in resolved.items()},
-                        sort_keys=True).encode())  # fmt: skip
+    h.update(
+        json.dumps(
+            {k: v.model_dump(mode="json") for k, v in resolved.items()}, sort_keys=True
+        ).encode()
+    )
     h.update(evaluator.spec.observer.encode())
     return h.hexdigest()[:20]
 

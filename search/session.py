@@ -57,12 +57,18 @@ def run_session(
 
             def report(counts: dict[str, int]) -> None:
                 done = counts["complete"] + counts["pruned"] + counts["fail"]
-                progress.update(task, completed=min(done, cfg.trials), description=(
-                    f"{counts['complete']} done, {counts['pruned']} pruned, {counts['fail']} "
-                    f"failed, {counts['in_flight']} running, front {counts['front']}"))  # fmt: skip
+                progress.update(
+                    task,
+                    completed=min(done, cfg.trials),
+                    description=(
+                        f"{counts['complete']} done, {counts['pruned']} pruned, {counts['fail']} "
+                        f"failed, {counts['in_flight']} running, front {counts['front']}"
+                    ),
+                )
 
-            runner = Runner(cfg, resume, on_trial=tracker.on_trial if tracker else None,
-                            progress=report)  # fmt: skip
+            runner = Runner(
+                cfg, resume, on_trial=tracker.on_trial if tracker else None, progress=report
+            )
             progress.update(task, description="float reference and sensitivity")
             ref = runner.prepare()
             if tracker:
@@ -88,18 +94,25 @@ def export_best(
     if front_trials(result.study):
         chosen = pick_trial(result.study, rule="knee")
         info = export_trial(cfg, result.study, chosen, Path(cfg.output_dir) / "best")
-        console.print(f"knee of the front: trial {info['trial']} exported to {info['out_dir']} "
-                      f"(config.yaml, {info['payload_bytes']:,}-byte artifact, MODEL_CARD.md)")  # fmt: skip
+        console.print(
+            f"knee of the front: trial {info['trial']} exported to {info['out_dir']} "
+            f"(config.yaml, {info['payload_bytes']:,}-byte artifact, MODEL_CARD.md)"
+        )
     if cfg.tracking.enabled:
-        console.print(f"MLflow UI: mpq ui {path}   (or mlflow ui --backend-store-uri "
-                      f"{cfg.tracking_uri()})")  # fmt: skip
+        console.print(
+            f"MLflow UI: mpq ui {path}   (or mlflow ui --backend-store-uri {cfg.tracking_uri()})"
+        )
 
 
 def _progress(console: Console) -> Progress:
     return Progress(
-        TextColumn("[bold]search[/]"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-    )  # fmt: skip
+        TextColumn("[bold]search[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
 
 
 def print_summary(
@@ -107,8 +120,18 @@ def print_summary(
 ) -> None:
     df = front_table(result.study)
     table = Table(title=f"Pareto front of {cfg.name!r} ({len(df)} trials)")
-    cols = ["trial", "success", "success_lo", "success_hi", "size_bytes", "compression",
-            "latency_ms", "speedup", "mean_w_bits", "seed"]  # fmt: skip
+    cols = [
+        "trial",
+        "success",
+        "success_lo",
+        "success_hi",
+        "size_bytes",
+        "compression",
+        "latency_ms",
+        "speedup",
+        "mean_w_bits",
+        "seed",
+    ]
     cols = [c for c in cols if c in df.columns]
     for c in cols:
         table.add_column(c, justify="left" if c == "seed" else "right")

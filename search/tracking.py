@@ -51,8 +51,11 @@ def flat_params(trial: FrozenTrial) -> dict[str, str]:
 
 def trial_metrics(trial: FrozenTrial, ref: dict[str, Any]) -> dict[str, float]:
     a = trial.user_attrs
-    out = {k: float(v) for k, v in a.items()
-           if isinstance(v, int | float) and not isinstance(v, bool) and k != "duplicate_of"}  # fmt: skip
+    out = {
+        k: float(v)
+        for k, v in a.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "duplicate_of"
+    }
     if a.get("size_bytes") and ref.get("size_bytes"):
         out["compression_ratio"] = float(ref["size_bytes"]) / float(a["size_bytes"])
     if a.get("latency_ms") and ref.get("latency_ms"):
@@ -92,8 +95,10 @@ class Tracker:
 
     def _outage(self, exc: BaseException) -> None:
         if not self.down:
-            self.console.print(f"[yellow]tracking unavailable[/] ({_line(exc)}); trials stay in "
-                               "Optuna storage and are back-filled by resume or `mpq sync`")  # fmt: skip
+            self.console.print(
+                f"[yellow]tracking unavailable[/] ({_line(exc)}); trials stay in "
+                "Optuna storage and are back-filled by resume or `mpq sync`"
+            )
         self.down = True
 
     def _guard(self, fn: Any, *args: Any) -> Any:
@@ -127,19 +132,37 @@ class Tracker:
         assert self.experiment_id is not None
         self.load_runs(study)
         if self.parent_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=study.study_name,
-                                         tags={STUDY_TAG: study.study_name, KIND_TAG: "study"})  # fmt: skip
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=study.study_name,
+                tags={STUDY_TAG: study.study_name, KIND_TAG: "study"},
+            )
             self.parent_id = run.info.run_id
             cfg = self.cfg
-            params = {"sampler": cfg.sampler, "backend": cfg.latency.backend, "model": cfg.model,
-                      "task": cfg.task, "objectives": ",".join(cfg.objectives),
-                      "task_budget": str(cfg.task_budget), "screen_budget": str(cfg.screen_budget),
-                      "latency_threads": str(cfg.latency.threads), "seed": str(cfg.seed)}  # fmt: skip
+            params = {
+                "sampler": cfg.sampler,
+                "backend": cfg.latency.backend,
+                "model": cfg.model,
+                "task": cfg.task,
+                "objectives": ",".join(cfg.objectives),
+                "task_budget": str(cfg.task_budget),
+                "screen_budget": str(cfg.screen_budget),
+                "latency_threads": str(cfg.latency.threads),
+                "seed": str(cfg.seed),
+            }
             ref = study.user_attrs.get("float_reference", {})
             info = ref.get("latency_info") or {}
             params["target"] = str(info.get("cpu", "unknown"))
-            self._log(self.parent_id, params, {f"float.{k.replace('/', '.')}": float(v)
-                      for k, v in ref.items() if isinstance(v, int | float)}, {})  # fmt: skip
+            self._log(
+                self.parent_id,
+                params,
+                {
+                    f"float.{k.replace('/', '.')}": float(v)
+                    for k, v in ref.items()
+                    if isinstance(v, int | float)
+                },
+                {},
+            )
         self._backfill(study)
 
     def _backfill(self, study: optuna.Study) -> None:
@@ -158,9 +181,15 @@ class Tracker:
         if t.number in self.runs:
             return True
         feasible = all(c <= 0 for c in t.user_attrs.get("constraints", [0.0]))
-        tags = {STUDY_TAG: study.study_name, TRIAL_TAG: str(t.number), KIND_TAG: "trial",
-                "mlflow.parentRunId": self.parent_id, "state": t.state.name.lower(),
-                "feasible": str(feasible).lower(), "on_front": "false"}  # fmt: skip
+        tags = {
+            STUDY_TAG: study.study_name,
+            TRIAL_TAG: str(t.number),
+            KIND_TAG: "trial",
+            "mlflow.parentRunId": self.parent_id,
+            "state": t.state.name.lower(),
+            "feasible": str(feasible).lower(),
+            "on_front": "false",
+        }
         if "fail_reason" in t.user_attrs:
             tags["fail_reason"] = str(t.user_attrs["fail_reason"])[:5000]
         if "fallbacks" in t.user_attrs:
@@ -174,24 +203,37 @@ class Tracker:
             self.client.log_text(rid, yaml.safe_dump(config, sort_keys=False), "config.yaml")
             self.client.log_text(rid, json.dumps(config, indent=1), "config.json")
         if "kernels" in t.user_attrs:
-            self.client.log_dict(rid, {"kernels": t.user_attrs["kernels"],
-                                       "fallbacks": t.user_attrs.get("fallbacks", {}),
-                                       "latency": t.user_attrs.get("latency_info", {})},
-                                 "kernels.json")  # fmt: skip
-        status = "FINISHED" if t.state == TrialState.COMPLETE else (
-            "KILLED" if t.state == TrialState.PRUNED else "FAILED")  # fmt: skip
+            self.client.log_dict(
+                rid,
+                {
+                    "kernels": t.user_attrs["kernels"],
+                    "fallbacks": t.user_attrs.get("fallbacks", {}),
+                    "latency": t.user_attrs.get("latency_info", {}),
+                },
+                "kernels.json",
+            )
+        status = (
+            "FINISHED"
+            if t.state == TrialState.COMPLETE
+            else ("KILLED" if t.state == TrialState.PRUNED else "FAILED")
+        )
         self.client.set_terminated(rid, status)
         self.runs[t.number] = rid
         return True
 
-    def _log(self, rid: str, params: dict[str, str], metrics: dict[str, float],
-             tags: dict[str, str]) -> None:  # fmt: skip
+    def _log(
+        self, rid: str, params: dict[str, str], metrics: dict[str, float], tags: dict[str, str]
+    ) -> None:
         p = [Param(k[:250], v[:6000]) for k, v in params.items()]
         m = [Metric(k[:250], v, 0, 0) for k, v in metrics.items()]
         t = [RunTag(k, v) for k, v in tags.items()]
         for i in range(0, max(len(p), len(m), len(t), 1), _MAX_BATCH):
-            self.client.log_batch(rid, metrics=m[i : i + _MAX_BATCH], params=p[i : i + _MAX_BATCH],
-                                  tags=t[i : i + _MAX_BATCH])  # fmt: skip
+            self.client.log_batch(
+                rid,
+                metrics=m[i : i + _MAX_BATCH],
+                params=p[i : i + _MAX_BATCH],
+                tags=t[i : i + _MAX_BATCH],
+            )
 
     # -- end of study -------------------------------------------------------------------------
     def finish(self, study: optuna.Study) -> None:

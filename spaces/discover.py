@@ -18,8 +18,16 @@ from torch import nn
 _RECURRENT = {nn.GRU: "gru", nn.LSTM: "lstm", nn.RNN: "rnn"}
 _CONV = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
 KINDS: tuple[str, ...] = (
-    "linear", "conv1d", "conv2d", "conv3d", "embedding", "gru", "lstm", "rnn", "attention_in_proj",
-)  # fmt: skip
+    "linear",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "embedding",
+    "gru",
+    "lstm",
+    "rnn",
+    "attention_in_proj",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +70,11 @@ def _kind(module: nn.Module, param: str) -> str | None:
         if isinstance(module, cls) and param.startswith(("weight_ih_l", "weight_hh_l")):
             return kind
     if isinstance(module, nn.MultiheadAttention) and param in (
-        "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
-    ):  # fmt: skip
+        "in_proj_weight",
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+    ):
         return "attention_in_proj"
     return None
 

@@ -140,8 +140,14 @@ class LayerOptions(BaseModel):
                     for s in self.symmetric:
                         for m in self.act_mode:
                             gs = self.group_size if g == "per_group" else None
-                            c = LayerChoice(w_bits=w, a_bits=a, granularity=g, group_size=gs,
-                                            symmetric=s, act_mode=m)  # fmt: skip
+                            c = LayerChoice(
+                                w_bits=w,
+                                a_bits=a,
+                                granularity=g,
+                                group_size=gs,
+                                symmetric=s,
+                                act_mode=m,
+                            )
                             out.append(c)
         return tuple(out)
 
@@ -208,8 +214,11 @@ class SearchSpace(BaseModel):
         exact = {o.match: o for o in self.overrides if not _is_glob(o.match)}
         globs = [o for o in self.overrides if _is_glob(o.match)]
         for i, o in enumerate(self.overrides):
-            hit = o.match in by_name if not _is_glob(o.match) else any(
-                fnmatch.fnmatchcase(n, o.match) for n in known)  # fmt: skip
+            hit = (
+                o.match in by_name
+                if not _is_glob(o.match)
+                else any(fnmatch.fnmatchcase(n, o.match) for n in known)
+            )
             if not hit:
                 raise unknown_name_error(f"{source}: overrides[{i}].match", o.match, known)
         for i, pattern in enumerate(self.skip):
@@ -221,7 +230,8 @@ class SearchSpace(BaseModel):
                 resolved[layer.name] = LayerOptions(w_bits=(KEEP,), a_bits=(KEEP,))
                 continue
             override = exact.get(layer.name) or next(
-                (o for o in globs if fnmatch.fnmatchcase(layer.name, o.match)), None)  # fmt: skip
+                (o for o in globs if fnmatch.fnmatchcase(layer.name, o.match)), None
+            )
             options = override.apply(self.defaults) if override else self.defaults
             explicit: set[str] = set()  # fields the exact override set (None = not set)
             if override is not None and override.match == layer.name:

@@ -14,8 +14,13 @@ def ray_local() -> Iterator[None]:
     import ray
 
     pythonpath = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-             _node_ip_address="127.0.0.1")  # fmt: skip
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        _node_ip_address="127.0.0.1",
+    )
     yield
     ray.shutdown()

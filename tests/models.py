@@ -85,7 +85,7 @@ def convnet_calibration() -> list[tuple[torch.Tensor, ...]]:
 
 
 def convnet_task(model: nn.Module, budget: int) -> dict[str, float]:
-    """'Success' = share of ``budget`` fixed inputs where the model's class equals the float one."""
+    """'Success' = share of ``budget`` fixed inputs where the class equals the float one's."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(budget, 3, 8, 8, generator=g)
     with torch.inference_mode():

@@ -55,7 +55,9 @@ def test_search_with_a_missing_config(tmp_path: Path) -> None:
 
 def test_export_with_no_study_yet(tmp_path: Path) -> None:
     p = tmp_path / "search.yaml"
-    p.write_text(f"name: empty\nmodel: tests.models:build_convnet\ntask: tests.models:convnet_task\n"
-                 f"calibration: tests.models:convnet_calibration\noutput_dir: {tmp_path}\n")  # fmt: skip
+    p.write_text(
+        f"name: empty\nmodel: tests.models:build_convnet\ntask: tests.models:convnet_task\n"
+        f"calibration: tests.models:convnet_calibration\noutput_dir: {tmp_path}\n"
+    )
     result = runner.invoke(app, ["export", str(p), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "has no feasible complete trial yet" in result.output

@@ -15,17 +15,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _tiny(tmp_path: Path, example: str, **changes: object) -> Path:
     data = yaml.safe_load((ROOT / "examples" / example / "search.yaml").read_text())
-    data.update({"output_dir": str(tmp_path / "out"), "trials": 3,
-                 "latency": {"runs": 5, "warmup": 1}, **changes})  # fmt: skip
+    data.update(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "trials": 3,
+            "latency": {"runs": 5, "warmup": 1},
+            **changes,
+        }
+    )
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
 
-@pytest.mark.parametrize("example,changes", [
-    ("babyai", {"task_budget": 3, "screen_budget": 0, "sensitivity": {"budgets": [0.5]}}),
-    ("classifier", {"task_budget": 200}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "example,changes",
+    [
+        ("babyai", {"task_budget": 3, "screen_budget": 0, "sensitivity": {"budgets": [0.5]}}),
+        ("classifier", {"task_budget": 200}),
+    ],
+)
 def test_example_runs(ray_local: None, tmp_path: Path, example: str, changes: dict) -> None:
     console = Console(record=True, width=200)
     result = run_session(_tiny(tmp_path, example, **changes), resume=True, console=console)

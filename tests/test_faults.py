@@ -29,13 +29,19 @@ pytestmark = pytest.mark.slow
 
 def _write_config(tmp_path: Path, **extra: object) -> Path:
     data = {
-        "name": "faults", "model": "tests.models:build_convnet",
-        "task": "tests.models:paced_task", "calibration": "tests.models:convnet_calibration",
-        "task_budget": 32, "trials": 10, "output_dir": str(tmp_path / "out"),
+        "name": "faults",
+        "model": "tests.models:build_convnet",
+        "task": "tests.models:paced_task",
+        "calibration": "tests.models:convnet_calibration",
+        "task_budget": 32,
+        "trials": 10,
+        "output_dir": str(tmp_path / "out"),
         "space": {"defaults": {"w_bits": [2, 3, 4, 8, 32]}},
-        "latency": {"runs": 5, "warmup": 1}, "ray": {"workers": 2},
-        "sensitivity": {"budgets": [0.5]}, **extra,
-    }  # fmt: skip
+        "latency": {"runs": 5, "warmup": 1},
+        "ray": {"workers": 2},
+        "sensitivity": {"budgets": [0.5]},
+        **extra,
+    }
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -43,9 +49,15 @@ def _write_config(tmp_path: Path, **extra: object) -> Path:
 
 def _mpq(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    return subprocess.Popen([sys.executable, "-m", "mpq.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "mpq.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _study(tmp_path: Path) -> optuna.Study:
@@ -138,8 +150,9 @@ def test_mlflow_outage_is_back_filled(ray_local: None, tmp_path: Path) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "3"
     try:
-        cfg = conv_config(tmp_path, name="outage", trials=8,
-                          tracking={"enabled": True, "uri": server.uri})  # fmt: skip
+        cfg = conv_config(
+            tmp_path, name="outage", trials=8, tracking={"enabled": True, "uri": server.uri}
+        )
         out = io.StringIO()
         tracker = Tracker(cfg, Console(file=out, width=200))
         seen = []

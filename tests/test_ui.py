@@ -16,9 +16,18 @@ from tests.search.helpers import conv_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 OUT = Path(__file__).resolve().parents[1] / "test-output"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--virtual-time-budget=20000", "--window-size=1400,900"]  # fmt: skip
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=20000",
+    "--window-size=1400,900",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +36,9 @@ pytestmark = pytest.mark.slow
 def test_mlflow_ui_shows_the_study(ray_local: None, tmp_path: Path) -> None:
     server = MlflowServer(tmp_path / "mlflow").start()
     try:
-        cfg = conv_config(tmp_path, name="ui-study", trials=4,
-                          tracking={"enabled": True, "uri": server.uri})  # fmt: skip
+        cfg = conv_config(
+            tmp_path, name="ui-study", trials=4, tracking={"enabled": True, "uri": server.uri}
+        )
         tracker = Tracker(cfg)
         runner = Runner(cfg, on_trial=tracker.on_trial)
         runner.prepare()
@@ -49,8 +59,11 @@ def test_mlflow_ui_shows_the_study(ray_local: None, tmp_path: Path) -> None:
         OUT.mkdir(exist_ok=True)
         for name, url in (("mlflow_ui.png", runs_url), ("mlflow_ui_study.png", study_url)):
             shot = OUT / name
-            subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}",
-                            f"--screenshot={shot}", url], capture_output=True, timeout=120)  # fmt: skip
+            subprocess.run(
+                [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", url],
+                capture_output=True,
+                timeout=120,
+            )
             assert shot.exists() and shot.stat().st_size > 10_000
     finally:
         server.stop()

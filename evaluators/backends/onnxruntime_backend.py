@@ -47,8 +47,15 @@ def export_onnx(model: nn.Module, example_inputs: tuple[Any, ...]) -> onnx.Model
     names = [f"input_{i}" for i in range(len(example_inputs))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, example_inputs, buf, dynamo=False, input_names=names,
-                          opset_version=17, do_constant_folding=True)  # fmt: skip
+        torch.onnx.export(
+            model,
+            example_inputs,
+            buf,
+            dynamo=False,
+            input_names=names,
+            opset_version=17,
+            do_constant_folding=True,
+        )
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -63,9 +70,14 @@ def gemm_to_matmul(model: onnx.ModelProto) -> dict[str, str]:
     new_nodes = []
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        ok = (node.op_type == "Gemm" and node.input[1] in inits and attrs.get("transB", 0) == 1
-              and attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == 1.0
-              and attrs.get("beta", 1.0) == 1.0)  # fmt: skip
+        ok = (
+            node.op_type == "Gemm"
+            and node.input[1] in inits
+            and attrs.get("transB", 0) == 1
+            and attrs.get("transA", 0) == 0
+            and attrs.get("alpha", 1.0) == 1.0
+            and attrs.get("beta", 1.0) == 1.0
+        )
         if not ok:
             new_nodes.append(node)
             continue
@@ -76,16 +88,20 @@ def gemm_to_matmul(model: onnx.ModelProto) -> dict[str, str]:
         out = node.output[0] if len(node.input) < 3 else f"{node.output[0]}_mm"
         new_nodes.append(helper.make_node("MatMul", [node.input[0], wt_name], [out], name=mm_name))
         if len(node.input) >= 3:
-            new_nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]],
-                                              name=f"{node.name}_Add"))  # fmt: skip
+            new_nodes.append(
+                helper.make_node(
+                    "Add", [out, node.input[2]], [node.output[0]], name=f"{node.name}_Add"
+                )
+            )
         renamed[node.input[1]] = mm_name
     del graph.node[:]
     graph.node.extend(new_nodes)
     return renamed
 
 
-def matmul_nodes(model: onnx.ModelProto, layers: tuple[LayerInfo, ...],
-                 renamed: dict[str, str]) -> dict[str, list[str]]:  # fmt: skip
+def matmul_nodes(
+    model: onnx.ModelProto, layers: tuple[LayerInfo, ...], renamed: dict[str, str]
+) -> dict[str, list[str]]:
     """Layer name -> the MatMul node names that multiply by its weight."""
     inits = {i.name for i in model.graph.initializer}
     out: dict[str, list[str]] = {}
@@ -106,9 +122,13 @@ def matmul_nodes(model: onnx.ModelProto, layers: tuple[LayerInfo, ...],
 
 def _ran_choice(choice: LayerChoice, layer: LayerInfo) -> LayerChoice:
     gran = "per_group" if layer.reduction_size % BLOCK == 0 else "per_channel"
-    return LayerChoice(w_bits=nbits_for(choice.w_bits), a_bits=32, granularity=gran,
-                       group_size=BLOCK if gran == "per_group" else None,
-                       symmetric=choice.symmetric)  # fmt: skip
+    return LayerChoice(
+        w_bits=nbits_for(choice.w_bits),
+        a_bits=32,
+        granularity=gran,
+        group_size=BLOCK if gran == "per_group" else None,
+        symmetric=choice.symmetric,
+    )
 
 
 @register_backend("onnxruntime")
@@ -151,12 +171,21 @@ class OnnxRuntimeBackend:
                 kernels[la.name] = "float32 (onnxruntime)"
                 ran[la.name] = LayerChoice()
                 if c.w_bits != 32:
-                    why = "no low-bit kernel wired for this kind" if la.name not in nodes else \
-                        "float16 has no faster CPU kernel"  # fmt: skip
+                    why = (
+                        "no low-bit kernel wired for this kind"
+                        if la.name not in nodes
+                        else "float16 has no faster CPU kernel"
+                    )
                     fallbacks[la.name] = f"w{c.w_bits} -> float32: {why}"
         for (bits, symmetric, level), names in sorted(groups.items()):
-            q = MatMulNBitsQuantizer(proto, bits=bits, block_size=BLOCK, is_symmetric=symmetric,
-                                     accuracy_level=level, nodes_to_exclude=sorted(all_mm - set(names)))  # fmt: skip
+            q = MatMulNBitsQuantizer(
+                proto,
+                bits=bits,
+                block_size=BLOCK,
+                is_symmetric=symmetric,
+                accuracy_level=level,
+                nodes_to_exclude=sorted(all_mm - set(names)),
+            )
             q.process()
             proto = q.model.model
             all_mm -= set(names)
@@ -164,10 +193,13 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        session = ort.InferenceSession(proto.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])  # fmt: skip
-        feeds = {f"input_{i}": (t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
-                 for i, t in enumerate(example_inputs)}  # fmt: skip
+        session = ort.InferenceSession(
+            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        feeds = {
+            f"input_{i}": (t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
+            for i, t in enumerate(example_inputs)
+        }
         feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
 
         def run() -> Any:

@@ -76,8 +76,11 @@ class TorchBackend:
                 bits = config.layers[la.name].w_bits
                 kernels[la.name] = INT8_DYNAMIC if runs_int else FLOAT32
                 if want and not runs_int:
-                    why = "no eager int kernel for this kind" if not real else \
-                        "a recurrent module quantizes whole; a sibling weight stays float"  # fmt: skip
+                    why = (
+                        "no eager int kernel for this kind"
+                        if not real
+                        else "a recurrent module quantizes whole; a sibling weight stays float"
+                    )
                     fallbacks[la.name] = f"w{bits} -> float32: {why}"
                 elif runs_int and bits < 8:
                     fallbacks[la.name] = f"w{bits} -> int8: no CPU kernel below 8 bits in torch"
@@ -100,7 +103,8 @@ class TorchBackend:
         for la in layers:
             asked = config.layers[la.name]
             if kernels[la.name] == INT8_DYNAMIC:
-                asked = asked.model_copy(update={"a_bits": 8, "act_mode": "dynamic",
-                                                 "act_granularity": "per_tensor"})  # fmt: skip
+                asked = asked.model_copy(
+                    update={"a_bits": 8, "act_mode": "dynamic", "act_granularity": "per_tensor"}
+                )
             ran[la.name] = asked
         return Lowered(run, lowered, kernels, fallbacks, QuantConfig(layers=ran))

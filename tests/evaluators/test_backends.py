@@ -46,11 +46,18 @@ def _numpy(out: object) -> torch.Tensor:
 
 def _random_config(layers, seed: int) -> QuantConfig:  # type: ignore[no-untyped-def]
     rng = random.Random(seed)
-    return QuantConfig.uniform(layers, LayerChoice()).model_copy(update={"layers": {
-        la.name: LayerChoice(w_bits=rng.choice([2, 3, 4, 6, 8, 16, 32]),
-                             a_bits=rng.choice([8, 32]) if la.takes_activations else 32,
-                             symmetric=rng.random() < 0.5)
-        for la in layers}})  # fmt: skip
+    return QuantConfig.uniform(layers, LayerChoice()).model_copy(
+        update={
+            "layers": {
+                la.name: LayerChoice(
+                    w_bits=rng.choice([2, 3, 4, 6, 8, 16, 32]),
+                    a_bits=rng.choice([8, 32]) if la.takes_activations else 32,
+                    symmetric=rng.random() < 0.5,
+                )
+                for la in layers
+            }
+        }
+    )
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
@@ -84,8 +91,9 @@ def test_lowered_matches_simulated(backend: str, model_name: str, seed: int) -> 
 def test_keep_everything_runs_float(backend: str) -> None:
     model = TinyTransformer().eval()
     layers = discover_layers(model)
-    lowered = get_backend(backend).lower(model, layers, QuantConfig.uniform(layers, LayerChoice()),
-                                         example_inputs(model, batch=1))  # fmt: skip
+    lowered = get_backend(backend).lower(
+        model, layers, QuantConfig.uniform(layers, LayerChoice()), example_inputs(model, batch=1)
+    )
     assert not lowered.fallbacks
     assert all("float32" in k for k in lowered.kernels.values())
     stats = measure_latency(lowered.run, warmup=1, runs=5)

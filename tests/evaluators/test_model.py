@@ -52,12 +52,15 @@ def test_missing_checkpoint(tmp_path: Path) -> None:
         build_model("tests.models:ConvNet", tmp_path / "nope.pt")
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("nosuchmodule:f", "module 'nosuchmodule' does not import"),
-    ("tests.models:nope", "has no attribute 'nope'"),
-    ("tests.models", "expected 'package.module:function'"),
-    ("tests.models:ALL_MODELS", "'ALL_MODELS' is not callable"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("nosuchmodule:f", "module 'nosuchmodule' does not import"),
+        ("tests.models:nope", "has no attribute 'nope'"),
+        ("tests.models", "expected 'package.module:function'"),
+        ("tests.models:ALL_MODELS", "'ALL_MODELS' is not callable"),
+    ],
+)
 def test_bad_callable_specs(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_callable(spec, "model")

@@ -56,9 +56,14 @@ def test_nan_in_weights_is_an_error() -> None:
         fake_quantize_weight(w, 4, "per_tensor", None, True)
 
 
-@pytest.mark.parametrize("granularity,group,shape", [
-    ("per_tensor", None, (1, 1)), ("per_channel", None, (6, 1)), ("per_group", 4, (6, 2, 1)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "granularity,group,shape",
+    [
+        ("per_tensor", None, (1, 1)),
+        ("per_channel", None, (6, 1)),
+        ("per_group", 4, (6, 2, 1)),
+    ],
+)
 def test_granularity_gives_one_scale_per_group(
     granularity: str, group: int | None, shape: tuple
 ) -> None:
@@ -77,8 +82,9 @@ finite = st.floats(-100, 100, allow_nan=False, width=32)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(finite, min_size=2, max_size=64), st.sampled_from([2, 3, 4, 5, 6, 8]),
-       st.booleans())  # fmt: skip
+@given(
+    st.lists(finite, min_size=2, max_size=64), st.sampled_from([2, 3, 4, 5, 6, 8]), st.booleans()
+)
 def test_properties(values: list[float], bits: int, symmetric: bool) -> None:
     x = torch.tensor(values)
     qp = choose_qparams(x.min(), x.max(), bits, symmetric)

@@ -1,4 +1,4 @@
-"""Export round trip: trial -> config + packed artifact -> a model with the trial's size and outputs."""
+"""Export round trip: trial -> config + packed artifact -> the trial's size and outputs."""
 
 from __future__ import annotations
 
@@ -24,9 +24,17 @@ from tests.search.helpers import conv_config
 @pytest.fixture(scope="module")
 def searched(ray_local: None, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     tmp = tmp_path_factory.mktemp("export")
-    cfg = conv_config(tmp, trials=6, space={"defaults": {"w_bits": [2, 3, 4, 8, 32],
-                                                         "a_bits": [8, 32],
-                                                         "act_mode": ["static", "dynamic"]}})  # fmt: skip
+    cfg = conv_config(
+        tmp,
+        trials=6,
+        space={
+            "defaults": {
+                "w_bits": [2, 3, 4, 8, 32],
+                "a_bits": [8, 32],
+                "act_mode": ["static", "dynamic"],
+            }
+        },
+    )
     runner = Runner(cfg)
     runner.prepare()
     return cfg, runner.run().study
@@ -55,8 +63,16 @@ def test_cli_apply_gives_the_same_size(searched, tmp_path: Path) -> None:  # typ
     cfg, study = searched
     trial = pick_trial(study, rule="best")
     export_trial(cfg, study, trial, tmp_path / "e")
-    result = CliRunner().invoke(app, ["apply", str(tmp_path / "e" / "config.yaml"), cfg.model,
-                                      "--out", str(tmp_path / "again.pt")])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "apply",
+            str(tmp_path / "e" / "config.yaml"),
+            cfg.model,
+            "--out",
+            str(tmp_path / "again.pt"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"{trial.user_attrs['size_bytes']:,} bytes" in result.output
     assert f"payload {trial.user_attrs['size_bytes']:,} bytes" in result.output
@@ -119,8 +135,12 @@ def test_export_to_a_full_disk_is_a_clear_error(searched, tmp_path: Path) -> Non
     cfg, study = searched
     before = [(t.number, t.state, t.values) for t in study.trials]
     out = tmp_path / "full"
-    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, cfg.model_dump_json(), str(out)],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, cfg.model_dump_json(), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "export to" in proc.stdout and "File too large" in proc.stdout
     assert not list(out.glob(".*.tmp")) and not (out / ARTIFACT).exists()

@@ -17,23 +17,32 @@ def _study(points: list[tuple[float, float, float, float]]) -> optuna.Study:
     study.set_user_attr("float_reference", {"success": 1.0, "size_bytes": 1000, "latency_ms": 2.0})
     for success, size, latency, drop in points:
         t = create_trial(
-            values=[success, size, latency], state=TrialState.COMPLETE,
-            params={"fc/w_bits": 4}, distributions={"fc/w_bits": CategoricalDistribution([4, 8])},
-            user_attrs={"success": success, "size_bytes": size, "latency_ms": latency,
-                        "constraints": [drop], "config": {"layers": {"fc": {"w_bits": 4}}}},
+            values=[success, size, latency],
+            state=TrialState.COMPLETE,
+            params={"fc/w_bits": 4},
+            distributions={"fc/w_bits": CategoricalDistribution([4, 8])},
+            user_attrs={
+                "success": success,
+                "size_bytes": size,
+                "latency_ms": latency,
+                "constraints": [drop],
+                "config": {"layers": {"fc": {"w_bits": 4}}},
+            },
             system_attrs={"constraints": [drop]},
-        )  # fmt: skip
+        )
         study.add_trial(t)
     return study
 
 
 def test_front_excludes_dominated_and_infeasible() -> None:
-    study = _study([
-        (0.9, 500, 1.0, -1),   # front
-        (0.8, 600, 1.5, -1),   # dominated by 0
-        (1.0, 900, 1.8, -1),   # front
-        (0.99, 100, 0.5, 1),   # would dominate, but infeasible
-    ])  # fmt: skip
+    study = _study(
+        [
+            (0.9, 500, 1.0, -1),  # front
+            (0.8, 600, 1.5, -1),  # dominated by 0
+            (1.0, 900, 1.8, -1),  # front
+            (0.99, 100, 0.5, 1),  # would dominate, but infeasible
+        ]
+    )
     assert [t.number for t in front_trials(study)] == [0, 2]
     table = front_table(study)
     assert list(table["trial"]) == [0, 2]
@@ -63,8 +72,16 @@ def test_plots_without_latency(tmp_path) -> None:  # type: ignore[no-untyped-def
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.set_user_attr("objectives", ["success", "size_bytes"])
     study.set_user_attr("float_reference", {"success": 1.0, "size_bytes": 1000})
-    study.add_trial(create_trial(values=[0.9, 500], state=TrialState.COMPLETE,
-                                 user_attrs={"success": 0.9, "size_bytes": 500,
-                                             "config": {"layers": {"fc": {"w_bits": 4}}}}))  # fmt: skip
+    study.add_trial(
+        create_trial(
+            values=[0.9, 500],
+            state=TrialState.COMPLETE,
+            user_attrs={
+                "success": 0.9,
+                "size_bytes": 500,
+                "config": {"layers": {"fc": {"w_bits": 4}}},
+            },
+        )
+    )
     names = {p.name for p in write_all(study, tmp_path)}
     assert {"pareto_front.html", "pareto_front.png", "bit_map.png"} <= names

@@ -16,6 +16,15 @@ def test_readme_reference_is_generated_and_current() -> None:
 
 def test_every_search_field_is_documented() -> None:
     text = config_reference_markdown()
-    for field in ("name", "task_budget", "screen_budget", "ray.address", "tracking.uri",
-                  "constraints.max_success_drop", "latency.backend", "defaults.w_bits", "match"):  # fmt: skip
+    for field in (
+        "name",
+        "task_budget",
+        "screen_budget",
+        "ray.address",
+        "tracking.uri",
+        "constraints.max_success_drop",
+        "latency.backend",
+        "defaults.w_bits",
+        "match",
+    ):
         assert f"| `{field}` |" in text

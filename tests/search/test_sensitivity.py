@@ -7,8 +7,12 @@ from mpq.evaluators.size import config_size
 from mpq.search.sensitivity import greedy_allocation, measure_sensitivity, uniform_config
 from mpq.spaces.space import LayerOptions, SearchSpace
 
-SPEC = EvalSpec(model="tests.models:build_convnet", task="tests.models:convnet_task",
-                calibration="tests.models:convnet_calibration", measure_latency=False)  # fmt: skip
+SPEC = EvalSpec(
+    model="tests.models:build_convnet",
+    task="tests.models:convnet_task",
+    calibration="tests.models:convnet_calibration",
+    measure_latency=False,
+)
 
 
 def test_sensitivity_falls_with_bits_and_is_cached(tmp_path: Path) -> None:

@@ -42,10 +42,19 @@ def test_params_and_config_round_trip() -> None:
 
 
 def test_constraints_are_named_and_signed() -> None:
-    cfg = SearchConfig.model_validate({
-        "name": "c", "model": "m:f", "task": "m:t", "calibration": "m:c",
-        "constraints": {"max_success_drop": 0.05, "max_size_bytes": 1000, "max_latency_ms": 2.0},
-    })  # fmt: skip
+    cfg = SearchConfig.model_validate(
+        {
+            "name": "c",
+            "model": "m:f",
+            "task": "m:t",
+            "calibration": "m:c",
+            "constraints": {
+                "max_success_drop": 0.05,
+                "max_size_bytes": 1000,
+                "max_latency_ms": 2.0,
+            },
+        }
+    )
     values = study_mod.constraint_values(
         cfg, {"success": 0.9, "size_bytes": 1200, "latency_ms": 1.0}, 1.0
     )
@@ -69,15 +78,28 @@ def test_objective_mismatch_on_resume(tmp_path: Path) -> None:
         study_mod.open_study(other, resume=True)
 
 
-@pytest.mark.parametrize("yaml_text,message", [
-    ("name: x\nmodel: m:f\ntask: m:t\ncalibration: m:c\nobjectives: [success, speed]\n",
-     "objectives.1: Input should be 'success', 'size_bytes' or 'latency_ms'"),
-    ("name: x\nmodel: m:f\ntask: m:t\ncalibration: m:c\nsampler: cmaes\n", "sampler: Input should be"),
-    ("name: x\nmodel: m:f\ntask: m:t\ncalibration: m:c\nbogus: 1\n", "bogus: Extra inputs are not permitted"),
-    ("name: x\nmodel: m:f\ntask: m:t\ncalibration: m:c\ntask_budget: 5\nscreen_budget: 5\n",
-     "screen_budget=5 must be < task_budget=5"),
-    ("model: m:f\ntask: m:t\ncalibration: m:c\n", "name: Field required"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "yaml_text,message",
+    [
+        (
+            "name: x\nmodel: m:f\ntask: m:t\ncalibration: m:c\nobjectives: [success, speed]\n",
+            "objectives.1: Input should be 'success', 'size_bytes' or 'latency_ms'",
+        ),
+        (
+            "name: x\nmodel: m:f\ntask: m:t\ncalibration: m:c\nsampler: cmaes\n",
+            "sampler: Input should be",
+        ),
+        (
+            "name: x\nmodel: m:f\ntask: m:t\ncalibration: m:c\nbogus: 1\n",
+            "bogus: Extra inputs are not permitted",
+        ),
+        (
+            "name: x\nmodel: m:f\ntask: m:t\ncalibration: m:c\ntask_budget: 5\nscreen_budget: 5\n",
+            "screen_budget=5 must be < task_budget=5",
+        ),
+        ("model: m:f\ntask: m:t\ncalibration: m:c\n", "name: Field required"),
+    ],
+)
 def test_bad_search_configs(tmp_path: Path, yaml_text: str, message: str) -> None:
     p = tmp_path / "search.yaml"
     p.write_text(yaml_text)

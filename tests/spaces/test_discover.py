@@ -14,8 +14,11 @@ def _kinds(model: nn.Module) -> dict[str, str]:
 
 def test_convnet_conv_and_linear() -> None:
     assert _kinds(ConvNet()) == {
-        "conv1": "conv2d", "conv2": "conv2d", "conv1d": "conv1d", "fc": "linear",
-    }  # fmt: skip
+        "conv1": "conv2d",
+        "conv2": "conv2d",
+        "conv1d": "conv1d",
+        "fc": "linear",
+    }
     conv2 = discover_layers(ConvNet())[1]
     assert conv2.shape == (16, 8, 3, 3) and conv2.reduction_size == 72 and conv2.num_params == 1152
 
@@ -24,10 +27,12 @@ def test_recurrent_weights_and_embedding() -> None:
     kinds = _kinds(RecurrentPolicy())
     assert kinds == {
         "embed": "embedding",
-        "gru.weight_ih_l0": "gru", "gru.weight_hh_l0": "gru",
-        "lstm.weight_ih_l0": "lstm", "lstm.weight_hh_l0": "lstm",
+        "gru.weight_ih_l0": "gru",
+        "gru.weight_hh_l0": "gru",
+        "lstm.weight_ih_l0": "lstm",
+        "lstm.weight_hh_l0": "lstm",
         "head": "linear",
-    }  # fmt: skip
+    }
     embed = discover_layers(RecurrentPolicy())[0]
     assert not embed.takes_activations
 

@@ -15,7 +15,7 @@ from mpq.zoo.babyai import (
     example_inputs,
     tokenize,
 )
-from mpq.zoo.babyai.demos import EVAL_SEED_BASE, HELDOUT_SEED_BASE, TRAIN_SEED_BASE, LEVEL_STRIDE
+from mpq.zoo.babyai.demos import EVAL_SEED_BASE, HELDOUT_SEED_BASE, LEVEL_STRIDE, TRAIN_SEED_BASE
 
 
 def test_shipped_checkpoint_loads_and_succeeds() -> None:
@@ -83,9 +83,28 @@ def test_training_script_runs(tmp_path: Path) -> None:
     from mpq.zoo.babyai.train import main
 
     out = tmp_path / "tiny.pt"
-    main(["--out", str(out), "--demos-per-level", "3", "--steps", "4", "--dagger-rounds", "1",
-          "--dagger-episodes", "1", "--eval-episodes", "1", "--batch-size", "4", "--workers", "1",
-          "--threads", "1"])  # fmt: skip
+    main(
+        [
+            "--out",
+            str(out),
+            "--demos-per-level",
+            "3",
+            "--steps",
+            "4",
+            "--dagger-rounds",
+            "1",
+            "--dagger-episodes",
+            "1",
+            "--eval-episodes",
+            "1",
+            "--batch-size",
+            "4",
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+        ]
+    )
     policy = build_policy(out)  # loads with weights_only=True
     assert sum(p.numel() for p in policy.parameters()) > 1_000_000
     assert out.with_suffix(".train.json").exists()

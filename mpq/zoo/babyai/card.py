@@ -52,9 +52,16 @@ def uniform_rows(model: torch.nn.Module, episodes: int, calib: list) -> list[dic
             qmodel = apply_config(model, QuantConfig.uniform(layers, choice), calib, layers=layers)
             name = f"w{bits}" + ("a8" if a_bits == 8 else "")
             rows.append({"config": name, **evaluate_episodes(qmodel, episodes)})
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
-                              for k, v in rows[-1].items() if "/" not in k or "success/" in k}),
-                  flush=True)  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        k: round(v, 3) if isinstance(v, float) else v
+                        for k, v in rows[-1].items()
+                        if "/" not in k or "success/" in k
+                    }
+                ),
+                flush=True,
+            )
     return rows
 
 
@@ -64,18 +71,20 @@ def proxy_correlation(model: torch.nn.Module, n_configs: int, episodes: int, cal
     rng = random.Random(0)
     agreement, kl, success = [], [], []
     for _ in range(n_configs):
-        config = QuantConfig(layers={
-            la.name: LayerChoice(w_bits=rng.choice([2, 3, 4, 8, 32])) for la in layers})  # fmt: skip
+        config = QuantConfig(
+            layers={la.name: LayerChoice(w_bits=rng.choice([2, 3, 4, 8, 32])) for la in layers}
+        )
         qmodel = apply_config(model, config, layers=layers)
         proxy = output_agreement(qmodel, calib, reference)
         agreement.append(proxy["agreement"])
         kl.append(-proxy["kl"])
         success.append(evaluate_episodes(qmodel, episodes)["success"])
     return {
-        "configs": n_configs, "episodes_per_level": episodes,
+        "configs": n_configs,
+        "episodes_per_level": episodes,
         "spearman_agreement_vs_success": _spearman(agreement, success),
         "spearman_neg_kl_vs_success": _spearman(kl, success),
-    }  # fmt: skip
+    }
 
 
 def write_card(rows: list[dict], proxy: dict, train: dict, path: Path) -> None:  # type: ignore[type-arg]
@@ -83,7 +92,7 @@ def write_card(rows: list[dict], proxy: dict, train: dict, path: Path) -> None: 
     lines = [
         "# babyai_vla.pt — the embedded VLA policy",
         "",
-        "RGB 56x56 egocentric image + language instruction -> one of 7 actions, with a GRU memory.",
+        "RGB 56x56 egocentric image + language instruction -> one of 7 actions, GRU memory.",
         f"Levels: {', '.join(short)} (one multi-task policy). "
         f"Parameters: {sum(p.numel() for p in build_policy().parameters()):,}.",
         "",
@@ -104,12 +113,14 @@ def write_card(rows: list[dict], proxy: dict, train: dict, path: Path) -> None: 
         "|---|" + "---|" * (len(short) + 1),
     ]
     for r in rows:
-        cells = [f"{r[f'success/{s}']:.3f} ({r[f'success_lo/{s}']:.3f}-{r[f'success_hi/{s}']:.3f})"
-                 for s in short]  # fmt: skip
+        cells = [
+            f"{r[f'success/{s}']:.3f} ({r[f'success_lo/{s}']:.3f}-{r[f'success_hi/{s}']:.3f})"
+            for s in short
+        ]
         lines.append(f"| {r['config']} | " + " | ".join(cells) + f" | {r['success']:.3f} |")
     lines += [
         "",
-        f"Evaluation speed: {rows[0]['episodes_per_s']:.0f} episodes/s (float, 1 thread, batched).",
+        f"Evaluation speed: {rows[0]['episodes_per_s']:.0f} episodes/s (float, batched).",
         "",
         f"Proxy (action agreement / KL with the float policy on held-out demo inputs) against "
         f"real success on {proxy['configs']} random per-layer configurations "

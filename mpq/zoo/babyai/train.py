@@ -152,9 +152,13 @@ def main(argv: list[str] | None = None) -> None:
             policy, buffer, optimizer, schedule, rng, args.steps // phases, args.batch_size
         )
         val = evaluate_episodes(policy, args.eval_episodes, seed_base=VALIDATION_SEED_BASE)
-        row = {"phase": phase, "loss": loss, "episodes": len(buffer.episodes),
-               "minutes": (time.perf_counter() - start) / 60,
-               **{k: v for k, v in val.items() if k.startswith("success/")}}  # fmt: skip
+        row = {
+            "phase": phase,
+            "loss": loss,
+            "episodes": len(buffer.episodes),
+            "minutes": (time.perf_counter() - start) / 60,
+            **{k: v for k, v in val.items() if k.startswith("success/")},
+        }
         history.append(row)
         print(json.dumps(row), flush=True)
         torch.save(policy.state_dict(), args.out)
@@ -169,10 +173,12 @@ def main(argv: list[str] | None = None) -> None:
         next_seed += args.dagger_episodes
         buffer.add(new)
     report = {
-        "levels": list(LEVELS), "args": {k: str(v) for k, v in vars(args).items()},
-        "demo_seconds": demo_s, "train_minutes": (time.perf_counter() - start) / 60,
+        "levels": list(LEVELS),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "demo_seconds": demo_s,
+        "train_minutes": (time.perf_counter() - start) / 60,
         "history": history,
-    }  # fmt: skip
+    }
     args.out.with_suffix(".train.json").write_text(json.dumps(report, indent=2))
 
 
