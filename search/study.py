@@ -8,11 +8,13 @@ and failed instead of staying "running" forever.
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 
 from mpq.search.config import SearchConfig
@@ -68,16 +70,29 @@ def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=cfg.seed)
 
 
-def make_storage(url: str) -> optuna.storages.RDBStorage:
+def make_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """The study's RDB storage, with heartbeats.
+
+    NOTE: two searches started at once on a new SQLite file race to create its tables; the loser
+    gets "table ... already exists" from SQLAlchemy, so creation is retried (the winner's schema
+    is then simply loaded).
+    """
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine,
-        heartbeat_interval=HEARTBEAT_INTERVAL_S,
-        grace_period=GRACE_PERIOD_S,
-    )
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=GRACE_PERIOD_S,
+            )
+        except sqlalchemy.exc.OperationalError as exc:
+            if "already exists" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def open_study(cfg: SearchConfig, resume: bool) -> optuna.Study:

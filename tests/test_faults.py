@@ -130,9 +130,8 @@ def test_sigint_stops_cleanly_and_prints_what_finished(tmp_path: Path) -> None:
 
 def test_two_searches_on_one_study_at_once(tmp_path: Path) -> None:
     config = _write_config(tmp_path, trials=12, sensitivity={"enabled": False})
-    first = _mpq("search", str(config), "--resume", "--no-tracking")
-    time.sleep(1.0)
-    second = _mpq("search", str(config), "--resume", "--no-tracking")
+    first = _mpq("search", str(config), "--resume", "--no-tracking")  # both at once: they
+    second = _mpq("search", str(config), "--resume", "--no-tracking")  # race to create the db
     out1, _ = first.communicate(timeout=400)
     out2, _ = second.communicate(timeout=400)
     assert first.returncode == 0, out1[-3000:]
