@@ -103,6 +103,9 @@ class SearchConfig(BaseModel):
         0, ge=0, description="cheap-check task budget before the full one (0: no screening)"
     )
     trial_timeout_s: float = Field(900, gt=0, description="a trial running longer fails")
+    trial_memory_mb: int | None = Field(
+        None, gt=0, description="a trial allocating more than this (MiB) fails"
+    )
     observer: Literal["minmax", "percentile", "mse"] = Field("minmax", description="calibration")
     storage: str | None = Field(None, description="Optuna RDB URL (None: SQLite in output_dir)")
     output_dir: str = Field("mpq-runs", description="study database, caches, exports")

@@ -16,11 +16,13 @@ configurations are answered from the first evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,40 @@ def eval_spec(cfg: SearchConfig) -> EvalSpec:
     )
 
 
-def evaluate_stage(spec: EvalSpec, config_json: str, stage: str, budget: int) -> dict[str, Any]:
-    """Runs in a Ray worker: ``screen`` (size, latency, proxy, small task) or ``full`` task."""
+def evaluate_stage(
+    spec: EvalSpec, config_json: str, stage: str, budget: int, memory_mb: int | None = None
+) -> dict[str, Any]:
+    """Runs in a Ray worker: ``screen`` (size, latency, proxy, small task) or ``full`` task.
+
+    With ``memory_mb``, the worker may grow its address space by at most that much during the
+    trial (``RLIMIT_AS``, restored after): an allocation past it raises instead of taking the
+    machine down.
+    """
+    with _memory_limit(memory_mb):
+        return _evaluate(spec, config_json, stage, budget)
+
+
+@contextlib.contextmanager
+def _memory_limit(memory_mb: int | None) -> Iterator[None]:
+    if not memory_mb:
+        yield
+        return
+    import resource
+
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as f:
+        vm_kb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmSize:"))
+    limit = vm_kb * 1024 + memory_mb * 1024 * 1024
+    if old[1] != resource.RLIM_INFINITY:
+        limit = min(limit, old[1])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, old)
+
+
+def _evaluate(spec: EvalSpec, config_json: str, stage: str, budget: int) -> dict[str, Any]:
     start = time.perf_counter()
     evaluator = get_evaluator(spec)
     config = QuantConfig.model_validate_json(config_json)
@@ -202,7 +236,9 @@ class Runner:
                 continue
             stage = "screen" if self.cfg.screen_budget > 0 else "full"
             budget = self.cfg.screen_budget if stage == "screen" else self.cfg.task_budget
-            ref = self.remote.remote(self.spec, config.model_dump_json(), "screen", budget)
+            ref = self.remote.remote(
+                self.spec, config.model_dump_json(), "screen", budget, self.cfg.trial_memory_mb
+            )
             self.running[trial.number] = Running(trial, config, stage, ref, time.monotonic())
 
     def _poll(self) -> None:
@@ -230,7 +266,11 @@ class Runner:
                 return
             run.stage = "full"
             run.ref = self.remote.remote(
-                self.spec, run.config.model_dump_json(), "full", self.cfg.task_budget
+                self.spec,
+                run.config.model_dump_json(),
+                "full",
+                self.cfg.task_budget,
+                self.cfg.trial_memory_mb,
             )
             return
         metrics = {**run.screen, **result}
@@ -347,7 +387,8 @@ def _reason(exc: BaseException) -> str:
     text = str(cause).strip().splitlines()
     last = next((ln for ln in reversed(text) if ln.strip()), "") if text else ""
     name = type(cause).__name__
-    if "OutOfMemory" in name or "memory" in last.lower() and "kill" in last.lower():
+    oom = "OutOfMemory" in name or name == "MemoryError" or "can't allocate memory" in last
+    if oom or ("memory" in last.lower() and "kill" in last.lower()):
         return f"out of memory: {last[:300]}"
     if "WorkerCrashed" in name or "died" in last.lower():
         return f"worker died: {last[:300]}"
@@ -358,12 +399,26 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(metrics, default=str))
 
 
+def _check_answers(address: str, timeout_s: float = 3.0) -> None:
+    """Fail fast on a ``host:port`` that refuses connections (Ray itself waits minutes)."""
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"ray.address={address!r} does not answer: {exc}") from None
+
+
 def init_ray(cfg: SearchConfig) -> bool:
     """Attach to ``cfg.ray.address`` or start a local Ray; returns True if we started it.
 
     Raises:
         ValueError: the address does not answer.
     """
+    if cfg.ray.address:
+        _check_answers(cfg.ray.address)
     if ray.is_initialized():
         return False
     # Workers import the user's modules from where mpq runs, like the driver does.

@@ -131,3 +131,11 @@ def paced_task(model: nn.Module, budget: int) -> dict[str, float]:
 
     time.sleep(1.0)
     return convnet_task(model, budget)
+
+
+def hungry_task(model: nn.Module, budget: int) -> dict[str, float]:
+    """Allocates 4 GiB for a 2-bit ``fc``: exercises the per-trial memory limit."""
+    if _weight_levels(model) <= 4:
+        block = torch.ones(1024, 1024, 1024, dtype=torch.float32)  # 4 GiB
+        return {"success": float(block[0, 0, 0])}
+    return convnet_task(model, budget)

@@ -129,3 +129,28 @@ def test_duplicates_are_not_evaluated_twice(ray_local: None, tmp_path: Path) -> 
         first = study.trials[t.user_attrs["duplicate_of"]]
         assert t.values == first.values and t.user_attrs["episodes"] == 0
         assert t.user_attrs["config_key"] == first.user_attrs["config_key"]
+
+
+def test_a_ray_address_that_does_not_answer(tmp_path: Path) -> None:
+    from mpq.search.runner import init_ray
+    from tests.mlflow_server import free_port
+
+    cfg = conv_config(tmp_path, ray={"address": f"127.0.0.1:{free_port()}"})
+    with pytest.raises(ValueError, match=r"ray.address='127.0.0.1:\d+' does not answer"):
+        init_ray(cfg)
+
+
+def test_memory_limit_fails_the_trial(ray_local: None, tmp_path: Path) -> None:
+    cfg = conv_config(
+        tmp_path,
+        task="tests.models:hungry_task",
+        trials=3,
+        trial_memory_mb=1024,
+        space={"defaults": {"w_bits": [2, 8]}},
+        sensitivity={"uniform_bits": [2, 8], "budgets": []},  # 2-bit seed first
+    )
+    study = _run(cfg).study
+    hungry = [t for t in study.trials if t.params.get("fc/w_bits") == 2]
+    assert hungry and all(t.state == TrialState.FAIL for t in hungry)
+    assert all(t.user_attrs["fail_reason"].startswith("out of memory") for t in hungry)
+    assert any(t.state == TrialState.COMPLETE for t in study.trials)  # the worker lives on
