@@ -41,9 +41,10 @@ def test_mpq_ui_binds_loopback_only(tmp_path: Path) -> None:
         f"name: ui\nmodel: m:f\ntask: m:t\ncalibration: m:c\noutput_dir: {tmp_path}\n"
     )
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mpq.cli", "ui", str(config), "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    cmd = [sys.executable, "-m", "mpq.cli", "ui", str(config), "--port", str(port)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
