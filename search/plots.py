@@ -35,6 +35,16 @@ def bit_map(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
+def _pyplot():  # type: ignore[no-untyped-def]
+    """matplotlib's pyplot on the file-only Agg backend (no display on servers and in CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_front_html(df: pd.DataFrame, path: Path) -> None:
     import plotly.express as px
 
@@ -70,10 +80,7 @@ def plot_front_html(df: pd.DataFrame, path: Path) -> None:
 
 
 def plot_front_png(df: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, x in zip(axes, ("size_bytes", "latency_ms"), strict=True):
@@ -107,10 +114,7 @@ def plot_bit_map(bits: pd.DataFrame, html: Path, png: Path) -> None:
         title="weight bits per layer on the Pareto front (32 = float)",
     )
     fig.write_html(html, include_plotlyjs=True)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig2, ax = plt.subplots(figsize=(1.2 + 0.6 * bits.shape[1], 0.8 + 0.3 * bits.shape[0]))
     im = ax.imshow(bits.to_numpy(dtype=float), aspect="auto", cmap="viridis")

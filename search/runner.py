@@ -32,6 +32,7 @@ import ray
 from optuna.trial import FrozenTrial, TrialState
 
 from mpq.evaluators.measure import EvalSpec, finite_or_error, get_evaluator
+from mpq.evaluators.size import config_size
 from mpq.evaluators.task import wilson_interval
 from mpq.search import study as study_mod
 from mpq.search.config import SearchConfig
@@ -175,8 +176,6 @@ class Runner:
         self.study.set_user_attr(
             "sensitivity", {k: {str(b): v for b, v in d.items()} for k, d in s.items()}
         )
-        from mpq.evaluators.size import config_size
-
         size8 = config_size(
             evaluator.model, evaluator.layers, sens.uniform_config(self.resolved, 8)
         ).total_bytes

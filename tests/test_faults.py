@@ -28,22 +28,17 @@ pytestmark = pytest.mark.slow
 
 
 def _write_config(tmp_path: Path, **extra: object) -> Path:
-    data = {
+    """The tests' ConvNet search as a YAML file for the CLI, tracked, with a ~1 s task."""
+    changes: dict[str, object] = {
         "name": "faults",
-        "model": "tests.models:build_convnet",
         "task": "tests.models:paced_task",
-        "calibration": "tests.models:convnet_calibration",
-        "task_budget": 32,
         "trials": 10,
-        "output_dir": str(tmp_path / "out"),
-        "space": {"defaults": {"w_bits": [2, 3, 4, 8, 32]}},
-        "latency": {"runs": 5, "warmup": 1},
-        "ray": {"workers": 2},
-        "sensitivity": {"budgets": [0.5]},
+        "tracking": {"enabled": True},
         **extra,
     }
+    cfg = conv_config(tmp_path, **changes)
     path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
     return path
 
 
