@@ -8,8 +8,10 @@ and failed instead of staying "running" forever.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,26 +75,44 @@ def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
 def make_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     """The study's RDB storage, with heartbeats.
 
-    NOTE: two searches started at once on a new SQLite file race to create its tables; the loser
-    gets "table ... already exists" from SQLAlchemy, so creation is retried (the winner's schema
-    is then simply loaded).
+    NOTE: two searches started at once on a new database race to create its schema (SQLAlchemy:
+    "table studies already exists", or alembic's version row inserted twice). For SQLite the
+    creation is serialised with a lock file next to the database; for other databases it is
+    retried, and the winner's schema is then simply loaded.
     """
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
-    for attempt in range(attempts):
-        try:
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine,
-                heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                grace_period=GRACE_PERIOD_S,
-            )
-        except sqlalchemy.exc.OperationalError as exc:
-            if "already exists" not in str(exc) or attempt == attempts - 1:
-                raise
-            time.sleep(0.5 * (attempt + 1))
+    lock = contextlib.nullcontext()
+    if url.startswith("sqlite:///"):
+        db = Path(url.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = _file_lock(db.with_name(f".{db.name}.lock"))
+    with lock:
+        for attempt in range(attempts):
+            try:
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine,
+                    heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                    grace_period=GRACE_PERIOD_S,
+                )
+            except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as exc:
+                race = "already exists" in str(exc) or "alembic_version" in str(exc)
+                if not race or attempt == attempts - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def open_study(cfg: SearchConfig, resume: bool) -> optuna.Study:
