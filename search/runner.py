@@ -410,6 +410,29 @@ def _check_answers(address: str, timeout_s: float = 3.0) -> None:
         raise ValueError(f"ray.address={address!r} does not answer: {exc}") from None
 
 
+def _use_cluster_token() -> None:
+    """Turn on Ray's token authentication for an attach when a token is at hand.
+
+    ``ray start --head`` (Ray >= 2.5x) enables token authentication and writes
+    ``~/.ray/auth_token``, but a process that merely connects stays in mode ``disabled`` and is
+    refused ("InvalidAuthToken"). With ``RAY_AUTH_MODE`` unset and a token in
+    ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``, attach in token mode,
+    as ``ray start --address`` must be told to.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if not (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray caches its config at import: refresh it, as Ray's own `ray start` path does
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):  # a Ray without token authentication
+        pass
+
+
 def init_ray(cfg: SearchConfig) -> bool:
     """Attach to ``cfg.ray.address`` or start a local Ray; returns True if we started it.
 
@@ -424,6 +447,7 @@ def init_ray(cfg: SearchConfig) -> bool:
     pythonpath = os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "PYTHONWARNINGS": "ignore"}}
     if cfg.ray.address:
+        _use_cluster_token()
         try:
             ray.init(
                 address=cfg.ray.address,
@@ -432,7 +456,13 @@ def init_ray(cfg: SearchConfig) -> bool:
                 configure_logging=False,
             )
         except (ConnectionError, RuntimeError, ValueError) as exc:
+            text = f"{exc} {exc.__cause__ or ''}"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "AuthToken" in text or "Authentication" in text:
+                raise ValueError(
+                    f"ray.address={cfg.ray.address!r} refused this process's token: put the "
+                    "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
+                ) from None
             raise ValueError(f"ray.address={cfg.ray.address!r} does not answer: {first}") from None
         return False
     cpus = max(1, math.ceil(cfg.ray.workers * cfg.ray.cpus_per_trial))

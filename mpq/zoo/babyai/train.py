@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2, help="processes for bot demos")
     p.add_argument("--eval-episodes", type=int, default=100, help="validation, per level")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init", type=Path, default=None, help="start from this state_dict (fine-tuning)"
+    )
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(buffer.episodes)} demos in {demo_s:.0f}s", flush=True)
 
     policy = BabyAIVLAPolicy()
+    if args.init is not None:
+        policy.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
