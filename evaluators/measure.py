@@ -16,6 +16,7 @@ from torch import nn
 
 from mpq.evaluators.apply import apply_config
 from mpq.evaluators.backends import get_backend
+from mpq.evaluators.backends.base import FallbackError
 from mpq.evaluators.latency import measure_latency
 from mpq.evaluators.model import build_model
 from mpq.evaluators.proxy import output_agreement, reference_outputs
@@ -40,6 +41,7 @@ class EvalSpec:
     latency_warmup: int = 5
     latency_runs: int = 30
     measure_latency: bool = True
+    allow_fallback: bool = True
 
 
 def _as_tuple(batch: Any) -> tuple[Any, ...]:
@@ -85,6 +87,12 @@ class Evaluator:
         lowered = self.backend.lower(
             self.model, self.layers, config, self.example_inputs, s.latency_threads
         )
+        if not s.allow_fallback and lowered.fallbacks:
+            name, reason = next(iter(lowered.fallbacks.items()))
+            raise FallbackError(
+                f"layer {name!r}: backend {s.backend!r} cannot run it as asked ({reason}) and "
+                "latency.allow_fallback is false"
+            )
         base = measure_latency(
             self._float_lowered.run, s.latency_warmup, s.latency_runs, s.latency_threads
         )
@@ -98,8 +106,11 @@ class Evaluator:
             "kernels": lowered.kernels,
             "fallbacks": lowered.fallbacks,
         }
-        if lowered.ran_config is not None:
+        if lowered.ran_config is not None:  # what ran, and its exact size (e.g. 3 -> 4 bits)
             out["ran_config"] = lowered.ran_config.model_dump(mode="json", exclude_none=True)
+            out["ran_size_bytes"] = config_size(
+                self.model, self.layers, lowered.ran_config
+            ).total_bytes
         return out
 
     def screen(self, config: QuantConfig) -> dict[str, Any]:

@@ -53,6 +53,11 @@ class LatencyConfig(BaseModel):
     threads: int = Field(1, ge=1, description="intra-op threads while timing")
     warmup: int = Field(5, ge=0, description="untimed calls first")
     runs: int = Field(30, ge=3, description="timed calls; the median is reported")
+    allow_fallback: bool = Field(
+        True,
+        description="run a choice the backend has no kernel for on the nearest one it has "
+        "(recorded per trial); false: such a choice is an error before the search starts",
+    )
 
 
 class RayConfig(BaseModel):

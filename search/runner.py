@@ -31,6 +31,7 @@ import optuna
 import ray
 from optuna.trial import FrozenTrial, TrialState
 
+from mpq.evaluators.backends.base import check_no_fallback
 from mpq.evaluators.measure import EvalSpec, finite_or_error, get_evaluator
 from mpq.evaluators.size import config_size
 from mpq.evaluators.task import wilson_interval
@@ -56,6 +57,7 @@ def eval_spec(cfg: SearchConfig) -> EvalSpec:
         latency_warmup=cfg.latency.warmup,
         latency_runs=cfg.latency.runs,
         measure_latency=cfg.latency.enabled,
+        allow_fallback=cfg.latency.allow_fallback,
     )
 
 
@@ -108,6 +110,21 @@ def _evaluate(spec: EvalSpec, config_json: str, stage: str, budget: int) -> dict
     return out
 
 
+def preflight(cfg: SearchConfig, source: str) -> None:
+    """Check what can be checked before anything is written: the model and task load, the space
+    resolves on the model's layers, and (``latency.allow_fallback: false``) the backend runs
+    every choice of the space as asked.
+
+    Raises:
+        ValueError: one line starting with ``source``, naming the field and value.
+    """
+    evaluator = get_evaluator(eval_spec(cfg))
+    resolved = cfg.space.resolve(evaluator.layers, f"{source}: space")
+    if cfg.latency.enabled and not cfg.latency.allow_fallback:
+        choices = {name: options.choices() for name, options in resolved.items()}
+        check_no_fallback(evaluator.backend, evaluator.layers, choices, f"{source}: space")
+
+
 @dataclass
 class Running:
     trial: optuna.Trial
@@ -137,6 +154,7 @@ class Runner:
     ) -> None:
         self.cfg = cfg
         self.spec = eval_spec(cfg)
+        preflight(cfg, cfg.name)  # before the study exists: a bad space writes nothing
         self.study = study_mod.open_study(cfg, resume)
         self.on_trial = on_trial
         self.progress = progress
@@ -467,6 +485,7 @@ def init_ray(cfg: SearchConfig) -> bool:
         return False
     cpus = max(1, math.ceil(cfg.ray.workers * cfg.ray.cpus_per_trial))
     ray.init(
+        address="local",  # always a fresh runtime, never a `ray start` cluster found on disk
         num_cpus=cpus,
         include_dashboard=False,
         runtime_env=runtime_env,

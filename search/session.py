@@ -11,7 +11,7 @@ from rich.table import Table
 
 from mpq.search.config import SearchConfig, load_search_config
 from mpq.search.pareto import front_table, hypervolume
-from mpq.search.runner import Runner, SearchResult, init_ray, shutdown_ray
+from mpq.search.runner import Runner, SearchResult, init_ray, preflight, shutdown_ray
 
 
 def build_config(
@@ -44,6 +44,7 @@ def run_session(
     """Run (or resume) the search described by the config file at ``path``."""
     console = console or Console()
     cfg = build_config(path, trials, ray_address, tracking_uri, tracking)
+    preflight(cfg, str(path))
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     tracker = None
     if cfg.tracking.enabled:

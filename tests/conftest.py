@@ -15,6 +15,7 @@ def ray_local() -> Iterator[None]:
 
     pythonpath = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

@@ -61,3 +61,22 @@ def test_export_with_no_study_yet(tmp_path: Path) -> None:
     )
     result = runner.invoke(app, ["export", str(p), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "has no feasible complete trial yet" in result.output
+
+
+def test_search_with_fallback_disabled_and_a_choice_without_kernel(tmp_path: Path) -> None:
+    p = tmp_path / "search.yaml"
+    p.write_text(
+        "name: strict\nmodel: tests.models:build_convnet\ntask: tests.models:convnet_task\n"
+        "calibration: tests.models:convnet_calibration\n"
+        f"output_dir: {tmp_path / 'out'}\nlatency: {{allow_fallback: false}}\n"
+        "space: {defaults: {w_bits: [3, 32]}, skip: ['conv*']}\n"
+    )
+    result = runner.invoke(app, ["search", str(p)])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.output
+    assert (
+        f"{p}: space: layer 'fc' w:int3 a:float: backend 'onnxruntime' cannot run it as asked "
+        "(w3 per_channel -> int4 per_channel) and latency.allow_fallback is false" in lines[0]
+    )
+    assert not (tmp_path / "out").exists()  # nothing written

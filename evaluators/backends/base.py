@@ -35,6 +35,14 @@ class Backend(Protocol):
         """Weight bit-widths this backend has a real kernel for on ``layer``."""
         ...
 
+    def fallback_reason(self, layer: LayerInfo, choice: LayerChoice) -> str | None:
+        """Why ``choice`` on ``layer`` would not run as asked (and what runs), or None.
+
+        Decided from the layer's kind and the choice alone, so a space can be checked before
+        any trial; ``lower()`` records the same reasons (plus any found only at export).
+        """
+        ...
+
     def lower(
         self,
         model: nn.Module,
@@ -55,6 +63,33 @@ def register_backend(name: str) -> Callable[[type], type]:
         return cls
 
     return wrap
+
+
+class FallbackError(ValueError):
+    """A choice the backend cannot run as asked, with fallback disabled."""
+
+
+def check_no_fallback(
+    backend: Backend,
+    layers: tuple[LayerInfo, ...],
+    choices: dict[str, tuple[LayerChoice, ...]],
+    where: str,
+) -> None:
+    """Raise ``FallbackError`` on the first (layer, choice) the backend would lower.
+
+    Args:
+        choices: per layer name, the choices that may be asked of it (a resolved space's options
+            or one configuration's choice).
+        where: the file/field prefix of the message.
+    """
+    for la in layers:
+        for choice in choices.get(la.name, ()):
+            reason = backend.fallback_reason(la, choice)
+            if reason is not None:
+                raise FallbackError(
+                    f"{where}: layer {la.name!r} {describe(choice)}: backend {backend.name!r} "
+                    f"cannot run it as asked ({reason}) and latency.allow_fallback is false"
+                )
 
 
 def get_backend(name: str) -> Backend:

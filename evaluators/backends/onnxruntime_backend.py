@@ -30,7 +30,7 @@ from torch import nn
 
 from mpq.evaluators.backends.base import Lowered, register_backend
 from mpq.spaces.discover import LayerInfo
-from mpq.spaces.space import INT_BITS_MAX, LayerChoice, QuantConfig
+from mpq.spaces.space import INT_BITS_MAX, KEEP, LayerChoice, QuantConfig
 
 logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 BLOCK = 32
@@ -138,6 +138,27 @@ class OnnxRuntimeBackend:
     def supported_w_bits(self, layer: LayerInfo) -> tuple[int, ...]:
         return (*NBITS, 32) if layer.kind in ("linear", "attention_in_proj") else (32,)
 
+    def fallback_reason(self, layer: LayerInfo, choice: LayerChoice) -> str | None:
+        if choice.w_bits == KEEP:
+            return None
+        if layer.kind not in ("linear", "attention_in_proj"):
+            return f"w{choice.w_bits} -> float32: no low-bit kernel wired for {layer.kind}"
+        if choice.w_bits > INT_BITS_MAX:
+            return f"w{choice.w_bits} -> float32: float16 has no faster CPU kernel"
+        ran = _ran_choice(choice, layer)
+        if (
+            ran.w_bits != choice.w_bits
+            or ran.granularity != choice.granularity
+            or (ran.group_size != choice.group_size)
+        ):
+            layout = f"block{BLOCK}" if ran.granularity == "per_group" else ran.granularity
+            return f"w{choice.w_bits} {choice.granularity} -> int{ran.w_bits} {layout}"
+        if choice.a_bits == 8 and choice.act_mode == "static":
+            return "static int8 activations -> dynamic int8 inside MatMulNBits"
+        if choice.a_bits == 16:
+            return "a16 -> float32 activations"
+        return None
+
     def lower(
         self,
         model: nn.Module,
@@ -165,18 +186,18 @@ class OnnxRuntimeBackend:
                 groups.setdefault((bits, c.symmetric, level), []).extend(nodes[la.name])
                 kernels[la.name] = f"MatMulNBits int{bits} block{BLOCK} acc{level}"
                 ran[la.name] = _ran_choice(c, la)
-                if bits != c.w_bits or c.granularity != "per_group" or c.group_size != BLOCK:
-                    fallbacks[la.name] = f"w{c.w_bits} {c.granularity} -> int{bits} block{BLOCK}"
+                reason = self.fallback_reason(la, c)
+                if reason is not None:
+                    fallbacks[la.name] = reason
             else:
                 kernels[la.name] = "float32 (onnxruntime)"
                 ran[la.name] = LayerChoice()
-                if c.w_bits != 32:
-                    why = (
-                        "no low-bit kernel wired for this kind"
-                        if la.name not in nodes
-                        else "float16 has no faster CPU kernel"
+                if c.w_bits != KEEP:
+                    fallbacks[la.name] = (
+                        f"w{c.w_bits} -> float32: no MatMul node found for it in the export"
+                        if la.kind in ("linear", "attention_in_proj") and la.name not in nodes
+                        else str(self.fallback_reason(la, c))
                     )
-                    fallbacks[la.name] = f"w{c.w_bits} -> float32: {why}"
         for (bits, symmetric, level), names in sorted(groups.items()):
             q = MatMulNBitsQuantizer(
                 proto,

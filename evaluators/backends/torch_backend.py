@@ -23,7 +23,7 @@ from torch import nn
 from mpq.evaluators.apply import quantize_weights_
 from mpq.evaluators.backends.base import Lowered, register_backend
 from mpq.spaces.discover import LayerInfo
-from mpq.spaces.space import INT_BITS_MAX, QuantConfig
+from mpq.spaces.space import INT_BITS_MAX, KEEP, LayerChoice, QuantConfig
 
 INT8_DYNAMIC = "int8 dynamic (torch quantize_dynamic)"
 FLOAT32 = "float32 (torch eager)"
@@ -44,6 +44,19 @@ class TorchBackend:
         if layer.kind == "linear" or layer.kind in _RECURRENT:
             return (8, 32)
         return (32,)
+
+    def fallback_reason(self, layer: LayerInfo, choice: LayerChoice) -> str | None:
+        # NOTE: a Linear inside nn.MultiheadAttention (out_proj) is only known at lower() time;
+        # lower() records it and, with fallback disabled, the trial fails with that reason.
+        if choice.w_bits == KEEP:
+            return None
+        if choice.w_bits > INT_BITS_MAX:
+            return f"w{choice.w_bits} -> float32: no eager float16 CPU kernel"
+        if layer.kind != "linear" and layer.kind not in _RECURRENT:
+            return f"w{choice.w_bits} -> float32: no eager int kernel for {layer.kind}"
+        if choice.w_bits < 8:
+            return f"w{choice.w_bits} -> int8: no CPU kernel below 8 bits in torch"
+        return None
 
     def lower(
         self,
@@ -75,17 +88,15 @@ class TorchBackend:
             for la, want in zip(group, wants_int, strict=True):
                 bits = config.layers[la.name].w_bits
                 kernels[la.name] = INT8_DYNAMIC if runs_int else FLOAT32
-                if want and not runs_int:
-                    why = (
-                        "no eager int kernel for this kind"
-                        if not real
-                        else "a recurrent module quantizes whole; a sibling weight stays float"
+                reason = self.fallback_reason(la, config.layers[la.name])
+                if want and not runs_int and reason is None:  # found only here, not from kind
+                    reason = f"w{bits} -> float32: " + (
+                        "a recurrent module quantizes whole; a sibling weight stays float"
+                        if real
+                        else "nn.MultiheadAttention reads out_proj.weight directly"
                     )
-                    fallbacks[la.name] = f"w{bits} -> float32: {why}"
-                elif runs_int and bits < 8:
-                    fallbacks[la.name] = f"w{bits} -> int8: no CPU kernel below 8 bits in torch"
-                elif bits == 16:
-                    fallbacks[la.name] = "w16 -> float32: no eager float16 CPU kernel"
+                if reason is not None:
+                    fallbacks[la.name] = reason
         if modules:
             qconfig = torch.ao.quantization.default_dynamic_qconfig
             with warnings.catch_warnings():

@@ -11,6 +11,7 @@ import torch
 
 from mpq.evaluators.apply import apply_config
 from mpq.evaluators.backends import BACKENDS, get_backend
+from mpq.evaluators.backends.base import FallbackError, check_no_fallback
 from mpq.evaluators.latency import measure_latency
 from mpq.evaluators.proxy import first_tensor
 from mpq.spaces.discover import discover_layers
@@ -118,3 +119,45 @@ def test_unknown_backend() -> None:
 def test_latency_argument_errors() -> None:
     with pytest.raises(ValueError, match="latency runs=2 must be >= 3"):
         measure_latency(lambda: None, runs=2)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_fallback_reason_is_what_lower_records(backend: str, model_name: str) -> None:
+    """The up-front check (``fallback_reason``) and the lowering agree layer by layer."""
+    builder, inputs_fn = MODELS[model_name]
+    model = builder().eval()
+    x = inputs_fn() if inputs_fn else example_inputs(model, batch=1)
+    layers = discover_layers(model)
+    b = get_backend(backend)
+    for seed in (0, 1, 2):
+        config = _random_config(layers, seed)
+        lowered = b.lower(model, layers, config, x)
+        for la in layers:
+            reason = b.fallback_reason(la, config.layers[la.name])
+            if reason is not None:
+                assert lowered.fallbacks.get(la.name) == reason, la.name
+            elif la.name in lowered.fallbacks:  # known only at lowering: MHA's out_proj, or
+                # a torch GRU whose sibling weight stays float
+                assert backend == "torch", la.name
+                assert la.name.endswith("out_proj") or la.kind == "gru", la.name
+
+
+def test_fallback_disabled_is_an_error_naming_the_layer() -> None:
+    model = ConvNet().eval()
+    layers = discover_layers(model)
+    b = get_backend("onnxruntime")
+    asked = {
+        la.name: (LayerChoice(w_bits=4, granularity="per_group", group_size=32),) for la in layers
+    }
+    with pytest.raises(
+        FallbackError,
+        match=r"^t: layer 'conv1' w:int4 a:float: backend "
+        r"'onnxruntime' cannot run it as asked \(w4 -> float32: no low-bit "
+        r"kernel wired for conv2d\) and latency.allow_fallback is false$",
+    ):
+        check_no_fallback(b, layers, asked, "t")
+    fc = tuple(la for la in layers if la.name == "fc")  # reduction 16: no block of 32 fits
+    with pytest.raises(FallbackError, match=r"\(w4 per_group -> int4 per_channel\)"):
+        check_no_fallback(b, fc, asked, "t")
+    check_no_fallback(b, fc, {"fc": (LayerChoice(w_bits=4),)}, "t")  # runs as asked

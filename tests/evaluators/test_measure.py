@@ -1,0 +1,42 @@
+"""The evaluator: what ran is recorded with its size, and fallback can be refused per trial."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpq.evaluators.backends.base import FallbackError
+from mpq.evaluators.measure import EvalSpec, Evaluator
+from mpq.evaluators.size import config_size
+from mpq.spaces.space import LayerChoice, QuantConfig
+
+SPEC = EvalSpec(
+    model="tests.models:build_convnet",
+    task="tests.models:convnet_task",
+    calibration="tests.models:convnet_calibration",
+    latency_warmup=1,
+    latency_runs=3,
+)
+
+
+def test_latency_records_what_ran_and_its_size() -> None:
+    ev = Evaluator(SPEC)
+    config = QuantConfig.uniform(ev.layers, LayerChoice(w_bits=3))
+    out = ev.latency(config)
+    assert out["fallbacks"]["fc"] == "w3 per_channel -> int4 per_channel"
+    assert out["ran_config"]["layers"]["fc"]["w_bits"] == 4
+    assert out["ran_config"]["layers"]["conv1"]["w_bits"] == 32  # no conv kernel: float
+    asked_bytes = config_size(ev.model, ev.layers, config).total_bytes
+    assert out["latency_ms"] > 0 and out["ran_size_bytes"] > asked_bytes  # 3 -> 4 bits, convs
+
+
+def test_fallback_disabled_fails_the_measurement_with_the_reason() -> None:
+    import dataclasses
+
+    ev = Evaluator(dataclasses.replace(SPEC, allow_fallback=False))
+    config = QuantConfig.uniform(ev.layers, LayerChoice(w_bits=4))
+    with pytest.raises(
+        FallbackError,
+        match=r"^layer 'conv1': backend 'onnxruntime' cannot run it as asked \(w4 -> float32: "
+        r"no low-bit kernel wired for conv2d\) and latency.allow_fallback is false$",
+    ):
+        ev.latency(config)
