@@ -1,6 +1,6 @@
 """mpq's search against what users would pick instead, on the embedded VLA policy.
 
-    python benchmarks/compare.py [--trials 16] [--seeds 0 1 2] [--episodes 50]
+    python benchmarks/compare.py [--budgets 24 48] [--seeds 0 1 2] [--episodes 50]
 
 Rows, all measured in this run with the same task (fixed evaluation seeds, `--episodes` per
 level), the same space and the same kernels (onnxruntime, batch 1, 1 thread):
@@ -11,9 +11,12 @@ level), the same space and the same kernels (onnxruntime, batch 1, 1 thread):
 - random search, plain NSGA-II and TPE without seeds, and mpq (sensitivity-seeded NSGA-II with
   screening), each at the same trial budget.
 
-For each search: hypervolume of its feasible front (reference point: success 0, float size,
-2x float latency; objectives normalised by the float model), the smallest feasible model and
-the best feasible paired speed-up, trials and wall time.
+For each search: hypervolume of its feasible front after the first N trials for each budget N
+(a study run to the largest budget; its first N trials are what a run of N trials would have
+done with the same seed), reference point: success 0, float size, 2x float latency, objectives
+normalised by the float model; the smallest feasible model and the best feasible paired
+speed-up, trials, episodes spent and wall time. The seed configurations alone (greedy, uniform)
+are scored the same way, each as a front of its own.
 """
 
 from __future__ import annotations
@@ -77,30 +80,28 @@ def row_of(t, ref) -> str:  # type: ignore[no-untyped-def]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "examples/babyai/search.yaml"))
-    p.add_argument("--trials", type=int, default=16)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--budgets", type=int, nargs="+", default=[24, 48])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--episodes", type=int, default=50, help="task budget per level")
     args = p.parse_args()
     base = load_search_config(args.config, task_budget=args.episodes, screen_budget=10)
     base = base.model_copy(update={"population_size": 8})
     init_ray(base)
+    trials = max(args.budgets)
     results: dict[str, list] = {k: [] for k in VARIANTS}  # type: ignore[type-arg]
-    seeded = None
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in VARIANTS.items():
             for seed in args.seeds:
                 study, wall = run_variant(
-                    base, overrides, seed, args.trials, Path(tmp) / f"{name}{seed}"
+                    base, overrides, seed, trials, Path(tmp) / f"{name}{seed}"
                 )
                 results[name].append((study, wall))
-                if name.startswith("mpq") and seeded is None:
-                    seeded = study
                 print(
                     f"# {name} seed {seed}: hv {hypervolume(study):.4f} in {wall:.0f}s", flush=True
                 )
     ray.shutdown()
-    assert seeded is not None
-    ref = seeded.user_attrs["float_reference"]
+    seeded = [s for s, _ in results["mpq (seeded NSGA-II + screening)"]]
+    ref = seeded[0].user_attrs["float_reference"]
     print(
         f"\nFloat policy: success {ref['success']:.3f} ({ref['success_lo']:.3f}-"
         f"{ref['success_hi']:.3f}), {ref['size_bytes']:,} bytes, {ref['latency_ms']:.3f} ms "
@@ -109,17 +110,30 @@ def main() -> None:
     )
     print("| configuration | success (95% CI) | size ratio | speed-up (paired) |")
     print("|---|---|---|---|")
-    for t in seeded.trials:
+    for t in seeded[0].trials:
         if "seed" in t.user_attrs and t.state == TrialState.COMPLETE:
             print(f"| {t.user_attrs['seed']} | {row_of(t, ref)} |")
+    budgets = sorted(args.budgets)
     print(
-        f"\n| search ({args.trials} trials, seeds {args.seeds}) | hypervolume mean (min-max) | "
-        "smallest feasible: success, size ratio, speed-up | best feasible speed-up | "
-        "trials complete/pruned/failed | wall s |"
+        f"\n| search (seeds {args.seeds}) | "
+        + " | ".join(f"hypervolume at {n} trials, mean (min-max)" for n in budgets)
+        + " | smallest feasible: success, size ratio, speed-up | best feasible speed-up | "
+        "trials complete/pruned/failed | episodes | wall s per trial |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---" * (len(budgets) + 6) + "|")
+    for label, prefix in SEED_ROWS.items():  # the seed configurations alone
+        hvs = [
+            hypervolume(
+                s, [t for t in s.trials if t.user_attrs.get("seed", "").startswith(prefix)]
+            )
+            for s in seeded
+        ]
+        cells = " | ".join(_spread(hvs) for _ in budgets)
+        print(f"| {label} | {cells} | | | | | |")
     for name, runs in results.items():
-        hvs = [hypervolume(s) for s, _ in runs]
+        cells = " | ".join(
+            _spread([hypervolume(s, _first(s, n)) for s, _ in runs]) for n in budgets
+        )
         study = runs[0][0]
         feas = [t for t in study.trials if t.state == TrialState.COMPLETE and feasible(t)]
         small = min(feas, key=lambda t: t.user_attrs["size_bytes"]) if feas else None
@@ -128,11 +142,30 @@ def main() -> None:
         counts = "/".join(
             str(states.count(s)) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
         )
-        print(
-            f"| {name} | {statistics.mean(hvs):.4f} ({min(hvs):.4f}-{max(hvs):.4f}) | "
-            f"{row_of(small, ref) if small else 'none'} | {fast:.2f}x | {counts} | "
-            f"{statistics.mean(w for _, w in runs):.0f} |"
+        episodes = statistics.mean(
+            sum(int(t.user_attrs.get("episodes", 0)) for t in s.trials) for s, _ in runs
         )
+        per_trial = statistics.mean(w / len(s.trials) for s, w in runs)
+        print(
+            f"| {name} | {cells} | {row_of(small, ref) if small else 'none'} | {fast:.2f}x | "
+            f"{counts} | {episodes:.0f} | {per_trial:.1f} |"
+        )
+
+
+SEED_ROWS = {
+    "uniform W8A8 alone": "uniform-8",
+    "uniform W4A8 alone": "uniform-4",
+    "greedy sensitivity allocation alone (75/60/50%)": "greedy",
+}
+
+
+def _first(study, n: int):  # type: ignore[no-untyped-def]
+    """The trials a run of ``n`` trials would have finished: the first ``n`` by number."""
+    return [t for t in study.trials if t.number < n]
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})"
 
 
 if __name__ == "__main__":

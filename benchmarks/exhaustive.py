@@ -1,0 +1,155 @@
+"""How much of the true Pareto front each search finds, on a space small enough to enumerate.
+
+    python benchmarks/exhaustive.py [--episodes 30] [--budgets 24 48] [--seeds 0 1 2]
+
+The space: the embedded VLA policy with five layers searched (``fuse``, both ``memory_gru``
+weights, ``ffn_in``, ``action_head``; weights 3, 4 or 8 bits, 8-bit activations) and every
+other layer in float: 3^5 = 243 configurations. Step 1 measures all of them with the real
+search (Ray workers, onnxruntime kernels, the task's fixed evaluation seeds): that is the
+exhaustive front. Step 2 replays each sampler against that table (a tabular benchmark, as in
+NAS-Bench: the sampler asks, the measured values answer), three seeds each, so every sampler
+sees exactly the same measurements. Reported: the share of the exhaustive front's hypervolume
+(same reference point and normalisation as ``search/pareto.py``) reached within each budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SEARCHED = ("fuse", "memory_gru.weight_ih", "memory_gru.weight_hh", "ffn_in", "action_head")
+SAMPLERS = ("random", "nsga2", "tpe", "gp")
+
+
+def main() -> None:
+    import ray
+
+    from mpq.search import study as study_mod
+    from mpq.search.config import load_search_config
+    from mpq.search.pareto import hypervolume
+    from mpq.search.runner import Runner, init_ray
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--episodes", type=int, default=30, help="task budget per level")
+    p.add_argument("--budgets", type=int, nargs="+", default=[24, 48])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--layers", nargs="+", default=list(SEARCHED), help="the searched layers")
+    args = p.parse_args()
+    space = {
+        "defaults": {"w_bits": [32], "a_bits": [32]},
+        "overrides": [{"match": n, "w_bits": [3, 4, 8], "a_bits": [8]} for n in args.layers],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_search_config(
+            str(ROOT / "examples/babyai/search.yaml"),
+            task_budget=args.episodes,
+            screen_budget=0,
+            space=space,
+            sampler="random",
+            output_dir=tmp,
+            storage=None,
+            tracking={"enabled": False},
+            sensitivity={"uniform_bits": [8, 4], "budgets": [0.75, 0.6, 0.5]},
+        )
+        init_ray(cfg)
+        runner = Runner(cfg)
+        runner.prepare()
+        grid = [
+            {f"{n}/w_bits": b for n, b in zip(args.layers, combo, strict=True)}
+            for combo in _product([3, 4, 8], len(args.layers))
+        ]
+        for params in grid:
+            runner.study.enqueue_trial(params)
+        runner.cfg = cfg.model_copy(update={"trials": len(runner.study.trials)})
+        full = runner.run().study
+        ray.shutdown()
+
+    table = {
+        t.user_attrs["config_key"]: t
+        for t in full.trials
+        if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs
+    }
+    exhaustive_hv = hypervolume(full)
+    ref = full.user_attrs["float_reference"]
+    print(
+        f"\n{len(table)} configurations measured ({args.episodes} episodes per level); float: "
+        f"success {ref['success']:.3f}, {ref['size_bytes']:,} bytes, {ref['latency_ms']:.3f} ms. "
+        f"Exhaustive front: {len(_front(full))} configurations, hypervolume {exhaustive_hv:.4f} "
+        "(reference: success 0, float size, 2x float latency; normalised by the float model).\n"
+    )
+    seeds_of = {t.user_attrs["seed"]: t for t in full.trials if "seed" in t.user_attrs}
+    seed_params = [t.params for label, t in sorted(seeds_of.items())]
+    dists = study_mod.distributions(runner.resolved)
+
+    def replay(sampler: str, seed: int, trials: int, enqueue: list) -> optuna.Study:  # type: ignore[type-arg]
+        s_cfg = cfg.model_copy(update={"sampler": sampler, "seed": seed})
+        study = optuna.create_study(
+            directions=full.directions, sampler=study_mod.make_sampler(s_cfg)
+        )
+        study.set_user_attr("objectives", full.user_attrs["objectives"])
+        study.set_user_attr("float_reference", ref)
+        for params in enqueue:
+            study.enqueue_trial(params)
+        for _ in range(trials):
+            trial = study.ask(dists)
+            key = study_mod.config_from_params(runner.resolved, trial.params).key()
+            measured = table.get(key)
+            if measured is None:  # failed when measured: failed here too
+                study.tell(trial, state=TrialState.FAIL)
+                continue
+            names = list(study_mod.constraint_values(cfg, measured.user_attrs, ref["success"]))
+            for name, value in zip(names, measured.user_attrs["constraints"], strict=True):
+                trial.set_constraint(name, value)
+            trial.set_user_attr("constraints", measured.user_attrs["constraints"])
+            study.tell(trial, measured.values)
+        return study
+
+    budgets = sorted(args.budgets)
+    header = " | ".join(f"share at {n} trials, mean (min-max)" for n in budgets)
+    print(f"| search (seeds {args.seeds}) | {header} |")
+    print("|---" * (len(budgets) + 1) + "|")
+    for label, prefix in (
+        ("uniform W8A8 alone", "uniform-8"),
+        ("uniform W4A8 alone", "uniform-4"),
+        ("greedy sensitivity alone (75/60/50%)", "greedy"),
+    ):
+        trials = [t for k, t in seeds_of.items() if k.startswith(prefix)]
+        share = hypervolume(full, trials) / exhaustive_hv
+        print(f"| {label} | " + " | ".join(f"{share:.3f}" for _ in budgets) + " |")
+    rows = {f"{s} (plain)": (s, []) for s in SAMPLERS}
+    rows["mpq: NSGA-II seeded with greedy + uniform"] = ("nsga2", seed_params)
+    for label, (sampler, enqueue) in rows.items():
+        shares = {n: [] for n in budgets}  # type: ignore[var-annotated]
+        for seed in args.seeds:
+            study = replay(sampler, seed, max(budgets), enqueue)
+            for n in budgets:
+                first = [t for t in study.trials if t.number < n]
+                shares[n].append(hypervolume(study, first) / exhaustive_hv)
+        cells = " | ".join(
+            f"{statistics.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" for v in shares.values()
+        )
+        print(f"| {label} | {cells} |")
+
+
+def _product(values: list[int], n: int) -> list[tuple[int, ...]]:
+    import itertools
+
+    return list(itertools.product(values, repeat=n))
+
+
+def _front(study: optuna.Study) -> list:  # type: ignore[type-arg]
+    from mpq.search.pareto import front_trials
+
+    return front_trials(study)
+
+
+if __name__ == "__main__":
+    main()
