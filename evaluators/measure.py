@@ -85,7 +85,12 @@ class Evaluator:
                 self.model, self.layers, keep, self.example_inputs, s.latency_threads
             )
         lowered = self.backend.lower(
-            self.model, self.layers, config, self.example_inputs, s.latency_threads
+            self.model,
+            self.layers,
+            config,
+            self.example_inputs,
+            s.latency_threads,
+            calibration=self.calibration,
         )
         if not s.allow_fallback and lowered.fallbacks:
             name, reason = next(iter(lowered.fallbacks.items()))

@@ -50,7 +50,13 @@ class Backend(Protocol):
         config: QuantConfig,
         example_inputs: tuple[Any, ...],
         threads: int = 1,
-    ) -> Lowered: ...
+        calibration: list[tuple[Any, ...]] | None = None,
+    ) -> Lowered:
+        """The model with ``config`` on this backend's kernels, runnable on ``example_inputs``.
+
+        ``calibration`` (batches of model inputs) sets the ranges of static int8 activations.
+        """
+        ...
 
 
 BACKENDS: dict[str, Callable[[], Backend]] = {}

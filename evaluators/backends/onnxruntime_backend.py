@@ -10,7 +10,13 @@ Lowering that is recorded per layer, never hidden:
 
 - 3 bits runs as 4, 5 and 6 bits as 8 (the kernel has 2, 4 and 8); per-channel and per-tensor
   scales run as block-32 scales (finer, the kernel's only layout).
-- Conv, GRU/LSTM/RNN and Embedding run in float32 here (no low-bit kernel wired for them yet).
+- Conv1d/Conv2d with ``w_bits`` <= 8 and ``a_bits`` 8: static QDQ int8 -- ``QuantizeLinear``/
+  ``DequantizeLinear`` around the ``Conv`` (input and output ranges calibrated on the project's
+  calibration batches with the notes' min-max formula, uint8 asymmetric per tensor; weights
+  int8 symmetric per output channel), which ONNX Runtime fuses into ``QLinearConv``. Narrower
+  weights run as int8, dynamic activation ranges as calibrated static ones (ORT's dynamic int8
+  conv is slow); without calibration data the conv runs in float32. All recorded.
+- Conv3d, GRU/LSTM/RNN and Embedding run in float32 here (no low-bit kernel wired for them).
 - NOTE: the exporter emits ``Gemm`` for a Linear on 2-D input, which ``MatMulNBits`` skips; such
   nodes are rewritten to ``MatMul`` + ``Add`` first.
 """
@@ -29,6 +35,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from mpq.evaluators.backends.base import Lowered, register_backend
+from mpq.evaluators.quantize import choose_qparams, quantize, weight_qparams
 from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import INT_BITS_MAX, KEEP, LayerChoice, QuantConfig
 
@@ -120,6 +127,90 @@ def matmul_nodes(
     return out
 
 
+QDQ_CONV = ("conv1d", "conv2d")
+CONV_RAN = LayerChoice(w_bits=8, a_bits=8, granularity="per_channel", act_mode="static")
+
+
+def conv_nodes(model: onnx.ModelProto, layers: tuple[LayerInfo, ...]) -> dict[str, onnx.NodeProto]:
+    """Layer name -> the ``Conv`` node whose weight input is that layer's parameter."""
+    by_weight = {f"{la.module}.{la.param}": la.name for la in layers if la.kind in QDQ_CONV}
+    return {
+        by_weight[n.input[1]]: n
+        for n in model.graph.node
+        if n.op_type == "Conv" and n.input[1] in by_weight
+    }
+
+
+def conv_ranges(
+    model: nn.Module, modules: list[str], calibration: list[tuple[Any, ...]]
+) -> dict[str, tuple[float, float, float, float]]:
+    """Per conv module: (input min, input max, output min, output max) over the calibration."""
+    seen = {m: [np.inf, -np.inf, np.inf, -np.inf] for m in modules}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def record(_m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            r, x = seen[name], args[0]
+            r[0], r[1] = min(r[0], float(x.min())), max(r[1], float(x.max()))
+            r[2], r[3] = min(r[2], float(out.min())), max(r[3], float(out.max()))
+
+        return record
+
+    handles = [model.get_submodule(m).register_forward_hook(hook(m)) for m in modules]
+    try:
+        with torch.inference_mode():
+            for batch in calibration:
+                model(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {m: (r[0], r[1], r[2], r[3]) for m, r in seen.items()}
+
+
+def _uint8_qparams(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    qp = choose_qparams(torch.tensor(lo), torch.tensor(hi), 8, symmetric=False)
+    return np.float32(qp.scale.item()), np.uint8(int(qp.zero_point.item()))
+
+
+def qdq_conv(
+    model: onnx.ModelProto, node: onnx.NodeProto, ranges: tuple[float, float, float, float]
+) -> list[onnx.NodeProto]:
+    """``Q/DQ(x) -> Conv(DQ(int8 W)) -> Q/DQ(y)`` in place of ``node`` (ORT: ``QLinearConv``)."""
+    graph, p = model.graph, node.name or node.output[0]
+    w = numpy_helper.to_array(next(i for i in graph.initializer if i.name == node.input[1]))
+    grouped, qp = weight_qparams(torch.tensor(w), 8, "per_channel", None, symmetric=True)
+    w_q = quantize(grouped, qp).reshape(w.shape).numpy().astype(np.int8)
+    s_w = qp.scale.reshape(-1).numpy().astype(np.float32)
+    s_x, z_x = _uint8_qparams(ranges[0], ranges[1])
+    s_y, z_y = _uint8_qparams(ranges[2], ranges[3])
+    for arr, name in (
+        (s_x, "sx"),
+        (z_x, "zx"),
+        (s_y, "sy"),
+        (z_y, "zy"),
+        (w_q, "wq"),
+        (s_w, "sw"),
+        (np.zeros(len(s_w), np.int8), "zw"),
+    ):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(arr), f"{p}_{name}"))
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    def qdq(op: str, src: str, dst: str, k: str) -> onnx.NodeProto:
+        return helper.make_node(op, [src, f"{p}_s{k}", f"{p}_z{k}"], [dst])
+
+    return [
+        qdq("QuantizeLinear", node.input[0], f"{p}_xq", "x"),
+        qdq("DequantizeLinear", f"{p}_xq", f"{p}_xd", "x"),
+        helper.make_node(
+            "DequantizeLinear", [f"{p}_wq", f"{p}_sw", f"{p}_zw"], [f"{p}_wd"], axis=0
+        ),
+        helper.make_node(
+            "Conv", [f"{p}_xd", f"{p}_wd", *node.input[2:]], [f"{p}_y"], name=p, **attrs
+        ),
+        qdq("QuantizeLinear", f"{p}_y", f"{p}_yq", "y"),
+        qdq("DequantizeLinear", f"{p}_yq", node.output[0], "y"),
+    ]
+
+
 def _ran_choice(choice: LayerChoice, layer: LayerInfo) -> LayerChoice:
     gran = "per_group" if layer.reduction_size % BLOCK == 0 else "per_channel"
     return LayerChoice(
@@ -140,6 +231,17 @@ class OnnxRuntimeBackend:
 
     def fallback_reason(self, layer: LayerInfo, choice: LayerChoice) -> str | None:
         if choice.w_bits == KEEP:
+            return None
+        if layer.kind in QDQ_CONV and choice.w_bits <= INT_BITS_MAX:
+            if choice.a_bits != 8:
+                return f"w{choice.w_bits} -> float32: QLinearConv needs a_bits 8 (no weight-only)"
+            c = CONV_RAN
+            asked = (choice.w_bits, choice.granularity, choice.symmetric, choice.act_mode)
+            if asked != (c.w_bits, c.granularity, c.symmetric, c.act_mode):
+                return (
+                    f"w{choice.w_bits} {choice.granularity} a8 {choice.act_mode} -> int8 "
+                    "per_channel a8 static (QLinearConv)"
+                )
             return None
         if layer.kind not in ("linear", "attention_in_proj"):
             return f"w{choice.w_bits} -> float32: no low-bit kernel wired for {layer.kind}"
@@ -166,6 +268,7 @@ class OnnxRuntimeBackend:
         config: QuantConfig,
         example_inputs: tuple[Any, ...],
         threads: int = 1,
+        calibration: list[tuple[Any, ...]] | None = None,
     ) -> Lowered:
         import onnxruntime as ort
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -179,9 +282,35 @@ class OnnxRuntimeBackend:
         fallbacks: dict[str, str] = {}
         groups: dict[tuple[int, bool, int], list[str]] = {}
         ran: dict[str, LayerChoice] = {}
+        convs = conv_nodes(proto, layers)
+        qdq = {
+            la.name: la
+            for la in layers
+            if la.name in convs
+            and config.layers[la.name].w_bits <= INT_BITS_MAX
+            and config.layers[la.name].a_bits == 8
+            and calibration
+        }
+        ranges = conv_ranges(model, sorted({la.module for la in qdq.values()}), calibration or [])
+        replaced = {
+            convs[name].output[0]: qdq_conv(proto, convs[name], ranges[la.module])
+            for name, la in qdq.items()
+        }
+        if replaced:
+            new_nodes = []
+            for n in proto.graph.node:
+                new_nodes.extend(replaced.get(n.output[0], [n]) if n.op_type == "Conv" else [n])
+            del proto.graph.node[:]
+            proto.graph.node.extend(new_nodes)
         for la in layers:
             c = config.layers[la.name]
-            if la.name in nodes and c.w_bits <= INT_BITS_MAX:
+            if la.name in qdq:
+                kernels[la.name] = "QLinearConv int8 (static QDQ)"
+                ran[la.name] = CONV_RAN
+                reason = self.fallback_reason(la, c)
+                if reason is not None:
+                    fallbacks[la.name] = reason
+            elif la.name in nodes and c.w_bits <= INT_BITS_MAX:
                 bits, level = nbits_for(c.w_bits), 4 if c.a_bits == 8 else 1
                 groups.setdefault((bits, c.symmetric, level), []).extend(nodes[la.name])
                 kernels[la.name] = f"MatMulNBits int{bits} block{BLOCK} acc{level}"
@@ -193,11 +322,17 @@ class OnnxRuntimeBackend:
                 kernels[la.name] = "float32 (onnxruntime)"
                 ran[la.name] = LayerChoice()
                 if c.w_bits != KEEP:
-                    fallbacks[la.name] = (
-                        f"w{c.w_bits} -> float32: no MatMul node found for it in the export"
-                        if la.kind in ("linear", "attention_in_proj") and la.name not in nodes
-                        else str(self.fallback_reason(la, c))
-                    )
+                    fallbacks[la.name] = self.fallback_reason(la, c) or ""
+                    if la.kind in ("linear", "attention_in_proj") and la.name not in nodes:
+                        fallbacks[la.name] = (
+                            f"w{c.w_bits} -> float32: no MatMul node in the export"
+                        )
+                    elif la.kind in QDQ_CONV and la.name not in convs:
+                        fallbacks[la.name] = f"w{c.w_bits} -> float32: no Conv node in the export"
+                    elif la.kind in QDQ_CONV and c.w_bits <= INT_BITS_MAX and c.a_bits == 8:
+                        fallbacks[la.name] = (
+                            f"w{c.w_bits} -> float32: static int8 conv needs calibration data"
+                        )
         for (bits, symmetric, level), names in sorted(groups.items()):
             q = MatMulNBitsQuantizer(
                 proto,

@@ -65,6 +65,7 @@ class TorchBackend:
         config: QuantConfig,
         example_inputs: tuple[Any, ...],
         threads: int = 1,
+        calibration: list[tuple[Any, ...]] | None = None,  # dynamic kernels only: unused
     ) -> Lowered:
         import copy
 

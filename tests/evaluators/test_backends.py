@@ -71,7 +71,7 @@ def test_lowered_matches_simulated(backend: str, model_name: str, seed: int) -> 
     x = inputs_fn() if inputs_fn else example_inputs(model, batch=1)
     layers = discover_layers(model)
     config = _random_config(layers, seed)
-    lowered = get_backend(backend).lower(model, layers, config, x)
+    lowered = get_backend(backend).lower(model, layers, config, x, calibration=[x])
     assert set(lowered.kernels) == {la.name for la in layers}
     for la in layers:  # every asked choice that did not run as asked is recorded
         asked = config.layers[la.name].w_bits
@@ -81,7 +81,8 @@ def test_lowered_matches_simulated(backend: str, model_name: str, seed: int) -> 
     with torch.inference_mode():
         out = _numpy(lowered.run()).float()
         ref = first_tensor(model(*x)).float()
-        sim = first_tensor(apply_config(model, lowered.ran_config, layers=layers)(*x)).float()
+        simulated = apply_config(model, lowered.ran_config, [x], layers=layers)
+        sim = first_tensor(simulated(*x)).float()
     assert out.shape == ref.shape
     narrowest = min(c.w_bits for c in lowered.ran_config.layers.values())
     tol = TOLERANCE[min(k for k in TOLERANCE if k >= narrowest)]
@@ -132,7 +133,7 @@ def test_fallback_reason_is_what_lower_records(backend: str, model_name: str) ->
     b = get_backend(backend)
     for seed in (0, 1, 2):
         config = _random_config(layers, seed)
-        lowered = b.lower(model, layers, config, x)
+        lowered = b.lower(model, layers, config, x, calibration=[x])
         for la in layers:
             reason = b.fallback_reason(la, config.layers[la.name])
             if reason is not None:
@@ -153,11 +154,47 @@ def test_fallback_disabled_is_an_error_naming_the_layer() -> None:
     with pytest.raises(
         FallbackError,
         match=r"^t: layer 'conv1' w:int4 a:float: backend "
-        r"'onnxruntime' cannot run it as asked \(w4 -> float32: no low-bit "
-        r"kernel wired for conv2d\) and latency.allow_fallback is false$",
+        r"'onnxruntime' cannot run it as asked \(w4 -> float32: QLinearConv needs "
+        r"a_bits 8 \(no weight-only\)\) and latency.allow_fallback is false$",
     ):
         check_no_fallback(b, layers, asked, "t")
     fc = tuple(la for la in layers if la.name == "fc")  # reduction 16: no block of 32 fits
     with pytest.raises(FallbackError, match=r"\(w4 per_group -> int4 per_channel\)"):
         check_no_fallback(b, fc, asked, "t")
     check_no_fallback(b, fc, {"fc": (LayerChoice(w_bits=4),)}, "t")  # runs as asked
+
+
+def test_static_int8_conv_is_fused_into_qlinearconv(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The QDQ pattern we write is what ORT turns into its int8 conv kernel (not float conv)."""
+    import onnx
+    import onnxruntime as ort
+
+    from mpq.evaluators.backends.onnxruntime_backend import (
+        conv_nodes,
+        conv_ranges,
+        export_onnx,
+        qdq_conv,
+    )
+
+    model = ConvNet().eval()
+    x = example_inputs(model, batch=1)
+    layers = discover_layers(model)
+    config = QuantConfig.uniform(layers, LayerChoice(w_bits=8, a_bits=8, act_mode="static"))
+    lowered = get_backend("onnxruntime").lower(model, layers, config, x, calibration=[x])
+    assert lowered.kernels["conv1"] == "QLinearConv int8 (static QDQ)"
+    assert "conv1" not in lowered.fallbacks  # asked exactly what runs
+
+    proto = export_onnx(model, x)
+    convs = conv_nodes(proto, layers)
+    ranges = conv_ranges(model, ["conv1", "conv2"], [x])
+    replaced = {
+        convs[n].output[0]: qdq_conv(proto, convs[n], ranges[n]) for n in ("conv1", "conv2")
+    }
+    nodes = [m for n in proto.graph.node for m in replaced.get(n.output[0], [n])]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 2

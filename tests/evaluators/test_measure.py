@@ -37,6 +37,6 @@ def test_fallback_disabled_fails_the_measurement_with_the_reason() -> None:
     with pytest.raises(
         FallbackError,
         match=r"^layer 'conv1': backend 'onnxruntime' cannot run it as asked \(w4 -> float32: "
-        r"no low-bit kernel wired for conv2d\) and latency.allow_fallback is false$",
+        r"QLinearConv needs a_bits 8 \(no weight-only\)\) and latency.allow_fallback is false$",
     ):
         ev.latency(config)
