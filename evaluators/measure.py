@@ -109,6 +109,7 @@ class Evaluator:
             "speedup_paired": base.median_ms / stats.median_ms,
             "latency_info": {**stats.as_dict(), "backend": s.backend},
             "kernels": lowered.kernels,
+            "backend_stored_bytes": lowered.stored_bytes,
             "fallbacks": lowered.fallbacks,
         }
         if lowered.ran_config is not None:  # what ran, and its exact size (e.g. 3 -> 4 bits)

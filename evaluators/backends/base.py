@@ -26,6 +26,8 @@ class Lowered:
     kernels: dict[str, str]
     fallbacks: dict[str, str] = field(default_factory=dict)
     ran_config: QuantConfig | None = None  # what really ran, as a configuration
+    stored_bytes: int | None = None  # bytes of the weights the artifact stores, as it packs them
+    predicted_bytes: int | None = None  # the same from the backend's packing formula
 
 
 class Backend(Protocol):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 from typing import Any
 
@@ -36,6 +37,7 @@ from torch import nn
 
 from mpq.evaluators.backends.base import Lowered, register_backend
 from mpq.evaluators.quantize import choose_qparams, quantize, weight_qparams
+from mpq.evaluators.size import config_size, layer_size_bytes
 from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import INT_BITS_MAX, KEEP, LayerChoice, QuantConfig
 
@@ -189,7 +191,6 @@ def qdq_conv(
         (z_y, "zy"),
         (w_q, "wq"),
         (s_w, "sw"),
-        (np.zeros(len(s_w), np.int8), "zw"),
     ):
         graph.initializer.append(numpy_helper.from_array(np.asarray(arr), f"{p}_{name}"))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -200,15 +201,48 @@ def qdq_conv(
     return [
         qdq("QuantizeLinear", node.input[0], f"{p}_xq", "x"),
         qdq("DequantizeLinear", f"{p}_xq", f"{p}_xd", "x"),
-        helper.make_node(
-            "DequantizeLinear", [f"{p}_wq", f"{p}_sw", f"{p}_zw"], [f"{p}_wd"], axis=0
-        ),
+        helper.make_node("DequantizeLinear", [f"{p}_wq", f"{p}_sw"], [f"{p}_wd"], axis=0),
         helper.make_node(
             "Conv", [f"{p}_xd", f"{p}_wd", *node.input[2:]], [f"{p}_y"], name=p, **attrs
         ),
         qdq("QuantizeLinear", f"{p}_y", f"{p}_yq", "y"),
         qdq("DequantizeLinear", f"{p}_yq", node.output[0], "y"),
     ]
+
+
+def stored_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers the graph uses: the weights as this backend stores them.
+
+    ``MatMulNBits`` packs ``b``-bit weights in bytes with one float32 scale per block of 32 (and
+    packed zero points when asymmetric), which is ``evaluators.size`` for the configuration that
+    ran; a static int8 conv adds its input and output scale and zero point (2 x 5 bytes).
+    """
+    used = {name for node in model.graph.node for name in node.input}
+    return sum(
+        numpy_helper.to_array(init).nbytes for init in model.graph.initializer if init.name in used
+    )
+
+
+def packed_layer_bytes(layer: LayerInfo, kernel: str, ran: LayerChoice) -> int:
+    """Bytes this backend stores for one layer, in its own layout.
+
+    ``MatMulNBits`` (N output rows, K inputs, ``nb = ceil(K / 32)`` blocks per row: K is padded
+    to whole blocks, zero points are packed per row)::
+
+        N * nb * 32 * b / 8  +  4 * N * nb  +  (asymmetric) N * ceil(nb * b / 8)
+
+    ``QLinearConv``: int8 weights, a float32 scale per output channel, and the input and output
+    activation scale (float32) and zero point (uint8): ``n + 4 * C_out + 2 * (4 + 1)``.
+    Layers in float: ``evaluators.size``.
+    """
+    if kernel.startswith("MatMulNBits"):
+        k = layer.reduction_size
+        n_rows, blocks, b = layer.num_params // k, math.ceil(k / BLOCK), ran.w_bits
+        zero = 0 if ran.symmetric else n_rows * math.ceil(blocks * b / 8)
+        return n_rows * blocks * BLOCK * b // 8 + 4 * n_rows * blocks + zero
+    if kernel.startswith("QLinearConv"):
+        return layer.num_params + 4 * layer.shape[0] + 2 * (4 + 1)
+    return layer_size_bytes(layer, ran)
 
 
 def _ran_choice(choice: LayerChoice, layer: LayerInfo) -> LayerChoice:
@@ -361,4 +395,10 @@ class OnnxRuntimeBackend:
         def run() -> Any:
             return session.run(None, feeds)
 
-        return Lowered(run, session, kernels, fallbacks, QuantConfig(layers=ran))
+        ran_config = QuantConfig(layers=ran)
+        predicted = config_size(model, layers, ran_config).other_bytes + sum(
+            packed_layer_bytes(la, kernels[la.name], ran[la.name]) for la in layers
+        )
+        return Lowered(
+            run, session, kernels, fallbacks, ran_config, stored_bytes(proto), predicted
+        )

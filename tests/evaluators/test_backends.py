@@ -198,3 +198,24 @@ def test_static_int8_conv_is_fused_into_qlinearconv(tmp_path) -> None:  # type: 
     ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert ops.count("QLinearConv") == 2
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_onnxruntime_stored_bytes_are_its_packing_formula(model_name: str) -> None:
+    """Bytes of the initializers ORT runs == ``packed_layer_bytes`` + the float rest, exactly.
+
+    Parameters are randomised first: the ONNX exporter stores identical tensors once (two
+    zero-initialised biases of one shape), which the formula, counting each parameter, does not.
+    """
+    builder, inputs_fn = MODELS[model_name]
+    model = builder().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    x = inputs_fn() if inputs_fn else example_inputs(model, batch=1)
+    layers = discover_layers(model)
+    for seed in range(3):
+        lowered = get_backend("onnxruntime").lower(
+            model, layers, _random_config(layers, seed), x, calibration=[x]
+        )
+        assert lowered.stored_bytes == lowered.predicted_bytes
