@@ -37,6 +37,10 @@ class Backend(Protocol):
         """Weight bit-widths this backend has a real kernel for on ``layer``."""
         ...
 
+    def kernel_for(self, layer: LayerInfo, choice: LayerChoice) -> str:
+        """The kernel ``choice`` runs on for ``layer``, without lowering (latency tables)."""
+        ...
+
     def fallback_reason(self, layer: LayerInfo, choice: LayerChoice) -> str | None:
         """Why ``choice`` on ``layer`` would not run as asked (and what runs), or None.
 

@@ -130,6 +130,8 @@ def matmul_nodes(
 
 
 QDQ_CONV = ("conv1d", "conv2d")
+QLINEARCONV = "QLinearConv int8 (static QDQ)"
+FLOAT32 = "float32 (onnxruntime)"
 CONV_RAN = LayerChoice(w_bits=8, a_bits=8, granularity="per_channel", act_mode="static")
 
 
@@ -263,6 +265,15 @@ class OnnxRuntimeBackend:
     def supported_w_bits(self, layer: LayerInfo) -> tuple[int, ...]:
         return (*NBITS, 32) if layer.kind in ("linear", "attention_in_proj") else (32,)
 
+    def kernel_for(self, layer: LayerInfo, choice: LayerChoice) -> str:
+        """The kernel ``lower()`` runs ``choice`` on (given calibration data and a found node)."""
+        if choice.w_bits <= INT_BITS_MAX and layer.kind in QDQ_CONV and choice.a_bits == 8:
+            return QLINEARCONV
+        if choice.w_bits <= INT_BITS_MAX and layer.kind in ("linear", "attention_in_proj"):
+            level = 4 if choice.a_bits == 8 else 1
+            return f"MatMulNBits int{nbits_for(choice.w_bits)} block{BLOCK} acc{level}"
+        return FLOAT32
+
     def fallback_reason(self, layer: LayerInfo, choice: LayerChoice) -> str | None:
         if choice.w_bits == KEEP:
             return None
@@ -339,7 +350,7 @@ class OnnxRuntimeBackend:
         for la in layers:
             c = config.layers[la.name]
             if la.name in qdq:
-                kernels[la.name] = "QLinearConv int8 (static QDQ)"
+                kernels[la.name] = QLINEARCONV
                 ran[la.name] = CONV_RAN
                 reason = self.fallback_reason(la, c)
                 if reason is not None:
@@ -347,13 +358,13 @@ class OnnxRuntimeBackend:
             elif la.name in nodes and c.w_bits <= INT_BITS_MAX:
                 bits, level = nbits_for(c.w_bits), 4 if c.a_bits == 8 else 1
                 groups.setdefault((bits, c.symmetric, level), []).extend(nodes[la.name])
-                kernels[la.name] = f"MatMulNBits int{bits} block{BLOCK} acc{level}"
+                kernels[la.name] = self.kernel_for(la, c)
                 ran[la.name] = _ran_choice(c, la)
                 reason = self.fallback_reason(la, c)
                 if reason is not None:
                     fallbacks[la.name] = reason
             else:
-                kernels[la.name] = "float32 (onnxruntime)"
+                kernels[la.name] = FLOAT32
                 ran[la.name] = LayerChoice()
                 if c.w_bits != KEEP:
                     fallbacks[la.name] = self.fallback_reason(la, c) or ""

@@ -45,6 +45,11 @@ class TorchBackend:
             return (8, 32)
         return (32,)
 
+    def kernel_for(self, layer: LayerInfo, choice: LayerChoice) -> str:
+        """The kernel ``lower()`` runs ``choice`` on (a whole recurrent module must agree)."""
+        real = layer.kind == "linear" or layer.kind in _RECURRENT
+        return INT8_DYNAMIC if real and choice.w_bits <= INT_BITS_MAX else FLOAT32
+
     def fallback_reason(self, layer: LayerInfo, choice: LayerChoice) -> str | None:
         # NOTE: a Linear inside nn.MultiheadAttention (out_proj) is only known at lower() time;
         # lower() records it and, with fallback disabled, the trial fails with that reason.
@@ -90,7 +95,8 @@ class TorchBackend:
                 bits = config.layers[la.name].w_bits
                 kernels[la.name] = INT8_DYNAMIC if runs_int else FLOAT32
                 reason = self.fallback_reason(la, config.layers[la.name])
-                if want and not runs_int and reason is None:  # found only here, not from kind
+                if want and not runs_int and (reason is None or "-> int8" in reason):
+                    # found only here, not from the kind: it runs in float32 after all
                     reason = f"w{bits} -> float32: " + (
                         "a recurrent module quantizes whole; a sibling weight stays float"
                         if real
