@@ -18,6 +18,7 @@ from mpq.evaluators.apply import apply_config
 from mpq.evaluators.backends import get_backend
 from mpq.evaluators.backends.base import FallbackError
 from mpq.evaluators.latency import measure_latency
+from mpq.evaluators.latency_table import LatencyTable
 from mpq.evaluators.model import build_model
 from mpq.evaluators.proxy import output_agreement, reference_outputs
 from mpq.evaluators.size import config_size, float_size_bytes
@@ -119,15 +120,20 @@ class Evaluator:
             ).total_bytes
         return out
 
-    def screen(self, config: QuantConfig) -> dict[str, Any]:
-        """The cheap part: size, proxy agreement with the float model and latency."""
+    def screen(self, config: QuantConfig, table: LatencyTable | None = None) -> dict[str, Any]:
+        """The cheap part: size, proxy agreement with the float model and latency (measured,
+        or predicted by ``table`` without lowering)."""
         qmodel = self.quantized(config)
         out: dict[str, Any] = {
             "size_bytes": config_size(self.model, self.layers, config).total_bytes
         }
         out.update(output_agreement(qmodel, self.calibration, self.reference))
-        if self.spec.measure_latency:
+        if self.spec.measure_latency and table is not None:
+            out["latency_ms"] = table.predict_ms(self.backend.kernel_for, self.layers, config)
+            out["latency_source"] = "predicted"
+        elif self.spec.measure_latency:
             out.update(self.latency(config))
+            out["latency_source"] = "measured"
         return out
 
     def success(self, config: QuantConfig | None, budget: int) -> dict[str, float]:

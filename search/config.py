@@ -53,6 +53,11 @@ class LatencyConfig(BaseModel):
     threads: int = Field(1, ge=1, description="intra-op threads while timing")
     warmup: int = Field(5, ge=0, description="untimed calls first")
     runs: int = Field(30, ge=3, description="timed calls; the median is reported")
+    predict_screen: bool = Field(
+        False,
+        description="screen trials with the latency table's prediction (built once per study "
+        "on a trial worker); measure for real only the trials that pass screening",
+    )
     allow_fallback: bool = Field(
         True,
         description="run a choice the backend has no kernel for on the nearest one it has "

@@ -32,13 +32,14 @@ import ray
 from optuna.trial import FrozenTrial, TrialState
 
 from mpq.evaluators.backends.base import check_no_fallback
+from mpq.evaluators.latency_table import LatencyTable, build_latency_table
 from mpq.evaluators.measure import EvalSpec, finite_or_error, get_evaluator
 from mpq.evaluators.size import config_size
 from mpq.evaluators.task import wilson_interval
 from mpq.search import study as study_mod
 from mpq.search.config import SearchConfig
 from mpq.search.pareto import front_trials
-from mpq.spaces.space import QuantConfig
+from mpq.spaces.space import LayerOptions, QuantConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 POLL_S = 0.5
@@ -62,16 +63,33 @@ def eval_spec(cfg: SearchConfig) -> EvalSpec:
 
 
 def evaluate_stage(
-    spec: EvalSpec, config_json: str, stage: str, budget: int, memory_mb: int | None = None
+    spec: EvalSpec,
+    config_json: str,
+    stage: str,
+    budget: int,
+    memory_mb: int | None = None,
+    latency_table: str | None = None,
 ) -> dict[str, Any]:
     """Runs in a Ray worker: ``screen`` (size, latency, proxy, small task) or ``full`` task.
+
+    With ``latency_table`` (JSON), screening predicts latency from it and the ``full`` stage
+    measures it on the real kernels.
 
     With ``memory_mb``, the worker may grow its address space by at most that much during the
     trial (``RLIMIT_AS``, restored after): an allocation past it raises instead of taking the
     machine down.
     """
+    table = LatencyTable.from_json(latency_table) if latency_table else None
     with _memory_limit(memory_mb):
-        return _evaluate(spec, config_json, stage, budget)
+        return _evaluate(spec, config_json, stage, budget, table)
+
+
+def build_table(spec: EvalSpec, options_json: str) -> str:
+    """Runs in a Ray worker with the trials' resources (the target): the latency table, JSON."""
+    evaluator = get_evaluator(spec)
+    raw = json.loads(options_json)
+    options = {name: LayerOptions.model_validate(o) for name, o in raw.items()}
+    return build_latency_table(evaluator, options).to_json()
 
 
 @contextlib.contextmanager
@@ -94,13 +112,18 @@ def _memory_limit(memory_mb: int | None) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_AS, old)
 
 
-def _evaluate(spec: EvalSpec, config_json: str, stage: str, budget: int) -> dict[str, Any]:
+def _evaluate(
+    spec: EvalSpec, config_json: str, stage: str, budget: int, table: LatencyTable | None = None
+) -> dict[str, Any]:
     start = time.perf_counter()
     evaluator = get_evaluator(spec)
     config = QuantConfig.model_validate_json(config_json)
     out: dict[str, Any] = {}
     if stage == "screen":
-        out.update(evaluator.screen(config))
+        out.update(evaluator.screen(config, table))
+    elif table is not None and spec.measure_latency:  # passed a predicted screen: measure it
+        out.update(evaluator.latency(config))
+        out["latency_source"] = "measured"
     if budget > 0:
         out.update(evaluator.success(config, budget))
         out["episodes"] = budget
@@ -182,6 +205,27 @@ class Runner:
         self.float_reference = ref
         return ref
 
+    def _latency_table(self) -> str | None:
+        """The study's latency table (JSON) for predicted screening, built once on a worker
+        with the trials' resources, so on the target hardware; kept in the study and in
+        ``output_dir/latency_table.json``."""
+        lat = self.cfg.latency
+        if not (lat.enabled and lat.predict_screen and self.cfg.screen_budget > 0):
+            return None
+        table = self.study.user_attrs.get("latency_table")
+        if table is None:
+            task = ray.remote(build_table).options(
+                num_cpus=self.cfg.ray.cpus_per_trial,
+                num_gpus=self.cfg.ray.gpus_per_trial,
+                resources=dict(self.cfg.ray.resources_per_trial),
+            )
+            options = {n: o.model_dump(mode="json") for n, o in self.resolved.items()}
+            table = json.loads(ray.get(task.remote(self.spec, json.dumps(options))))
+            self.study.set_user_attr("latency_table", table)
+            path = Path(self.cfg.output_dir) / "latency_table.json"
+            path.write_text(json.dumps(table, indent=1, sort_keys=True))
+        return json.dumps(table)
+
     def _enqueue_seeds(self, evaluator: Any) -> None:
         from mpq.search import sensitivity as sens
 
@@ -222,6 +266,7 @@ class Runner:
             retry_exceptions=False,
         )
         self.remote = remote
+        self.latency_table = self._latency_table()
         interrupted = False
         try:
             while True:
@@ -254,7 +299,12 @@ class Runner:
             stage = "screen" if self.cfg.screen_budget > 0 else "full"
             budget = self.cfg.screen_budget if stage == "screen" else self.cfg.task_budget
             ref = self.remote.remote(
-                self.spec, config.model_dump_json(), "screen", budget, self.cfg.trial_memory_mb
+                self.spec,
+                config.model_dump_json(),
+                "screen",
+                budget,
+                self.cfg.trial_memory_mb,
+                self.latency_table,
             )
             self.running[trial.number] = Running(trial, config, stage, ref, time.monotonic())
 
@@ -288,6 +338,7 @@ class Runner:
                 "full",
                 self.cfg.task_budget,
                 self.cfg.trial_memory_mb,
+                self.latency_table,
             )
             return
         metrics = {**run.screen, **result}

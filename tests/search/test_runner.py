@@ -154,3 +154,24 @@ def test_memory_limit_fails_the_trial(ray_local: None, tmp_path: Path) -> None:
     assert hungry and all(t.state == TrialState.FAIL for t in hungry)
     assert all(t.user_attrs["fail_reason"].startswith("out of memory") for t in hungry)
     assert any(t.state == TrialState.COMPLETE for t in study.trials)  # the worker lives on
+
+
+def test_predicted_screening_measures_only_what_passes(ray_local: None, tmp_path: Path) -> None:
+    cfg = conv_config(
+        tmp_path, task_budget=64, screen_budget=8, trials=8, latency={"predict_screen": True}
+    )
+    study = _run(cfg).study
+    table = study.user_attrs["latency_table"]
+    assert table["delta_ms"] and (tmp_path / "out" / "latency_table.json").is_file()
+    complete = [
+        t
+        for t in study.trials
+        if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs
+    ]
+    assert complete
+    for t in study.trials:
+        if t.state == TrialState.PRUNED:
+            assert t.user_attrs["latency_source"] == "predicted"
+            assert "kernels" not in t.user_attrs  # nothing was lowered for it
+    for t in complete:
+        assert t.user_attrs["latency_source"] == "measured" and t.user_attrs["kernels"]

@@ -1,0 +1,59 @@
+"""The latency table: fitted to whole-model timings on real kernels, keyed by target."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mpq.evaluators.backends import get_backend
+from mpq.evaluators.latency_table import LatencyTable, build_latency_table, target_key
+from mpq.spaces.discover import discover_layers
+from mpq.spaces.space import LayerChoice, LayerOptions, QuantConfig
+from tests.models import TinyTransformer, example_inputs
+
+
+def _evaluator():  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    x = example_inputs(model, batch=1)
+    return SimpleNamespace(
+        backend=get_backend("onnxruntime"),
+        layers=discover_layers(model),
+        model=model,
+        example_inputs=x,
+        calibration=[x],
+        spec=SimpleNamespace(
+            backend="onnxruntime", latency_threads=1, model="tiny", checkpoint=None
+        ),
+    )
+
+
+def test_table_covers_the_space_predicts_and_round_trips() -> None:
+    ev = _evaluator()
+    options = {la.name: LayerOptions(w_bits=(4, 8, 32), a_bits=(8,)) for la in ev.layers}
+    table = build_latency_table(ev, options, runs=5, warmup=1, samples=6)
+    assert table.covers(ev.backend.kernel_for, ev.layers, options)
+    assert set(table.delta_ms) == {la.name for la in ev.layers}
+    assert table.float_ms > 0
+    again = LatencyTable.from_json(table.to_json())
+    assert again == table
+    keep = QuantConfig.uniform(ev.layers, LayerChoice())
+    assert table.predict_ms(ev.backend.kernel_for, ev.layers, keep) == table.float_ms
+    w4 = QuantConfig.uniform(ev.layers, LayerChoice(w_bits=4, a_bits=8))
+    expected = table.float_ms + sum(
+        table.delta_ms[la.name]["MatMulNBits int4 block32 acc4"] for la in ev.layers
+    )
+    assert table.predict_ms(ev.backend.kernel_for, ev.layers, w4) == pytest.approx(expected)
+    assert table.matches(target_key("onnxruntime", 1))
+    assert not table.matches(target_key("onnxruntime", 4))
+
+
+def test_a_kernel_outside_the_table_is_named() -> None:
+    ev = _evaluator()
+    options = {la.name: LayerOptions(w_bits=(8, 32), a_bits=(8,)) for la in ev.layers}
+    table = build_latency_table(ev, options, runs=3, warmup=1, samples=2)
+    w2 = QuantConfig.uniform(ev.layers, LayerChoice(w_bits=2, a_bits=8))
+    with pytest.raises(KeyError, match="latency table has no 'MatMulNBits int2 block32 acc4'"):
+        table.predict_ms(ev.backend.kernel_for, ev.layers, w2)
