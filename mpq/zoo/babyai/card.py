@@ -98,12 +98,7 @@ def write_card(rows: list[dict], proxy: dict, train: dict, path: Path) -> None: 
         "",
         "Trained by `python -m mpq.zoo.babyai.train` (behaviour cloning on minigrid's BabyAI bot "
         "demonstrations, then DAgger rounds with the bot as expert), seeds disjoint from the "
-        "evaluation seeds. "
-        + (
-            f"Training took {train.get('train_minutes', 0):.0f} minutes on 1 CPU thread."
-            if train
-            else ""
-        ),
+        "evaluation seeds. " + _training_sentence(train),
         "",
         f"Success over {rows[0].get('episodes', '?')} evaluation episodes per level "
         "(fixed seeds, 95% Wilson intervals); uniform configurations quantize every layer "
@@ -129,6 +124,22 @@ def write_card(rows: list[dict], proxy: dict, train: dict, path: Path) -> None: 
         f"{proxy['spearman_neg_kl_vs_success']:.2f} (-KL).",
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _training_sentence(train: dict) -> str:  # type: ignore[type-arg]
+    if not train:
+        return ""
+    minutes = float(train.get("train_minutes", 0))
+    init = train.get("init_from")
+    if not init:
+        return f"Training took {minutes:.0f} minutes on 1 CPU thread."
+    before = float(init.get("train_minutes", 0))
+    levels = ", ".join(lv.removeprefix("BabyAI-").removesuffix("-v0") for lv in init["levels"])
+    return (
+        f"Trained first on {levels} ({before:.0f} minutes), then fine-tuned from that checkpoint "
+        f"on all levels ({minutes:.0f} minutes): {before + minutes:.0f} minutes on 1 CPU thread "
+        "(bot demonstrations collected by 2 processes)."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -184,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
         "train_minutes": (time.perf_counter() - start) / 60,
         "history": history,
     }
+    if args.init is not None:  # fine-tuned: keep how the starting checkpoint was trained
+        init_json = args.init.with_suffix(".train.json")
+        if init_json.is_file():
+            report["init_from"] = json.loads(init_json.read_text())
     args.out.with_suffix(".train.json").write_text(json.dumps(report, indent=2))
 
 
