@@ -344,6 +344,7 @@ class Runner:
         metrics = {**run.screen, **result}
         if run.screen:
             metrics["episodes"] = run.screen.get("episodes", 0) + result.get("episodes", 0)
+            metrics["eval_s"] = run.screen.get("eval_s", 0.0) + result.get("eval_s", 0.0)
         self._tell(run, metrics, TrialState.COMPLETE)
 
     def _cannot_be_feasible(self, optimistic: dict[str, Any]) -> bool:
