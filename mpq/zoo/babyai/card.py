@@ -62,6 +62,10 @@ def uniform_rows(model: torch.nn.Module, episodes: int, calib: list) -> list[dic
                 ),
                 flush=True,
             )
+    for bits in (8, 4):  # granularity matters too: one scale per tensor instead of per channel
+        choice = LayerChoice(w_bits=bits, a_bits=8, granularity="per_tensor")
+        qmodel = apply_config(model, QuantConfig.uniform(layers, choice), calib, layers=layers)
+        rows.append({"config": f"w{bits}a8 per-tensor", **evaluate_episodes(qmodel, episodes)})
     return rows
 
 
@@ -102,7 +106,8 @@ def write_card(rows: list[dict], proxy: dict, train: dict, path: Path) -> None: 
         "",
         f"Success over {rows[0].get('episodes', '?')} evaluation episodes per level "
         "(fixed seeds, 95% Wilson intervals); uniform configurations quantize every layer "
-        "(per-channel symmetric weights; `a8` adds dynamic 8-bit activations):",
+        "(per-channel symmetric weights unless marked per-tensor; `a8` adds dynamic 8-bit "
+        "activations):",
         "",
         "| config | " + " | ".join(short) + " | all |",
         "|---|" + "---|" * (len(short) + 1),
