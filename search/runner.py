@@ -17,6 +17,7 @@ configurations are answered from the first evaluation.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -182,6 +183,7 @@ class Runner:
         self.on_trial = on_trial
         self.progress = progress
         self.running: dict[int, Running] = {}
+        self._orphans_checked = 0.0
         self.seen: dict[str, FrozenTrial] = {
             t.user_attrs["config_key"]: t
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -271,12 +273,14 @@ class Runner:
         try:
             while True:
                 optuna.storages.fail_stale_trials(self.study)
+                self._fail_orphans()
                 self._fill()
                 if not self.running:
                     break
                 self._poll()
                 self._heartbeat()
                 self._report()
+            self._settle()
         except KeyboardInterrupt:
             interrupted = True
             self._interrupt()
@@ -423,6 +427,41 @@ class Runner:
     def _track(self, frozen: FrozenTrial) -> None:
         if self.on_trial is not None:
             self.on_trial(self.study, frozen)
+
+    def _fail_orphans(self, force: bool = False) -> None:
+        """Fail RUNNING trials that never got a heartbeat (a kill between ``ask`` and the first
+        heartbeat); Optuna's stale check skips trials without one, so they would stay RUNNING.
+
+        A trial of this or another live search gets its heartbeat and ``config_key`` within
+        milliseconds of ``ask``, so one without ``config_key`` past the grace period is dead.
+        """
+        now = time.monotonic()
+        if not force and now - self._orphans_checked < study_mod.HEARTBEAT_INTERVAL_S:
+            return
+        self._orphans_checked = now
+        storage = self.study._storage  # noqa: SLF001
+        wall = datetime.datetime.now()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number in self.running or "config_key" in t.user_attrs or not t.datetime_start:
+                continue
+            if (wall - t.datetime_start).total_seconds() > study_mod.GRACE_PERIOD_S:
+                trial_id = t._trial_id  # noqa: SLF001
+                storage.set_trial_user_attr(trial_id, "fail_reason", "killed before it started")
+                storage.set_trial_state_values(trial_id, TrialState.FAIL)
+                self._track(storage.get_trial(trial_id))
+
+    def _settle(self) -> None:
+        """At the end: trials another (killed) process left RUNNING are failed once their grace
+        period is over, rather than left RUNNING; a live search's trials keep their heartbeat
+        and are waited for at most one grace period."""
+        deadline = time.monotonic() + study_mod.GRACE_PERIOD_S + study_mod.HEARTBEAT_INTERVAL_S
+        while True:
+            optuna.storages.fail_stale_trials(self.study)
+            self._fail_orphans(force=True)
+            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not running or time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
 
     def _heartbeat(self) -> None:
         for run in self.running.values():

@@ -175,3 +175,25 @@ def test_predicted_screening_measures_only_what_passes(ray_local: None, tmp_path
             assert "kernels" not in t.user_attrs  # nothing was lowered for it
     for t in complete:
         assert t.user_attrs["latency_source"] == "measured" and t.user_attrs["kernels"]
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill between ``ask`` and the first heartbeat leaves a RUNNING trial that Optuna's stale
+    check never fails (it skips trials without a heartbeat); the runner does."""
+    import time
+
+    import optuna
+
+    from mpq.search import study as study_mod
+
+    runner = Runner(conv_config(tmp_path))
+    orphan = runner.study.ask()  # what the killed process left: RUNNING, no heartbeat
+    monkeypatch.setattr(study_mod, "GRACE_PERIOD_S", 0.2)
+    time.sleep(0.3)
+    optuna.storages.fail_stale_trials(runner.study)
+    assert runner.study.trials[orphan.number].state == TrialState.RUNNING  # Optuna skips it
+    runner._fail_orphans(force=True)
+    t = runner.study.trials[orphan.number]
+    assert t.state == TrialState.FAIL and t.user_attrs["fail_reason"] == "killed before it started"
