@@ -16,6 +16,7 @@ from mpq.zoo.babyai import (
     tokenize,
 )
 from mpq.zoo.babyai.demos import EVAL_SEED_BASE, HELDOUT_SEED_BASE, LEVEL_STRIDE, TRAIN_SEED_BASE
+from mpq.zoo.babyai.policy import MAX_TOKENS
 
 
 def test_shipped_checkpoint_loads_and_succeeds() -> None:
@@ -66,7 +67,7 @@ def test_calibration_and_example_inputs() -> None:
     image, tokens, memory = example_inputs()
     assert (
         image.shape == (1, 1, 56, 56, 3)
-        and tokens.shape == (1, 10)
+        and tokens.shape == (1, MAX_TOKENS)
         and memory.shape == (1, 1, 256)
     )
     logits, new_memory = build_policy()(image, tokens, memory)
