@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SEARCHED = ("fuse", "memory_gru.weight_ih", "memory_gru.weight_hh", "ffn_in", "action_head")
+SEARCHED = ("fuse", "memory_gru.weight_ih_l0", "memory_gru.weight_hh_l0", "ffn_in", "action_head")
 SAMPLERS = ("random", "nsga2", "tpe", "gp")
 
 

@@ -143,8 +143,15 @@ def _training_sentence(train: dict) -> str:  # type: ignore[type-arg]
     return (
         f"Trained first on {levels} ({before:.0f} minutes), then fine-tuned from that checkpoint "
         f"on all levels ({minutes:.0f} minutes): {before + minutes:.0f} minutes on 1 CPU thread "
-        "(bot demonstrations collected by 2 processes)."
+        "(bot demonstrations collected by 2 processes). Reproduce the second step with "
+        f"`python -m mpq.zoo.babyai.train --init FIRST.pt --out babyai_vla.pt "
+        f"{_flags(train.get('args', {}))}` (arguments in `babyai_vla.train.json`)."
     )
+
+
+def _flags(args: dict) -> str:  # type: ignore[type-arg]
+    keys = ("demos_per_level", "steps", "dagger_rounds", "dagger_episodes", "lr", "threads")
+    return " ".join(f"--{k.replace('_', '-')} {args[k]}" for k in keys if k in args)
 
 
 def main(argv: list[str] | None = None) -> None:

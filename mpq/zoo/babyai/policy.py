@@ -24,6 +24,7 @@ LEVELS: tuple[str, ...] = (
     "BabyAI-GoToLocal-v0",
     "BabyAI-PickupLoc-v0",
     "BabyAI-PutNextLocal-v0",
+    "BabyAI-GoToSeqS5R2-v0",
 )
 VOCAB: tuple[str, ...] = (
     "<pad>",
@@ -60,7 +61,7 @@ VOCAB: tuple[str, ...] = (
     "then",
     "after",
 )
-MAX_TOKENS = 10
+MAX_TOKENS = 24  # GoToSeq's two-part instructions run to ~20 words
 IMAGE_SIZE = 56  # RGBImgPartialObsWrapper(tile_size=8) on the 7x7 egocentric view
 N_ACTIONS = 7  # left, right, forward, pickup, drop, toggle, done
 CHECKPOINT_PATH = Path(str(resources.files("mpq.zoo.babyai") / "babyai_vla.pt"))
