@@ -150,6 +150,8 @@ def conv_ranges(
 ) -> dict[str, tuple[float, float, float, float]]:
     """Per conv module: (input min, input max, output min, output max) over the calibration."""
     seen = {m: [np.inf, -np.inf, np.inf, -np.inf] for m in modules}
+    if not modules:
+        return {}
 
     def hook(name: str):  # type: ignore[no-untyped-def]
         def record(_m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
