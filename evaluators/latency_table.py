@@ -20,7 +20,6 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -181,18 +180,15 @@ def _target(evaluator: Any) -> dict[str, Any]:
     return {**target_key(spec.backend, spec.latency_threads), "model": model}
 
 
-def load_or_build(
-    path: Path, evaluator: Any, options: dict[str, LayerOptions], runs: int = 30
+def reuse_or_build(
+    cached: str | None, evaluator: Any, options: dict[str, LayerOptions], runs: int = 30
 ) -> LatencyTable:
-    """The table at ``path`` if it was built on this target for this space, else a new one."""
-    target = _target(evaluator)
-    if path.is_file():
-        table = LatencyTable.from_json(path.read_text())
-        if table.matches(target) and table.covers(
+    """``cached`` (JSON) if it was built on this target for this model and covers the space
+    ``options``; otherwise a new table, measured here."""
+    if cached:
+        table = LatencyTable.from_json(cached)
+        if table.matches(_target(evaluator)) and table.covers(
             evaluator.backend.kernel_for, evaluator.layers, options
         ):
             return table
-    table = build_latency_table(evaluator, options, runs=runs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(table.to_json())
-    return table
+    return build_latency_table(evaluator, options, runs=runs)

@@ -33,7 +33,7 @@ import ray
 from optuna.trial import FrozenTrial, TrialState
 
 from mpq.evaluators.backends.base import check_no_fallback
-from mpq.evaluators.latency_table import LatencyTable, build_latency_table
+from mpq.evaluators.latency_table import LatencyTable, reuse_or_build
 from mpq.evaluators.measure import EvalSpec, finite_or_error, get_evaluator
 from mpq.evaluators.size import config_size
 from mpq.evaluators.task import wilson_interval
@@ -85,12 +85,13 @@ def evaluate_stage(
         return _evaluate(spec, config_json, stage, budget, table)
 
 
-def build_table(spec: EvalSpec, options_json: str) -> str:
-    """Runs in a Ray worker with the trials' resources (the target): the latency table, JSON."""
+def build_table(spec: EvalSpec, options_json: str, cached_json: str | None = None) -> str:
+    """Runs in a Ray worker with the trials' resources (the target): the latency table, JSON;
+    ``cached_json`` is kept when it was built on this target for this space."""
     evaluator = get_evaluator(spec)
     raw = json.loads(options_json)
     options = {name: LayerOptions.model_validate(o) for name, o in raw.items()}
-    return build_latency_table(evaluator, options).to_json()
+    return reuse_or_build(cached_json, evaluator, options).to_json()
 
 
 @contextlib.contextmanager
@@ -208,21 +209,23 @@ class Runner:
         return ref
 
     def _latency_table(self) -> str | None:
-        """The study's latency table (JSON) for predicted screening, built once on a worker
-        with the trials' resources, so on the target hardware; kept in the study and in
-        ``output_dir/latency_table.json``."""
+        """The study's latency table (JSON) for predicted screening, built on a worker with
+        the trials' resources, so on the target hardware; kept in the study and in
+        ``output_dir/latency_table.json``, and reused on resume when that worker finds it was
+        built on its target for this space."""
         lat = self.cfg.latency
         if not (lat.enabled and lat.predict_screen and self.cfg.screen_budget > 0):
             return None
-        table = self.study.user_attrs.get("latency_table")
-        if table is None:
-            task = ray.remote(build_table).options(
-                num_cpus=self.cfg.ray.cpus_per_trial,
-                num_gpus=self.cfg.ray.gpus_per_trial,
-                resources=dict(self.cfg.ray.resources_per_trial),
-            )
-            options = {n: o.model_dump(mode="json") for n, o in self.resolved.items()}
-            table = json.loads(ray.get(task.remote(self.spec, json.dumps(options))))
+        cached = self.study.user_attrs.get("latency_table")
+        task = ray.remote(build_table).options(
+            num_cpus=self.cfg.ray.cpus_per_trial,
+            num_gpus=self.cfg.ray.gpus_per_trial,
+            resources=dict(self.cfg.ray.resources_per_trial),
+        )
+        options = {n: o.model_dump(mode="json") for n, o in self.resolved.items()}
+        cached_json = json.dumps(cached) if cached is not None else None
+        table = json.loads(ray.get(task.remote(self.spec, json.dumps(options), cached_json)))
+        if table != cached:  # new, or the cached one was of another target or a smaller space
             self.study.set_user_attr("latency_table", table)
             path = Path(self.cfg.output_dir) / "latency_table.json"
             path.write_text(json.dumps(table, indent=1, sort_keys=True))

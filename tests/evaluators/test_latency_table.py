@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from mpq.evaluators.backends import get_backend
-from mpq.evaluators.latency_table import LatencyTable, build_latency_table, target_key
+from mpq.evaluators.latency_table import (
+    LatencyTable,
+    build_latency_table,
+    reuse_or_build,
+    target_key,
+)
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.space import LayerChoice, LayerOptions, QuantConfig
 from tests.models import TinyTransformer, example_inputs
@@ -57,3 +62,18 @@ def test_a_kernel_outside_the_table_is_named() -> None:
     w2 = QuantConfig.uniform(ev.layers, LayerChoice(w_bits=2, a_bits=8))
     with pytest.raises(KeyError, match="latency table has no 'MatMulNBits int2 block32 acc4'"):
         table.predict_ms(ev.backend.kernel_for, ev.layers, w2)
+
+
+def test_a_cached_table_is_reused_only_on_its_own_target() -> None:
+    ev = _evaluator()
+    options = {la.name: LayerOptions(w_bits=(8, 32), a_bits=(8,)) for la in ev.layers}
+    table = build_latency_table(ev, options, runs=3, warmup=1, samples=2)
+    assert reuse_or_build(table.to_json(), ev, options, runs=3) is not table
+    assert reuse_or_build(table.to_json(), ev, options, runs=3) == table  # reused as is
+    elsewhere = LatencyTable({**table.target, "cpu": "another CPU"}, 1.0, table.delta_ms)
+    rebuilt = reuse_or_build(elsewhere.to_json(), ev, options, runs=3)
+    assert rebuilt.matches(target_key("onnxruntime", 1)) and rebuilt.float_ms != 1.0
+    wider = {la.name: LayerOptions(w_bits=(2, 8, 32), a_bits=(8,)) for la in ev.layers}
+    assert reuse_or_build(table.to_json(), ev, wider, runs=3).covers(
+        ev.backend.kernel_for, ev.layers, wider
+    )
