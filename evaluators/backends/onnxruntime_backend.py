@@ -222,8 +222,10 @@ def stored_bytes(model: onnx.ModelProto) -> int:
     ran; a static int8 conv adds its input and output scale and zero point (2 x 5 bytes).
     """
     used = {name for node in model.graph.node for name in node.input}
-    return sum(
-        numpy_helper.to_array(init).nbytes for init in model.graph.initializer if init.name in used
+    return sum(  # from shape and dtype: no copy of the tensors
+        math.prod(init.dims) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        for init in model.graph.initializer
+        if init.name in used
     )
 
 
@@ -263,6 +265,23 @@ def _ran_choice(choice: LayerChoice, layer: LayerInfo) -> LayerChoice:
 @register_backend("onnxruntime")
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+
+    def __init__(self) -> None:
+        # (model, calibration, ranges of all its convs): the ranges are the float model's, so
+        # one calibration pass serves every configuration an evaluator lowers.
+        self._ranges: (
+            tuple[nn.Module, Any, dict[str, tuple[float, float, float, float]]] | None
+        ) = None
+
+    def _conv_ranges(
+        self, model: nn.Module, layers: tuple[LayerInfo, ...], calibration: Any
+    ) -> dict[str, tuple[float, float, float, float]]:
+        if self._ranges is None or not (
+            self._ranges[0] is model and self._ranges[1] is calibration
+        ):
+            modules = sorted({la.module for la in layers if la.kind in QDQ_CONV})
+            self._ranges = (model, calibration, conv_ranges(model, modules, calibration))
+        return self._ranges[2]
 
     def supported_w_bits(self, layer: LayerInfo) -> tuple[int, ...]:
         return (*NBITS, 32) if layer.kind in ("linear", "attention_in_proj") else (32,)
@@ -338,7 +357,7 @@ class OnnxRuntimeBackend:
             and config.layers[la.name].a_bits == 8
             and calibration
         }
-        ranges = conv_ranges(model, sorted({la.module for la in qdq.values()}), calibration or [])
+        ranges = self._conv_ranges(model, layers, calibration) if qdq else {}
         replaced = {
             convs[name].output[0]: qdq_conv(proto, convs[name], ranges[la.module])
             for name, la in qdq.items()
