@@ -15,6 +15,7 @@ sees exactly the same measurements. Reported: the share of the exhaustive front'
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -34,7 +35,7 @@ def main() -> None:
 
     from mpq.search import study as study_mod
     from mpq.search.config import load_search_config
-    from mpq.search.pareto import hypervolume
+    from mpq.search.pareto import front_trials, hypervolume
     from mpq.search.runner import Runner, init_ray
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -64,7 +65,7 @@ def main() -> None:
         runner.prepare()
         grid = [
             {f"{n}/w_bits": b for n, b in zip(args.layers, combo, strict=True)}
-            for combo in _product([3, 4, 8], len(args.layers))
+            for combo in itertools.product([3, 4, 8], repeat=len(args.layers))
         ]
         for params in grid:
             runner.study.enqueue_trial(params)
@@ -82,7 +83,8 @@ def main() -> None:
     print(
         f"\n{len(table)} configurations measured ({args.episodes} episodes per level); float: "
         f"success {ref['success']:.3f}, {ref['size_bytes']:,} bytes, {ref['latency_ms']:.3f} ms. "
-        f"Exhaustive front: {len(_front(full))} configurations, hypervolume {exhaustive_hv:.4f} "
+        f"Exhaustive front: {len(front_trials(full))} configurations, hypervolume "
+        f"{exhaustive_hv:.4f} "
         "(reference: success 0, float size, 2x float latency; normalised by the float model).\n"
     )
     seeds_of = {t.user_attrs["seed"]: t for t in full.trials if "seed" in t.user_attrs}
@@ -137,18 +139,6 @@ def main() -> None:
             f"{statistics.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" for v in shares.values()
         )
         print(f"| {label} | {cells} |")
-
-
-def _product(values: list[int], n: int) -> list[tuple[int, ...]]:
-    import itertools
-
-    return list(itertools.product(values, repeat=n))
-
-
-def _front(study: optuna.Study) -> list:  # type: ignore[type-arg]
-    from mpq.search.pareto import front_trials
-
-    return front_trials(study)
 
 
 if __name__ == "__main__":
