@@ -21,7 +21,9 @@ import datetime
 import json
 import math
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -185,6 +187,7 @@ class Runner:
         self.progress = progress
         self.running: dict[int, Running] = {}
         self._orphans_checked = 0.0
+        self._stop = False
         self.seen: dict[str, FrozenTrial] = {
             t.user_attrs["config_key"]: t
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -272,9 +275,15 @@ class Runner:
         )
         self.remote = remote
         self.latency_table = self._latency_table()
-        interrupted = False
+        # Ctrl-C sets a flag that the loop reads between steps: a KeyboardInterrupt raised in
+        # the middle of study.ask() or a storage write would leave a trial RUNNING that no one
+        # fails. A second Ctrl-C interrupts at once.
+        self._stop = False
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            while True:
+            while not self._stop:
                 optuna.storages.fail_stale_trials(self.study)
                 self._fail_orphans()
                 self._fill()
@@ -283,16 +292,27 @@ class Runner:
                 self._poll()
                 self._heartbeat()
                 self._report()
-            self._settle()
+            if not self._stop:
+                self._settle()
         except KeyboardInterrupt:
-            interrupted = True
+            self._stop = True
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        if self._stop:
             self._interrupt()
         self._report()
-        return SearchResult(self.study, self.float_reference, interrupted)
+        return SearchResult(self.study, self.float_reference, self._stop)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self._stop = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _fill(self) -> None:
-        while len(self.running) < self.cfg.ray.workers and (
-            self.finished_count() + len(self.running) < self.cfg.trials
+        while (
+            not self._stop
+            and len(self.running) < self.cfg.ray.workers
+            and (self.finished_count() + len(self.running) < self.cfg.trials)
         ):
             trial = self.study.ask(self.dists)
             self.study._storage.record_heartbeat(trial._trial_id)  # noqa: SLF001
