@@ -1,15 +1,17 @@
 """Latency of real kernels at batch 1 against float, and stored bytes against predicted bytes.
 
-    python benchmarks/kernels.py [--threads 1] [--runs 200]
+    python benchmarks/kernels.py [--threads 1] [--runs 200] [--models mlp-4x1024 ...]
+        [--backends onnxruntime torch torch-eager]
 
 Models: a 4-layer MLP (1024 wide), a ~10M-parameter stack of transformer blocks, a small
 convolutional image encoder (4 Conv2d, 96x96 input) and the shipped BabyAI policy.
-Configurations: uniform W8A8, W4A8, W4 (float activations), W2A8 and a mixed one (first half of
-the layers 8-bit, second half 4-bit). Speed-up is against torch eager float and against ONNX
-Runtime float (both reported). "bytes" is evaluators.size's prediction for the configuration;
-"packed" the byte count of the artifact mpq packs (they must agree); "ORT stored / formula" the
-bytes of the weights the ONNX Runtime model really holds for what ran (e.g. 3 -> 4 bits, block
-padding) and the backend's packing formula for it (they must agree too).
+Configurations: uniform W8A8, W4A8, W8 and W4 (float activations), W2A8 and a mixed one (first
+half of the layers 8-bit, second half 4-bit). Speed-up is against torch eager float and against
+ONNX Runtime float (both reported); the float model compiled by the ``torch`` backend is a row of
+its own. "bytes" is evaluators.size's prediction for the configuration; "packed" the byte count
+of the artifact mpq packs (they must agree); "stored / formula" the bytes of the weights the
+lowered model really holds for what ran (e.g. 3 -> 4 bits, block padding, int8 zero points) and
+the backend's packing formula for it (they must agree too).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def configs(layers) -> dict[str, QuantConfig]:  # type: ignore[no-untyped-def]
     return {
         "W8A8": QuantConfig.uniform(layers, LayerChoice(w_bits=8, a_bits=8)),
         "W4A8": QuantConfig.uniform(layers, LayerChoice(w_bits=4, a_bits=8)),
+        "W8": QuantConfig.uniform(layers, LayerChoice(w_bits=8)),
         "W4": QuantConfig.uniform(layers, LayerChoice(w_bits=4)),
         "W2A8": QuantConfig.uniform(layers, LayerChoice(w_bits=2, a_bits=8)),
         "mixed 8/4": QuantConfig(layers=mixed),
@@ -108,6 +111,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--models", nargs="*", help="model names (default: all)")
+    p.add_argument("--backends", nargs="*", default=["onnxruntime", "torch", "torch-eager"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -116,11 +121,13 @@ def main() -> None:
     )
     header = (
         "| model | config | backend | ms | x torch float | x ORT float | bytes | packed | "
-        "x smaller | ORT stored / formula |"
+        "x smaller | stored / formula |"
     )
     print(header)
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (model, x) in models().items():
+        if args.models and name not in args.models:
+            continue
         layers = discover_layers(model)
         keep = QuantConfig.uniform(layers, LayerChoice())
         torch_float = measure_latency(lambda m=model, x=x: m(*x), 10, args.runs, args.threads)
@@ -136,10 +143,18 @@ def main() -> None:
             f"{torch_float.median_ms / ort_float.median_ms:.2f} | 1.00 | {fb:,} | {fb:,} | 1.00 | "
             f"{ort_float_lowered.stored_bytes:,} / {ort_float_lowered.predicted_bytes:,} |"
         )
+        if "torch" in args.backends:
+            compiled = get_backend("torch").lower(model, layers, keep, x, args.threads)
+            ms = measure_latency(compiled.run, 10, args.runs, args.threads).median_ms
+            print(
+                f"| {name} | float32 | torch (compiled) | {ms:.3f} | "
+                f"{torch_float.median_ms / ms:.2f} | {ort_float.median_ms / ms:.2f} | {fb:,} | "
+                f"{fb:,} | 1.00 | {compiled.stored_bytes:,} / {compiled.predicted_bytes:,} |"
+            )
         for label, config in configs(layers).items():
             predicted = config_size(model, layers, config).total_bytes
             packed = payload_bytes(pack_state(model, layers, config))
-            for backend in ("onnxruntime", "torch"):
+            for backend in args.backends:
                 lowered = get_backend(backend).lower(
                     model, layers, config, x, args.threads, calibration=[x]
                 )

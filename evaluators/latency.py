@@ -2,7 +2,9 @@
 
 Warm up, then time ``runs`` calls one by one under ``torch.inference_mode()`` and report the
 median and the interquartile range in milliseconds, with the thread count, the CPU model and the
-kernel library versions that produced them (a figure without them cannot be compared).
+kernel library versions that produced them (a figure without them cannot be compared). On a
+GPU backend ``run`` synchronises the device, so a call's time is its kernels' time; the GPU's
+name is recorded in ``device``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class LatencyStats:
     threads: int
     cpu: str
     versions: str
+    device: str = "cpu"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,18 +45,32 @@ def cpu_model() -> str:
 
 
 def kernel_versions() -> str:
-    parts = [f"torch {torch.__version__}"]
-    try:
-        import onnxruntime
+    import importlib.metadata
 
-        parts.append(f"onnxruntime {onnxruntime.__version__}")
-    except ImportError:
-        pass
+    parts = [f"torch {torch.__version__}"]
+    for package in ("torchao", "onnxruntime"):
+        try:
+            parts.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if torch.version.cuda and torch.cuda.is_available():
+        parts.append(f"CUDA {torch.version.cuda}")
     return ", ".join(parts)
 
 
+def device_name(device: str) -> str:
+    """``cpu``, or the CUDA device's name (``cuda: NVIDIA H100 80GB HBM3``)."""
+    if device.startswith("cuda"):
+        return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
+    return device
+
+
 def measure_latency(
-    run: Callable[[], Any], warmup: int = 10, runs: int = 50, threads: int = 1
+    run: Callable[[], Any],
+    warmup: int = 10,
+    runs: int = 50,
+    threads: int = 1,
+    device: str = "cpu",
 ) -> LatencyStats:
     """Median and IQR (ms) of ``runs`` timed calls of ``run`` after ``warmup`` calls.
 
@@ -79,5 +96,11 @@ def measure_latency(
         torch.set_num_threads(previous)
     q1, _, q3 = statistics.quantiles(times, n=4)
     return LatencyStats(
-        statistics.median(times), q3 - q1, runs, threads, cpu_model(), kernel_versions()
+        statistics.median(times),
+        q3 - q1,
+        runs,
+        threads,
+        cpu_model(),
+        kernel_versions(),
+        device_name(device),
     )

@@ -24,18 +24,25 @@ from typing import Any
 
 import numpy as np
 
-from mpq.evaluators.latency import cpu_model, kernel_versions, measure_latency
+from mpq.evaluators.latency import cpu_model, device_name, kernel_versions, measure_latency
 from mpq.spaces.space import LayerChoice, LayerOptions, QuantConfig
 
 
 def target_key(backend: str, threads: int) -> dict[str, Any]:
-    """What a latency figure depends on besides the model: where and how it ran."""
-    return {
+    """What a latency figure depends on besides the model: where and how it ran (and on which
+    GPU, for a GPU backend)."""
+    from mpq.evaluators.backends import get_backend
+
+    key = {
         "cpu": cpu_model(),
         "threads": threads,
         "backend": backend,
         "versions": kernel_versions(),
     }
+    device = getattr(get_backend(backend), "device", "cpu")
+    if device != "cpu":
+        key["device"] = device_name(device)
+    return key
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,8 @@ def build_latency_table(
             threads,
             calibration=evaluator.calibration,
         )
-        measured[row] = measure_latency(lowered.run, warmup, runs, threads).median_ms
+        device = getattr(backend, "device", "cpu")
+        measured[row] = measure_latency(lowered.run, warmup, runs, threads, device).median_ms
         if progress is not None:
             progress(row + 1, len(configs))
     coef = _ridge(design, measured)

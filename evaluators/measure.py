@@ -99,10 +99,13 @@ class Evaluator:
                 f"layer {name!r}: backend {s.backend!r} cannot run it as asked ({reason}) and "
                 "latency.allow_fallback is false"
             )
+        device = getattr(self.backend, "device", "cpu")
         base = measure_latency(
-            self._float_lowered.run, s.latency_warmup, s.latency_runs, s.latency_threads
+            self._float_lowered.run, s.latency_warmup, s.latency_runs, s.latency_threads, device
         )
-        stats = measure_latency(lowered.run, s.latency_warmup, s.latency_runs, s.latency_threads)
+        stats = measure_latency(
+            lowered.run, s.latency_warmup, s.latency_runs, s.latency_threads, device
+        )
         out: dict[str, Any] = {
             "latency_ms": stats.median_ms,
             "latency_iqr_ms": stats.iqr_ms,

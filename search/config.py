@@ -49,7 +49,11 @@ class LatencyConfig(BaseModel):
     enabled: bool = Field(
         True, description="measure latency (needed for the latency_ms objective)"
     )
-    backend: str = Field("onnxruntime", description="backend name (evaluators/backends)")
+    backend: str = Field(
+        "onnxruntime",
+        description="onnxruntime (CPU), torch (torchao + torch.compile, CPU), torch-cuda, "
+        "torch-cuda-fp8 (GPU; needs ray.gpus_per_trial > 0), torch-eager (no compiler)",
+    )
     threads: int = Field(1, ge=1, description="intra-op threads while timing")
     warmup: int = Field(5, ge=0, description="untimed calls first")
     runs: int = Field(30, ge=3, description="timed calls; the median is reported")
@@ -63,6 +67,15 @@ class LatencyConfig(BaseModel):
         description="run a choice the backend has no kernel for on the nearest one it has "
         "(recorded per trial); false: such a choice is an error before the search starts",
     )
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        from mpq.evaluators.backends import BACKENDS
+
+        if v not in BACKENDS:
+            raise ValueError(f"backend={v!r} not in {sorted(BACKENDS)}")
+        return v
 
 
 class RayConfig(BaseModel):
@@ -137,6 +150,11 @@ class SearchConfig(BaseModel):
     def _latency(self) -> SearchConfig:
         if "latency_ms" in self.objectives and not self.latency.enabled:
             raise ValueError("objective latency_ms needs latency.enabled: true")
+        if "cuda" in self.latency.backend and self.latency.enabled and not self.ray.gpus_per_trial:
+            raise ValueError(
+                f"latency.backend {self.latency.backend!r} runs on a GPU: set "
+                "ray.gpus_per_trial > 0 (Ray hides the GPUs from trials that reserve none)"
+            )
         if self.screen_budget >= self.task_budget:
             raise ValueError(
                 f"screen_budget={self.screen_budget} must be < task_budget={self.task_budget}"

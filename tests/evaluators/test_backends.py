@@ -19,8 +19,18 @@ from mpq.spaces.space import LayerChoice, QuantConfig
 from mpq.zoo.babyai import build_untrained_policy
 from tests.models import ConvNet, RecurrentPolicy, TinyTransformer, example_inputs
 
-# Max |lowered - simulated(ran_config)| relative to max |float output|, by narrowest int width.
-TOLERANCE = {32: 1e-4, 8: 0.03, 4: 0.15, 2: 0.6}
+# Max |lowered - simulated(ran_config)| relative to max |float output|, by narrowest width
+# (16: bfloat16 weights and activations).
+TOLERANCE = {32: 1e-4, 16: 0.02, 8: 0.03, 4: 0.15, 2: 0.6}
+CUDA = torch.cuda.is_available()
+FLOAT8 = CUDA and torch.cuda.get_device_capability() >= (8, 9)
+CPU_BACKENDS = sorted(b for b in BACKENDS if "cuda" not in b)
+# Every backend; the CUDA ones run only where a GPU is (float8: compute capability >= 8.9).
+CUDA_BACKENDS = [
+    pytest.param("torch-cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device")),
+    pytest.param("torch-cuda-fp8", marks=pytest.mark.skipif(not FLOAT8, reason="no float8 GPU")),
+]
+ALL_BACKENDS = [*CPU_BACKENDS, *CUDA_BACKENDS]
 
 
 def _policy_inputs() -> tuple[torch.Tensor, ...]:
@@ -42,7 +52,7 @@ MODELS = {
 def _numpy(out: object) -> torch.Tensor:
     while isinstance(out, tuple | list):
         out = out[0]
-    return torch.as_tensor(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
+    return torch.as_tensor(np.asarray(out)) if not isinstance(out, torch.Tensor) else out.cpu()
 
 
 def _random_config(layers, seed: int) -> QuantConfig:  # type: ignore[no-untyped-def]
@@ -61,7 +71,7 @@ def _random_config(layers, seed: int) -> QuantConfig:  # type: ignore[no-untyped
     )
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_lowered_matches_simulated(backend: str, model_name: str, seed: int) -> None:
@@ -89,7 +99,7 @@ def test_lowered_matches_simulated(backend: str, model_name: str, seed: int) -> 
     assert float((out - sim).abs().max()) <= tol * float(ref.abs().max()) + 1e-5
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_keep_everything_runs_float(backend: str) -> None:
     model = TinyTransformer().eval()
     layers = discover_layers(model)
@@ -113,7 +123,11 @@ def test_onnxruntime_runs_low_bit_matmuls() -> None:
 
 
 def test_unknown_backend() -> None:
-    with pytest.raises(ValueError, match=r"backend='tensorrt' not in \['onnxruntime', 'torch'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"backend='tensorrt' not in \['onnxruntime', 'torch', 'torch-cuda', "
+        r"'torch-cuda-fp8', 'torch-eager'\]",
+    ):
         get_backend("tensorrt")
 
 
@@ -122,7 +136,7 @@ def test_latency_argument_errors() -> None:
         measure_latency(lambda: None, runs=2)
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_static_answers_are_what_lower_does(backend: str, model_name: str) -> None:
     """What a backend says without lowering -- ``fallback_reason`` (the up-front check) and
@@ -140,7 +154,7 @@ def test_static_answers_are_what_lower_does(backend: str, model_name: str) -> No
             recorded = lowered.fallbacks.get(la.name)
             if recorded != reason:  # known only at lowering, and then it runs in float32:
                 # MHA's out_proj, or a torch GRU/LSTM whose sibling weight stays float
-                assert backend == "torch" and "-> float32" in str(recorded), la.name
+                assert backend.startswith("torch") and "-> float32" in str(recorded), la.name
                 assert la.name.endswith("out_proj") or la.kind in ("gru", "lstm"), la.name
             else:
                 kernel = b.kernel_for(la, config.layers[la.name])
@@ -203,9 +217,11 @@ def test_static_int8_conv_is_fused_into_qlinearconv(tmp_path) -> None:  # type: 
     assert ops.count("QLinearConv") == 2
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch", *CUDA_BACKENDS])
 @pytest.mark.parametrize("model_name", sorted(MODELS))
-def test_onnxruntime_stored_bytes_are_its_packing_formula(model_name: str) -> None:
-    """Bytes of the initializers ORT runs == ``packed_layer_bytes`` + the float rest, exactly.
+def test_stored_bytes_are_the_packing_formula(backend: str, model_name: str) -> None:
+    """Bytes the lowered model holds == ``packed_layer_bytes`` + the float rest, exactly (ORT:
+    the initializers the graph runs; torch: every tensor, torchao subclasses flattened).
 
     Parameters are randomised first: the ONNX exporter stores identical tensors once (two
     zero-initialised biases of one shape), which the formula, counting each parameter, does not.
@@ -218,7 +234,67 @@ def test_onnxruntime_stored_bytes_are_its_packing_formula(model_name: str) -> No
     x = inputs_fn() if inputs_fn else example_inputs(model, batch=1)
     layers = discover_layers(model)
     for seed in range(3):
-        lowered = get_backend("onnxruntime").lower(
+        lowered = get_backend(backend).lower(
             model, layers, _random_config(layers, seed), x, calibration=[x]
         )
         assert lowered.stored_bytes == lowered.predicted_bytes
+
+
+def test_torch_backend_compiles_every_lowering() -> None:
+    """A search lowers one model many times: each lowering gets a graph of its own (Dynamo
+    caches 8 per code object and then runs eager, silently, without ``_fresh_entry``)."""
+    from torch._dynamo.utils import counters
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    layers = discover_layers(model.eval())
+    x = (torch.randn(1, 32),)
+    backend = get_backend("torch")
+    before = counters["stats"]["unique_graphs"]
+    for i in range(10):
+        config = QuantConfig.uniform(layers, LayerChoice(w_bits=(4, 8)[i % 2], a_bits=8))
+        out = backend.lower(model, layers, config, x).run()
+        assert out.shape == (1, 16)
+    assert counters["stats"]["unique_graphs"] - before == 10
+
+
+@pytest.mark.skipif(CUDA, reason="a CUDA device is present")
+def test_cuda_backend_without_a_gpu_is_one_clear_error() -> None:
+    model = TinyTransformer().eval()
+    layers = discover_layers(model)
+    keep = QuantConfig.uniform(layers, LayerChoice())
+    with pytest.raises(
+        RuntimeError,
+        match=r"^backend 'torch-cuda' needs a CUDA device and torch.cuda.is_available\(\) is "
+        r"False \(torch .+\)$",
+    ):
+        get_backend("torch-cuda").lower(model, layers, keep, example_inputs(model, 1))
+
+
+def test_torch_kernels_per_choice() -> None:
+    """The plan, from the kind and the choice: int8 x int8 for a8, int4 weight-only (bf16
+    activations) where the shape packs, int8 weight-only otherwise, bfloat16 for w16; quantized
+    recurrent modules only on the CPU."""
+    from mpq.evaluators.backends import torch_backend as tb
+
+    model = RecurrentPolicy().eval()
+    layers = {la.name: la for la in discover_layers(model)}
+    cpu, cuda = get_backend("torch"), get_backend("torch-cuda")
+    head = layers["head"]  # Linear(32, 4): 4 rows do not fill a tile of 16
+    assert cpu.kernel_for(head, LayerChoice(w_bits=4, a_bits=8)) == tb.INT8_DYNAMIC
+    assert cpu.kernel_for(head, LayerChoice(w_bits=4)) == tb.INT8_WEIGHT_ONLY
+    assert cpu.fallback_reason(head, LayerChoice(w_bits=8)) is None
+    assert cpu.fallback_reason(head, LayerChoice(w_bits=4, a_bits=8)) == (
+        "w4 per_channel sym a8 dynamic per_tensor -> w8 per_channel sym a8 dynamic per_token "
+        f"({tb.INT8_DYNAMIC})"
+    )
+    assert cpu.fallback_reason(head, LayerChoice(w_bits=16)) == (
+        f"w16 a32 -> w16 a16 ({tb.BFLOAT16})"
+    )
+    gru = layers["gru.weight_ih_l0"]
+    assert cpu.kernel_for(gru, LayerChoice(w_bits=8)) == tb.RNN_INT8
+    assert cuda.kernel_for(gru, LayerChoice(w_bits=8)) == tb.FLOAT32
+    ff1 = next(la for la in discover_layers(TinyTransformer()) if la.name == "ff1")  # 32 -> 64
+    assert cpu.kernel_for(ff1, LayerChoice(w_bits=3)) == tb.INT4_WEIGHT_ONLY
+    assert get_backend("torch-cuda-fp8").kernel_for(ff1, LayerChoice(w_bits=8, a_bits=8)) == (
+        tb.FLOAT8_DYNAMIC
+    )

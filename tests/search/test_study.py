@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -98,10 +99,18 @@ def test_objective_mismatch_on_resume(tmp_path: Path) -> None:
             "screen_budget=5 must be < task_budget=5",
         ),
         ("model: m:f\ntask: m:t\ncalibration: m:c\n", "name: Field required"),
+        (
+            "name: x\nmodel: m:f\ntask: m:t\ncalibration: m:c\nlatency: {backend: tensorrt}\n",
+            "latency.backend: backend='tensorrt' not in ['onnxruntime', 'torch',",
+        ),
+        (
+            "name: x\nmodel: m:f\ntask: m:t\ncalibration: m:c\nlatency: {backend: torch-cuda}\n",
+            "latency.backend 'torch-cuda' runs on a GPU: set ray.gpus_per_trial > 0",
+        ),
     ],
 )
 def test_bad_search_configs(tmp_path: Path, yaml_text: str, message: str) -> None:
     p = tmp_path / "search.yaml"
     p.write_text(yaml_text)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         load_search_config(p)
