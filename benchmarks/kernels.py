@@ -1,29 +1,34 @@
 """Latency of real kernels at batch 1 against float, and stored bytes against predicted bytes.
 
-    python benchmarks/kernels.py [--threads 1] [--runs 200] [--models mlp-4x1024 ...]
+    python benchmarks/kernels.py [--threads 1] [--runs 200] [--batch 1] [--models mlp-4x1024 ...]
+        [--configs W8A8 W4 ...]
         [--backends onnxruntime torch torch-eager]
+    python benchmarks/kernels.py --device cuda    # torch-cuda and torch-cuda-fp8 on the GPU
 
 Models: a 4-layer MLP (1024 wide), a ~10M-parameter stack of transformer blocks, a small
 convolutional image encoder (4 Conv2d, 96x96 input) and the shipped BabyAI policy.
 Configurations: uniform W8A8, W4A8, W8 and W4 (float activations), W2A8 and a mixed one (first
 half of the layers 8-bit, second half 4-bit). Speed-up is against torch eager float and against
 ONNX Runtime float (both reported); the float model compiled by the ``torch`` backend is a row of
-its own. "bytes" is evaluators.size's prediction for the configuration; "packed" the byte count
-of the artifact mpq packs (they must agree); "stored / formula" the bytes of the weights the
-lowered model really holds for what ran (e.g. 3 -> 4 bits, block padding, int8 zero points) and
-the backend's packing formula for it (they must agree too).
+its own. With ``--device cuda`` the baseline is torch eager float on the GPU and ORT (a CPU
+runtime here) is left out. "bytes" is evaluators.size's prediction for the configuration;
+"packed" the byte count of the artifact mpq packs (they must agree); "stored / formula" the
+bytes of the weights the lowered model really holds for what ran (e.g. 3 -> 4 bits, block
+padding, int8 zero points) and the backend's packing formula for it (they must agree too).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+from typing import Any
 
 import torch
 from torch import nn
 
 from mpq.evaluators.artifact import pack_state, payload_bytes
 from mpq.evaluators.backends import get_backend
-from mpq.evaluators.latency import cpu_model, kernel_versions, measure_latency
+from mpq.evaluators.latency import cpu_model, device_name, kernel_versions, measure_latency
 from mpq.evaluators.size import config_size, float_size_bytes
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.space import LayerChoice, QuantConfig
@@ -79,15 +84,24 @@ class ConvEncoder(nn.Module):
         return x.mean((2, 3))
 
 
-def models() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
+def _policy() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     from mpq.zoo.babyai import build_policy, example_inputs
 
-    torch.manual_seed(0)
+    return build_policy(), example_inputs()
+
+
+def models(batch: int = 1) -> dict[str, Any]:
+    """Name -> a function that builds ``(model, inputs)`` (only the models asked for are built)."""
+
+    def policy() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        model, x = _policy()
+        return model, tuple(t.expand(batch, *t.shape[1:]).contiguous() for t in x)
+
     return {
-        "mlp-4x1024": (MLP().eval(), (torch.randn(1, 1024),)),
-        "transformer-6x384": (Transformer().eval(), (torch.randn(1, 16, 384),)),
-        "conv-encoder-96px": (ConvEncoder().eval(), (torch.rand(1, 3, 96, 96),)),
-        "babyai-policy": (build_policy(), example_inputs()),
+        "mlp-4x1024": lambda: (MLP().eval(), (torch.randn(batch, 1024),)),
+        "transformer-6x384": lambda: (Transformer().eval(), (torch.randn(batch, 16, 384),)),
+        "conv-encoder-96px": lambda: (ConvEncoder().eval(), (torch.rand(batch, 3, 96, 96),)),
+        "babyai-policy": policy,
     }
 
 
@@ -107,16 +121,59 @@ def configs(layers) -> dict[str, QuantConfig]:  # type: ignore[no-untyped-def]
     }
 
 
+def _eager(model: nn.Module, x: tuple[torch.Tensor, ...], device: str) -> Any:
+    """The float model, eager, on ``device`` (synchronised there, as the backends' ``run``)."""
+    model = copy.deepcopy(model).to(device)
+    x = tuple(t.to(device) for t in x)
+
+    def run() -> Any:
+        out = model(*x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def _stored(lowered: Any) -> str:
+    if lowered.stored_bytes is None:
+        return ""
+    return f"{lowered.stored_bytes:,} / {lowered.predicted_bytes:,}"
+
+
+def _row(base: dict[str, Any], config: str, backend: str, ms: float, predicted: int, stored: str):
+    x_ort = f"{base['ort'] / ms:.2f}" if base["ort"] else ""
+    print(
+        f"| {base['name']} | {config} | {backend} | {ms:.3f} | {base['torch'] / ms:.2f} | "
+        f"{x_ort} | {predicted:,} | {base['packed']:,} | {base['fb'] / predicted:.2f} | "
+        f"{stored} |",
+        flush=True,
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--models", nargs="*", help="model names (default: all)")
-    p.add_argument("--backends", nargs="*", default=["onnxruntime", "torch", "torch-eager"])
+    p.add_argument("--configs", nargs="*", help="configuration labels (default: all)")
+    p.add_argument(
+        "--backends",
+        nargs="*",
+        help="default: onnxruntime torch torch-eager (cpu), torch-cuda torch-cuda-fp8 (cuda)",
+    )
     args = p.parse_args()
+    cuda = args.device == "cuda"
+    backends = args.backends or (
+        ["torch-cuda", "torch-cuda-fp8"] if cuda else ["onnxruntime", "torch", "torch-eager"]
+    )
+    compiled_float = "torch-cuda" if cuda else "torch"
     torch.set_num_threads(args.threads)
+    where = device_name(args.device) if cuda else f"CPU: {cpu_model()}"
     print(
-        f"CPU: {cpu_model()}; {kernel_versions()}; {args.threads} thread(s), batch 1, "
+        f"{where}; {kernel_versions()}; {args.threads} thread(s), batch {args.batch}, "
         f"median of {args.runs} runs\n"
     )
     header = (
@@ -125,51 +182,44 @@ def main() -> None:
     )
     print(header)
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, (model, x) in models().items():
+
+    def time_ms(run: Any) -> float:
+        return measure_latency(run, 10, args.runs, args.threads, args.device).median_ms
+
+    for name, build in models(args.batch).items():
         if args.models and name not in args.models:
             continue
+        torch.manual_seed(0)
+        model, x = build()
         layers = discover_layers(model)
         keep = QuantConfig.uniform(layers, LayerChoice())
-        torch_float = measure_latency(lambda m=model, x=x: m(*x), 10, args.runs, args.threads)
-        ort_float_lowered = get_backend("onnxruntime").lower(model, layers, keep, x, args.threads)
-        ort_float = measure_latency(ort_float_lowered.run, 10, args.runs, args.threads)
         fb = float_size_bytes(model)
-        print(
-            f"| {name} | float32 | torch eager | {torch_float.median_ms:.3f} | 1.00 | "
-            f"{ort_float.median_ms / torch_float.median_ms:.2f} | {fb:,} | {fb:,} | 1.00 | |"
-        )
-        print(
-            f"| {name} | float32 | onnxruntime | {ort_float.median_ms:.3f} | "
-            f"{torch_float.median_ms / ort_float.median_ms:.2f} | 1.00 | {fb:,} | {fb:,} | 1.00 | "
-            f"{ort_float_lowered.stored_bytes:,} / {ort_float_lowered.predicted_bytes:,} |"
-        )
-        if "torch" in args.backends:
-            compiled = get_backend("torch").lower(model, layers, keep, x, args.threads)
-            ms = measure_latency(compiled.run, 10, args.runs, args.threads).median_ms
-            print(
-                f"| {name} | float32 | torch (compiled) | {ms:.3f} | "
-                f"{torch_float.median_ms / ms:.2f} | {ort_float.median_ms / ms:.2f} | {fb:,} | "
-                f"{fb:,} | 1.00 | {compiled.stored_bytes:,} / {compiled.predicted_bytes:,} |"
-            )
+        base = {"name": name, "torch": time_ms(_eager(model, x, args.device)), "ort": None}
+        base.update(fb=fb, packed=fb)
+        _row(base, "float32", "torch eager", base["torch"], fb, "")
+        if not cuda:
+            ort_lowered = get_backend("onnxruntime").lower(model, layers, keep, x, args.threads)
+            base["ort"] = time_ms(ort_lowered.run)
+            _row(base, "float32", "onnxruntime", base["ort"], fb, _stored(ort_lowered))
+        if compiled_float in backends:
+            lowered = get_backend(compiled_float).lower(model, layers, keep, x, args.threads)
+            ms = time_ms(lowered.run)
+            _row(base, "float32", f"{compiled_float} (compiled)", ms, fb, _stored(lowered))
         for label, config in configs(layers).items():
+            if args.configs and label not in args.configs:
+                continue
             predicted = config_size(model, layers, config).total_bytes
-            packed = payload_bytes(pack_state(model, layers, config))
-            for backend in args.backends:
-                lowered = get_backend(backend).lower(
-                    model, layers, config, x, args.threads, calibration=[x]
-                )
-                ms = measure_latency(lowered.run, 10, args.runs, args.threads).median_ms
-                stored = (
-                    f"{lowered.stored_bytes:,} / {lowered.predicted_bytes:,}"
-                    if lowered.stored_bytes is not None
-                    else ""
-                )
-                print(
-                    f"| {name} | {label} | {backend} | {ms:.3f} | "
-                    f"{torch_float.median_ms / ms:.2f} | {ort_float.median_ms / ms:.2f} | "
-                    f"{predicted:,} | {packed:,} | {fb / predicted:.2f} | {stored} |",
-                    flush=True,
-                )
+            base["packed"] = payload_bytes(pack_state(model, layers, config))
+            for backend in backends:
+                try:
+                    lowered = get_backend(backend).lower(
+                        model, layers, config, x, args.threads, calibration=[x]
+                    )
+                    ms = time_ms(lowered.run)
+                except Exception as e:  # a row that failed says so; the others still run
+                    print(f"| {name} | {label} | {backend} | failed: {str(e)[:200]!r} |")
+                    continue
+                _row(base, label, backend, ms, predicted, _stored(lowered))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,19 @@ class TinyTransformer(nn.Module):
         return x + self.ff2(torch.relu(self.ff1(x)))
 
 
+class WideInput(nn.Module):
+    """K = 1024 with 36 rows: CUDA's tinygemm int4 pads the rows to 40 and still stores fewer
+    bytes than int8 (K is already a multiple of its 1024), the CPU's int4 wants rows % 16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(1024, 36)
+        self.fc2 = nn.Linear(36, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1024)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
 class TiedLM(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -68,6 +81,8 @@ def example_inputs(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...]
         return (torch.randint(0, 20, (batch, 5), generator=g),)
     if isinstance(model, TinyTransformer):
         return (torch.randn(batch, 6, 32, generator=g),)
+    if isinstance(model, WideInput):
+        return (torch.randn(batch, 1024, generator=g),)
     return (torch.randint(0, 50, (batch, 5), generator=g),)
 
 

@@ -10,12 +10,13 @@ layout, and the trial records what was asked, the kernel, and the choice that ra
 asked                                 kernel                                          ran
 ====================================  ==============================================  =========
 Linear, w <= 8, a8                    int8 x int8, activations quantized per token    w8 a8
-                                      on every call (``Int8DynamicActivationInt8Weight``;
-                                      Inductor fuses ``_int_mm`` and the scales)
-                                      ``torch-cuda-fp8``: float8 e4m3 rows            w8 a8
-Linear, w <= 4, a32/a16, K % 32 == 0  int4 weight-only, groups of 32, bfloat16        w4 g32 a16
-and N % 16 == 0                       activations (CPU ``Int4OpaqueTensor``; CUDA
-                                      tinygemm ``Int4WeightOnly``)
+(CUDA: K, N % 8 == 0)                 on every call (``Int8DynamicActivationInt8Weight``;
+                                      Inductor fuses ``_int_mm`` and the scales; CUDA
+                                      pads the rows to more than 16, cuBLAS's minimum)
+(K, N % 16 == 0)                      ``torch-cuda-fp8``: float8 e4m3 rows            w8 a8
+Linear, w <= 4, a32/a16, where the    int4 weight-only, groups of 32, bfloat16        w4 g32 a16
+int4 layout fits (``int4_layout``)    activations (CPU ``Int4OpaqueTensor``; CUDA
+                                      tinygemm ``Int4WeightOnly``, K padded to 1024)
 Linear, other w <= 8, a32/a16         int8 weight-only (``Int8WeightOnly``)           w8 a32
 Linear, w16                           bfloat16 weights and activations                w16 a16
 GRU/LSTM/RNN, every weight w <= 8     ``quantize_dynamic`` int8 (CPU only)            w8 a8
@@ -72,9 +73,49 @@ RAN = {
 }
 
 
-def int4_fits(layer: LayerInfo) -> bool:
-    """The int4 kernels pack groups of 32 along K and tiles of 16 output rows."""
-    return layer.reduction_size % INT4_GROUP == 0 and layer.shape[0] % 16 == 0
+def _dims_divisible(layer: LayerInfo, multiple: int) -> bool:
+    """CUDA's int8 ``_int_mm`` (cuBLAS) wants K and N in multiples of 8, float8's
+    ``_scaled_mm`` multiples of 16 (torchao leaves a float8 weight that doesn't fit in bf16,
+    silently: so the plan never asks for it)."""
+    return layer.reduction_size % multiple == 0 and layer.shape[0] % multiple == 0
+
+
+class _PadRows(nn.Module):
+    """CUDA int8 x int8: cuBLAS's ``_int_mm`` needs more than 16 rows (a robot's batch of 1 has
+    one), so the flattened rows are zero-padded to a multiple of 8 above 16 and cut after. Zero
+    rows quantize per token on their own: the real rows' results are unchanged."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        n = rows.shape[0]
+        padded = max(24, _round_up(n, 8))
+        y = self.inner(nn.functional.pad(rows, (0, 0, 0, padded - n)))[:n]
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def int4_layout(layer: LayerInfo, device: str) -> tuple[int, int] | None:
+    """``(rows, K)`` the int4 kernel stores for ``layer`` on ``device``; None where it doesn't fit.
+
+    CPU (``Int4OpaqueTensor``): groups of 32 along K and tiles of 16 rows, nothing padded, so
+    K % 32 == 0 and N % 16 == 0. CUDA (tinygemm, ``Int4TilePackedTo4dTensor``): K padded up to a
+    multiple of 1024 and N to 8 -- a 384-wide layer stores 1024 columns -- so int4 is used only
+    where the padded weight is smaller than int8's (``0.625 Np Kp < N K + 5 N``), else int8.
+    """
+    rows, k = layer.shape[0], layer.reduction_size
+    if device == "cpu":
+        fits = k % INT4_GROUP == 0 and rows % 16 == 0
+        return (rows, k) if fits else None
+    padded = _round_up(rows, 8), _round_up(k, 1024)
+    int4_bytes = padded[0] * padded[1] // 2 + 4 * padded[0] * padded[1] // INT4_GROUP
+    return padded if int4_bytes < rows * k + 5 * rows else None
 
 
 def _key(c: LayerChoice) -> tuple[Any, ...]:
@@ -157,12 +198,13 @@ def stored_bytes(module: nn.Module) -> int:
     return total
 
 
-def packed_layer_bytes(layer: LayerInfo, kernel: str) -> int:
+def packed_layer_bytes(layer: LayerInfo, kernel: str, device: str = "cpu") -> int:
     """Bytes a kernel stores for one layer's weight (N rows, K = reduction size, n = N K)::
 
     int8 (torchao):  n + 4 N + N    int8 data, a float32 scale and an int8 zero point a row
     float8:          n + 4 N        e4m3 data, a float32 scale a row
-    int4 g32:        n / 2 + 4 N K / 32    packed pairs, bfloat16 scale and zero a group
+    int4 g32:        Np Kp / 2 + 4 Np Kp / 32   packed pairs, bfloat16 scale and zero a group,
+                     of the shape ``int4_layout`` pads to (CUDA pads; the CPU does not)
     bfloat16:        2 n
     quantize_dynamic RNN weight: n + 16   int8 data, float64 scale, int64 zero point
     """
@@ -172,7 +214,10 @@ def packed_layer_bytes(layer: LayerInfo, kernel: str) -> int:
     if kernel == FLOAT8_DYNAMIC:
         return n + 4 * rows
     if kernel == INT4_WEIGHT_ONLY:
-        return n // 2 + 4 * rows * (layer.reduction_size // INT4_GROUP)
+        layout = int4_layout(layer, device)
+        assert layout is not None, f"{layer.name} has no int4 layout on {device}"
+        padded = layout[0] * layout[1]
+        return padded // 2 + 4 * padded // INT4_GROUP
     if kernel == BFLOAT16:
         return 2 * n
     if kernel == RNN_INT8:
@@ -219,9 +264,11 @@ class TorchBackend:
         if layer.kind == "linear":
             if w == 16:
                 return BFLOAT16
-            if choice.a_bits == 8:
-                return FLOAT8_DYNAMIC if self.float8 else INT8_DYNAMIC
-            if w <= 4 and int4_fits(layer):
+            if choice.a_bits == 8 and self.float8 and _dims_divisible(layer, 16):
+                return FLOAT8_DYNAMIC
+            if choice.a_bits == 8 and (self.device == "cpu" or _dims_divisible(layer, 8)):
+                return INT8_DYNAMIC
+            if w <= 4 and int4_layout(layer, self.device) is not None:
                 return INT4_WEIGHT_ONLY
             return INT8_WEIGHT_ONLY
         if layer.kind in _RECURRENT and w <= INT_BITS_MAX and self.device == "cpu":
@@ -230,7 +277,8 @@ class TorchBackend:
 
     def supported_w_bits(self, layer: LayerInfo) -> tuple[int, ...]:
         if layer.kind == "linear":
-            return (*((4,) if int4_fits(layer) else ()), 8, 16, 32)
+            int4 = int4_layout(layer, self.device) is not None
+            return (*((4,) if int4 else ()), 8, 16, 32)
         return (8, 32) if layer.kind in _RECURRENT and self.device == "cpu" else (32,)
 
     def kernel_for(self, layer: LayerInfo, choice: LayerChoice) -> str:
@@ -245,6 +293,8 @@ class TorchBackend:
             return None
         if kernel == FLOAT32:
             return f"w{choice.w_bits} -> float32: no {layer.kind} kernel wired in torchao here"
+        if kernel == FLOAT8_DYNAMIC:  # not an integer format: always a change, always said
+            return f"{short(choice)} -> float8 e4m3 weights and activations per row ({kernel})"
         ran = RAN[kernel]
         if _key(ran) == _key(choice):
             return None
@@ -290,33 +340,34 @@ class TorchBackend:
 
         lowered = copy.deepcopy(model).eval().to(device)
         cuda = device.type == "cuda"
-        linear_configs = {
+        in_place = {  # quantize_ swaps the Linear's weight; float32 activations
             INT8_DYNAMIC: Int8DynamicActivationInt8WeightConfig(set_inductor_config=False),
             INT8_WEIGHT_ONLY: Int8WeightOnlyConfig(set_inductor_config=False),
         }
-        if self.float8:
-            linear_configs[FLOAT8_DYNAMIC] = Float8DynamicActivationFloat8WeightConfig(
-                granularity=PerRow(), set_inductor_config=False
-            )
-        int4 = (
-            Int4WeightOnlyConfig(
+        cast: dict[str, Any] = {  # in a _CastLinear: bfloat16 activations (None: plain bf16)
+            BFLOAT16: None,
+            INT4_WEIGHT_ONLY: Int4WeightOnlyConfig(
                 group_size=INT4_GROUP,
                 int4_packing_format="tile_packed_to_4d",
                 set_inductor_config=False,
             )
             if cuda
-            else PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP, set_inductor_config=False)
-        )
+            else PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP, set_inductor_config=False),
+        }
+        if self.float8:  # float8 rowwise scaled matmuls take bfloat16 activations
+            cast[FLOAT8_DYNAMIC] = Float8DynamicActivationFloat8WeightConfig(
+                granularity=PerRow(), set_inductor_config=False
+            )
         rnn_modules = set()
         for la in layers:
             kernel = kernels[la.name]
-            if kernel in linear_configs:
-                quantize_(lowered, linear_configs[kernel], filter_fn=_named(la.module))
-            elif kernel in (INT4_WEIGHT_ONLY, BFLOAT16):
-                parent, _, child = la.module.rpartition(".")
-                old = lowered.get_submodule(la.module)
-                new = _cast_linear(old, int4 if kernel == INT4_WEIGHT_ONLY else None)
-                setattr(lowered.get_submodule(parent) if parent else lowered, child, new)
+            if kernel in in_place:
+                quantize_(lowered, in_place[kernel], filter_fn=_named(la.module))
+                if cuda and kernel == INT8_DYNAMIC:
+                    _replace(lowered, la.module, _PadRows(lowered.get_submodule(la.module)))
+            elif kernel in cast:
+                new = _cast_linear(lowered.get_submodule(la.module), cast[kernel])
+                _replace(lowered, la.module, new)
             elif kernel == RNN_INT8:
                 rnn_modules.add(la.module)
         if rnn_modules:
@@ -361,9 +412,14 @@ class TorchBackend:
         ran_config = QuantConfig(layers={la.name: RAN[kernels[la.name]] for la in layers})
         predicted = config_size(model, layers, QuantConfig.uniform(layers, LayerChoice()))
         predicted_bytes = predicted.other_bytes + sum(
-            packed_layer_bytes(la, kernels[la.name]) for la in layers
+            packed_layer_bytes(la, kernels[la.name], self.device) for la in layers
         )
         return Lowered(run, lowered, kernels, fallbacks, ran_config, size, predicted_bytes)
+
+
+def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:
+    parent, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def _named(module_name: str) -> Any:

@@ -17,7 +17,7 @@ from mpq.evaluators.proxy import first_tensor
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.space import LayerChoice, QuantConfig
 from mpq.zoo.babyai import build_untrained_policy
-from tests.models import ConvNet, RecurrentPolicy, TinyTransformer, example_inputs
+from tests.models import ConvNet, RecurrentPolicy, TinyTransformer, WideInput, example_inputs
 
 # Max |lowered - simulated(ran_config)| relative to max |float output|, by narrowest width
 # (16: bfloat16 weights and activations).
@@ -45,6 +45,7 @@ MODELS = {
     "convnet": (ConvNet, None),
     "recurrent": (RecurrentPolicy, None),
     "transformer": (TinyTransformer, None),
+    "wide": (WideInput, None),
     "babyai": (build_untrained_policy, _policy_inputs),
 }
 
@@ -96,7 +97,8 @@ def test_lowered_matches_simulated(backend: str, model_name: str, seed: int) -> 
     assert out.shape == ref.shape
     narrowest = min(c.w_bits for c in lowered.ran_config.layers.values())
     tol = TOLERANCE[min(k for k in TOLERANCE if k >= narrowest)]
-    assert float((out - sim).abs().max()) <= tol * float(ref.abs().max()) + 1e-5
+    error = float((out - sim).abs().max()) / float(ref.abs().max())
+    assert error <= tol + 1e-5, (error, tol, sorted(set(lowered.kernels.values())))
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -298,3 +300,16 @@ def test_torch_kernels_per_choice() -> None:
     assert get_backend("torch-cuda-fp8").kernel_for(ff1, LayerChoice(w_bits=8, a_bits=8)) == (
         tb.FLOAT8_DYNAMIC
     )
+    # CUDA: cuBLAS's int8 wants K and N in multiples of 8, float8 in multiples of 16
+    assert cuda.kernel_for(head, LayerChoice(w_bits=8, a_bits=8)) == tb.INT8_WEIGHT_ONLY
+    assert cuda.kernel_for(ff1, LayerChoice(w_bits=8, a_bits=8)) == tb.INT8_DYNAMIC
+    (odd,) = discover_layers(torch.nn.Sequential(torch.nn.Linear(24, 40)))
+    fp8 = get_backend("torch-cuda-fp8")
+    assert fp8.kernel_for(odd, LayerChoice(w_bits=8, a_bits=8)) == tb.INT8_DYNAMIC
+    # CUDA's int4 pads K to a multiple of 1024: a 32-wide layer would store 32x its int4 bytes
+    assert cuda.kernel_for(ff1, LayerChoice(w_bits=4)) == tb.INT8_WEIGHT_ONLY
+    assert cuda.supported_w_bits(ff1) == (8, 16, 32)
+    wide = {la.name: la for la in discover_layers(WideInput())}
+    assert cuda.kernel_for(wide["fc1"], LayerChoice(w_bits=4)) == tb.INT4_WEIGHT_ONLY
+    assert tb.int4_layout(wide["fc1"], "cuda") == (40, 1024)  # rows padded to 8
+    assert cpu.kernel_for(wide["fc1"], LayerChoice(w_bits=4)) == tb.INT8_WEIGHT_ONLY  # 36 rows
