@@ -48,6 +48,17 @@ class TinyTransformer(nn.Module):
         return x + self.ff2(torch.relu(self.ff1(x)))
 
 
+class Stacked(nn.Module):
+    """Two TinyTransformers in a Sequential: nested module names, 3-D inputs to every Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(TinyTransformer(), TinyTransformer())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, 32)
+        return self.blocks(x)
+
+
 class WideInput(nn.Module):
     """K = 1024 with 36 rows: CUDA's tinygemm int4 pads the rows to 40 and still stores fewer
     bytes than int8 (K is already a multiple of its 1024), the CPU's int4 wants rows % 16."""
@@ -79,7 +90,7 @@ def example_inputs(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...]
         return (torch.randn(batch, 3, 8, 8, generator=g),)
     if isinstance(model, RecurrentPolicy):
         return (torch.randint(0, 20, (batch, 5), generator=g),)
-    if isinstance(model, TinyTransformer):
+    if isinstance(model, TinyTransformer | Stacked):
         return (torch.randn(batch, 6, 32, generator=g),)
     if isinstance(model, WideInput):
         return (torch.randn(batch, 1024, generator=g),)

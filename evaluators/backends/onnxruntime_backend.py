@@ -111,8 +111,14 @@ def gemm_to_matmul(model: onnx.ModelProto) -> dict[str, str]:
 def matmul_nodes(
     model: onnx.ModelProto, layers: tuple[LayerInfo, ...], renamed: dict[str, str]
 ) -> dict[str, list[str]]:
-    """Layer name -> the MatMul node names that multiply by its weight."""
-    inits = {i.name for i in model.graph.initializer}
+    """Layer name -> the MatMul node names that multiply by its weight.
+
+    The exporter names a node by its module scope, and nests containers unevenly
+    (``/blocks/blocks.0/ff1/MatMul`` for ``blocks.0.ff1``), while a constant-folded weight
+    loses its name (``onnx::MatMul_365``). So a node belongs to the longest module name its
+    scope ends with, and only where its initializer has the layer's transposed weight shape.
+    """
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     out: dict[str, list[str]] = {}
     by_module = {la.module: la for la in layers if la.kind in ("linear", "attention_in_proj")}
     for la in layers:
@@ -123,10 +129,17 @@ def matmul_nodes(
         if node.op_type != "MatMul" or node.input[1] not in inits or node.name in renamed.values():
             continue
         scope = node.name.lstrip("/").rsplit("/", 1)[0].replace("/", ".")
-        la = by_module.get(scope)
-        if la is not None:
+        owners = [m for m in by_module if scope == m or scope.endswith(f".{m}")]
+        if not owners:
+            continue
+        la = by_module[max(owners, key=len)]
+        if inits[node.input[1]] == tuple(reversed(la.shape)):
             out.setdefault(la.name, []).append(node.name)
     return out
+
+
+def _matmul_names(model: onnx.ModelProto) -> set[str]:
+    return {n.name for n in model.graph.node if n.op_type == "MatMul"}
 
 
 QDQ_CONV = ("conv1d", "conv2d")
@@ -343,7 +356,6 @@ class OnnxRuntimeBackend:
         proto = export_onnx(model.eval(), example_inputs)
         renamed = gemm_to_matmul(proto)
         nodes = matmul_nodes(proto, layers, renamed)
-        all_mm = {n for names in nodes.values() for n in names}
         kernels: dict[str, str] = {}
         fallbacks: dict[str, str] = {}
         groups: dict[tuple[int, bool, int], list[str]] = {}
@@ -406,11 +418,11 @@ class OnnxRuntimeBackend:
                 block_size=BLOCK,
                 is_symmetric=symmetric,
                 accuracy_level=level,
-                nodes_to_exclude=sorted(all_mm - set(names)),
+                # every other MatMul: the unmapped ones too, which must stay float32
+                nodes_to_exclude=sorted(_matmul_names(proto) - set(names)),
             )
             q.process()
             proto = q.model.model
-            all_mm -= set(names)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

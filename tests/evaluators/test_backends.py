@@ -17,7 +17,14 @@ from mpq.evaluators.proxy import first_tensor
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.space import LayerChoice, QuantConfig
 from mpq.zoo.babyai import build_untrained_policy
-from tests.models import ConvNet, RecurrentPolicy, TinyTransformer, WideInput, example_inputs
+from tests.models import (
+    ConvNet,
+    RecurrentPolicy,
+    Stacked,
+    TinyTransformer,
+    WideInput,
+    example_inputs,
+)
 
 # Max |lowered - simulated(ran_config)| relative to max |float output|, by narrowest width
 # (16: bfloat16 weights and activations).
@@ -122,6 +129,25 @@ def test_onnxruntime_runs_low_bit_matmuls() -> None:
     assert lowered.kernels["ff1"] == "MatMulNBits int4 block32 acc4"
     assert lowered.fallbacks["ff1"] == "w3 per_channel -> int4 block32"
     assert lowered.ran_config.layers["ff1"].w_bits == 4
+
+
+def test_onnxruntime_maps_nested_modules_and_quantizes_nothing_else() -> None:
+    """Nested containers get uneven export scopes (``/blocks/blocks.0/ff1/MatMul``): every
+    Linear still finds its MatMul, and a MatMul of a layer kept float stays float (the
+    quantizer is told to leave every other MatMul alone), so the bytes are the formula's."""
+    model = Stacked().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)  # no two equal tensors for the exporter to store once
+    layers = discover_layers(model)
+    x = example_inputs(model, 1)
+    choices = {la.name: LayerChoice(w_bits=4, a_bits=8) for la in layers}
+    choices["blocks.1.ff1"] = LayerChoice()
+    lowered = get_backend("onnxruntime").lower(model, layers, QuantConfig(layers=choices), x)
+    assert lowered.kernels["blocks.1.ff1"] == "float32 (onnxruntime)"
+    others = {k for n, k in lowered.kernels.items() if n != "blocks.1.ff1"}
+    assert others == {"MatMulNBits int4 block32 acc4"}
+    assert lowered.stored_bytes == lowered.predicted_bytes
 
 
 def test_unknown_backend() -> None:
