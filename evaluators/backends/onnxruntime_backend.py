@@ -116,7 +116,8 @@ def matmul_nodes(
     The exporter names a node by its module scope, and nests containers unevenly
     (``/blocks/blocks.0/ff1/MatMul`` for ``blocks.0.ff1``), while a constant-folded weight
     loses its name (``onnx::MatMul_365``). So a node belongs to the longest module name its
-    scope ends with, and only where its initializer has the layer's transposed weight shape.
+    scope ends with, and only where its initializer is the layer's transposed weight (K rows),
+    or a slice of it (attention whose query and key/value inputs differ: two MatMuls).
     """
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     out: dict[str, list[str]] = {}
@@ -133,7 +134,8 @@ def matmul_nodes(
         if not owners:
             continue
         la = by_module[max(owners, key=len)]
-        if inits[node.input[1]] == tuple(reversed(la.shape)):
+        dims = inits[node.input[1]]  # W^T (K, N), or columns of it (cross-attention: q; k, v)
+        if len(dims) == 2 and dims[0] == la.reduction_size and dims[1] <= la.shape[0]:
             out.setdefault(la.name, []).append(node.name)
     return out
 
