@@ -11,8 +11,8 @@ asked                                 kernel                                    
 ====================================  ==============================================  =========
 Linear, w <= 8, a8                    int8 x int8, activations quantized per token    w8 a8
 (CUDA: K, N % 8 == 0)                 on every call (``Int8DynamicActivationInt8Weight``;
-                                      Inductor fuses ``_int_mm`` and the scales; CUDA
-                                      pads the rows to more than 16, cuBLAS's minimum)
+                                      Inductor fuses ``_int_mm`` and the scales; rows
+                                      padded to 8, CUDA 24: ``_PadRows``)
 (K, N % 16 == 0)                      ``torch-cuda-fp8``: float8 e4m3 rows            w8 a8
 Linear, w <= 4, a32/a16, where the    int4 weight-only, groups of 32, bfloat16        w4 g32 a16
 int4 layout fits (``int4_layout``)    activations (CPU ``Int4OpaqueTensor``; CUDA
@@ -81,18 +81,22 @@ def _dims_divisible(layer: LayerInfo, multiple: int) -> bool:
 
 
 class _PadRows(nn.Module):
-    """CUDA int8 x int8: cuBLAS's ``_int_mm`` needs more than 16 rows (a robot's batch of 1 has
-    one), so the flattened rows are zero-padded to a multiple of 8 above 16 and cut after. Zero
-    rows quantize per token on their own: the real rows' results are unchanged."""
+    """int8 x int8 on few rows: the flattened rows are zero-padded to ``min_rows`` (a multiple of
+    8) and cut after. cuBLAS's ``_int_mm`` refuses 16 rows or fewer; oneDNN's int8 matmul on an
+    AMX CPU (the kernel Inductor's freezing picks) falls back to its reference loop for one row
+    and fewer than ~512 outputs -- 32 ms instead of 0.2 for the shipped policy's 3136 -> 256
+    layer at batch 1. Zero rows quantize per token on their own: the real rows are unchanged.
+    """
 
-    def __init__(self, inner: nn.Module) -> None:
+    def __init__(self, inner: nn.Module, min_rows: int) -> None:
         super().__init__()
         self.inner = inner
+        self.min_rows = min_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         n = rows.shape[0]
-        padded = max(24, _round_up(n, 8))
+        padded = max(self.min_rows, _round_up(n, 8))
         y = self.inner(nn.functional.pad(rows, (0, 0, 0, padded - n)))[:n]
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -363,8 +367,9 @@ class TorchBackend:
             kernel = kernels[la.name]
             if kernel in in_place:
                 quantize_(lowered, in_place[kernel], filter_fn=_named(la.module))
-                if cuda and kernel == INT8_DYNAMIC:
-                    _replace(lowered, la.module, _PadRows(lowered.get_submodule(la.module)))
+                if kernel == INT8_DYNAMIC:
+                    inner = lowered.get_submodule(la.module)
+                    _replace(lowered, la.module, _PadRows(inner, 24 if cuda else 8))
             elif kernel in cast:
                 new = _cast_linear(lowered.get_submodule(la.module), cast[kernel])
                 _replace(lowered, la.module, new)
