@@ -344,7 +344,9 @@ class Runner:
                 try:
                     result = ray.get(run.ref)
                 except Exception as exc:  # noqa: BLE001  a failed trial is data, not a crash
-                    self._fail(run, _reason(exc))
+                    # Ctrl-C reaches the Ray workers of the process group too: what fails after
+                    # it was interrupted, whatever the worker's own error says
+                    self._fail(run, "interrupted (SIGINT)" if self._stop else _reason(exc))
                     continue
                 self._advance(run, result)
             elif time.monotonic() - run.started > self.cfg.trial_timeout_s:

@@ -120,7 +120,8 @@ def test_sigint_stops_cleanly_and_prints_what_finished(tmp_path: Path) -> None:
     interrupted = [
         t for t in study.trials if t.user_attrs.get("fail_reason") == "interrupted (SIGINT)"
     ]
-    assert interrupted and all(t.state == TrialState.FAIL for t in interrupted)
+    seen = [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials]
+    assert interrupted and all(t.state == TrialState.FAIL for t in interrupted), seen
 
 
 def test_two_searches_on_one_study_at_once(tmp_path: Path) -> None:
