@@ -84,18 +84,14 @@ class ConvEncoder(nn.Module):
         return x.mean((2, 3))
 
 
-def _policy() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    from mpq.zoo.babyai import build_policy, example_inputs
-
-    return build_policy(), example_inputs()
-
-
 def models(batch: int = 1) -> dict[str, Any]:
     """Name -> a function that builds ``(model, inputs)`` (only the models asked for are built)."""
 
     def policy() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-        model, x = _policy()
-        return model, tuple(t.expand(batch, *t.shape[1:]).contiguous() for t in x)
+        from mpq.zoo.babyai import build_policy, example_inputs
+
+        x = tuple(t.expand(batch, *t.shape[1:]).contiguous() for t in example_inputs())
+        return build_policy(), x
 
     return {
         "mlp-4x1024": lambda: (MLP().eval(), (torch.randn(batch, 1024),)),

@@ -111,15 +111,20 @@ def int4_layout(layer: LayerInfo, device: str) -> tuple[int, int] | None:
     CPU (``Int4OpaqueTensor``): groups of 32 along K and tiles of 16 rows, nothing padded, so
     K % 32 == 0 and N % 16 == 0. CUDA (tinygemm, ``Int4TilePackedTo4dTensor``): K padded up to a
     multiple of 1024 and N to 8 -- a 384-wide layer stores 1024 columns -- so int4 is used only
-    where the padded weight is smaller than int8's (``0.625 Np Kp < N K + 5 N``), else int8.
+    where the padded weight is smaller than int8's, else int8.
     """
     rows, k = layer.shape[0], layer.reduction_size
     if device == "cpu":
         fits = k % INT4_GROUP == 0 and rows % 16 == 0
         return (rows, k) if fits else None
     padded = _round_up(rows, 8), _round_up(k, 1024)
-    int4_bytes = padded[0] * padded[1] // 2 + 4 * padded[0] * padded[1] // INT4_GROUP
-    return padded if int4_bytes < rows * k + 5 * rows else None
+    smaller = _int4_bytes(*padded) < packed_layer_bytes(layer, INT8_WEIGHT_ONLY)
+    return padded if smaller else None
+
+
+def _int4_bytes(rows: int, k: int) -> int:
+    """Packed pairs, and a bfloat16 scale and zero point per group of 32: 0.625 bytes a weight."""
+    return rows * k // 2 + 4 * rows * k // INT4_GROUP
 
 
 def _key(c: LayerChoice) -> tuple[Any, ...]:
@@ -220,8 +225,7 @@ def packed_layer_bytes(layer: LayerInfo, kernel: str, device: str = "cpu") -> in
     if kernel == INT4_WEIGHT_ONLY:
         layout = int4_layout(layer, device)
         assert layout is not None, f"{layer.name} has no int4 layout on {device}"
-        padded = layout[0] * layout[1]
-        return padded // 2 + 4 * padded // INT4_GROUP
+        return _int4_bytes(*layout)
     if kernel == BFLOAT16:
         return 2 * n
     if kernel == RNN_INT8:
