@@ -23,6 +23,11 @@ GRU/LSTM/RNN, every weight w <= 8     ``quantize_dynamic`` int8 (CPU only)      
 anything else (conv, embedding, ...)  float32                                         float32
 ====================================  ==============================================  =========
 
+On a CPU whose int8 x int8 kernel is not exact (``int8_dynamic_exact``: oneDNN without VNNI
+saturates ``u8 x s8`` pairs in 16 bits, 10-99% off on AVX2), ``a8`` runs on the weight-only
+kernels (int4 where asked and it fits, else int8), recorded with the reason. On the AVX2 EPYC
+the int8 x int8 kernel was also 2.5x slower than float32 (3136 -> 256 at 8 padded rows).
+
 16 bits run as bfloat16 here (the space's 16 is float16: the same bytes, 3 fewer mantissa bits,
 recorded). ``nn.MultiheadAttention`` reads ``out_proj.weight`` itself, so that Linear and a
 recurrent module with any weight above 8 bits run in float32, known only at lowering (recorded).
@@ -37,6 +42,7 @@ configurations of one model would otherwise fall back to eager, silently, after 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import types
 import warnings
@@ -46,6 +52,7 @@ import torch
 from torch import nn
 
 from mpq.evaluators.backends.base import Lowered, register_backend
+from mpq.evaluators.cpu_isa import isa_summary
 from mpq.evaluators.size import config_size, layer_size_bytes
 from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import INT_BITS_MAX, KEEP, LayerChoice, QuantConfig
@@ -233,6 +240,32 @@ def packed_layer_bytes(layer: LayerInfo, kernel: str, device: str = "cpu") -> in
     return layer_size_bytes(layer, LayerChoice())
 
 
+@functools.cache
+def int8_dynamic_exact() -> bool:
+    """Whether the CPU's int8 x int8 kernel (what Inductor's freezing lowers torchao's dynamic
+    int8 Linear to: oneDNN ``qlinear_pointwise``) computes exactly, in this process.
+
+    Probed, not guessed from the CPU's flags: activations and weights at the top of their range
+    (``x_q = 127``, shifted to ``u8 = 255``; ``w_q = 127``) make every ``u8 x s8`` pair overflow
+    16 bits where the kernel sums pairs there (AVX2 and AVX-512 without VNNI), and compiled must
+    equal eager (``_int_mm``, exact). Once per process (one small compile), under the ISA caps of
+    its environment (``ONEDNN_MAX_CPU_ISA``).
+    """
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    linear = nn.Linear(64, 16, bias=False)
+    with torch.no_grad():
+        linear.weight.fill_(0.5)
+    quantize_(linear, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+    x = torch.ones(8, 64)
+    with torch.inference_mode():
+        exact = linear(x)
+        compiled = torch.compile(_fresh_entry(linear))
+        with torch._inductor.config.patch(freezing=True):
+            got = compiled(x)
+    return bool(torch.allclose(got, exact, rtol=1e-3, atol=0.0))
+
+
 def _fresh_entry(module: nn.Module, counter: itertools.count = itertools.count()) -> Any:  # noqa: B008
     """``module(*args)`` as a function with a code object of its own (Dynamo's cache key)."""
 
@@ -274,7 +307,7 @@ class TorchBackend:
                 return BFLOAT16
             if choice.a_bits == 8 and self.float8 and _dims_divisible(layer, 16):
                 return FLOAT8_DYNAMIC
-            if choice.a_bits == 8 and (self.device == "cpu" or _dims_divisible(layer, 8)):
+            if choice.a_bits == 8 and self._int8_dynamic_runs(layer):
                 return INT8_DYNAMIC
             if w <= 4 and int4_layout(layer, self.device) is not None:
                 return INT4_WEIGHT_ONLY
@@ -282,6 +315,11 @@ class TorchBackend:
         if layer.kind in _RECURRENT and w <= INT_BITS_MAX and self.device == "cpu":
             return RNN_INT8
         return FLOAT32
+
+    def _int8_dynamic_runs(self, layer: LayerInfo) -> bool:
+        if self.device == "cpu":
+            return int8_dynamic_exact()
+        return _dims_divisible(layer, 8)
 
     def supported_w_bits(self, layer: LayerInfo) -> tuple[int, ...]:
         if layer.kind == "linear":
@@ -295,8 +333,7 @@ class TorchBackend:
     def fallback_reason(self, layer: LayerInfo, choice: LayerChoice) -> str | None:
         return self._reason(layer, choice, self.plan(layer, choice))
 
-    @staticmethod
-    def _reason(layer: LayerInfo, choice: LayerChoice, kernel: str) -> str | None:
+    def _reason(self, layer: LayerInfo, choice: LayerChoice, kernel: str) -> str | None:
         if choice.w_bits == KEEP:
             return None
         if kernel == FLOAT32:
@@ -306,7 +343,11 @@ class TorchBackend:
         ran = RAN[kernel]
         if _key(ran) == _key(choice):
             return None
-        return f"{short(choice)} -> {short(ran)} ({kernel})"
+        why = ""
+        weight_only = kernel in (INT8_WEIGHT_ONLY, INT4_WEIGHT_ONLY)
+        if weight_only and choice.a_bits == 8 and self.device == "cpu":
+            why = f": int8 x int8 is inexact on this CPU ({isa_summary()}; no VNNI)"
+        return f"{short(choice)} -> {short(ran)} ({kernel}){why}"
 
     def lower(
         self,
