@@ -126,15 +126,36 @@ def fake_quantize_activation(
     x_min: torch.Tensor | None = None,
     x_max: torch.Tensor | None = None,
     per_token: bool = False,
+    batch_axis: int | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize an activation with a calibrated range (static) or its own (dynamic).
 
-    Dynamic ranges are per tensor, or per token (one range per row of the last axis).
+    Dynamic ranges are per tensor, or per token (one range per row of the last axis). With
+    ``batch_axis``, a per-tensor range is taken per sample (over every other axis): a batch of N
+    then quantizes as N batch-1 calls would, as a robot runs the policy, and one episode's
+    activations never set another's scale.
     """
     if x_min is None or x_max is None:
         if per_token:
             x_min, x_max = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        elif batch_axis is not None and x.dim() > 1:
+            others = tuple(d for d in range(x.dim()) if d != batch_axis % x.dim())
+            x_min, x_max = x.amin(others, keepdim=True), x.amax(others, keepdim=True)
         else:
             x_min, x_max = x.min(), x.max()
     qp = choose_qparams(x_min, x_max, bits, symmetric)
     return dequantize(quantize(x, qp), qp).to(x.dtype)
+
+
+def fake_quantize_blocks(x: torch.Tensor, bits: int = 8, block: int = 32) -> torch.Tensor:
+    """Symmetric quantize-dequantize per block of ``block`` values along the last axis:
+    ``s = max|x_block| / (2^(b-1) - 1)``, ``Q = clamp(round(x / s))`` (as ``MatMulNBits``
+    accuracy level 4 quantizes its input; a last partial block is its own block)."""
+    k = x.shape[-1]
+    pad = (-k) % block
+    padded = torch.nn.functional.pad(x.float(), (0, pad)) if pad else x.float()
+    blocks = padded.reshape(*padded.shape[:-1], -1, block)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    qp = choose_qparams(-amax, amax, bits, symmetric=True)
+    out = dequantize(quantize(blocks, qp), qp).reshape(padded.shape)
+    return out[..., :k].to(x.dtype)

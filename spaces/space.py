@@ -27,7 +27,8 @@ INT_BITS_MAX = 8  # widths up to this are integer; 16 and 32 are float formats
 KEEP = 32
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 ActMode = Literal["static", "dynamic"]
-ActGranularity = Literal["per_tensor", "per_token"]
+ActGranularity = Literal["per_tensor", "per_token", "per_block"]
+ACT_BLOCK = 32  # per_block: symmetric int8 over blocks of 32 along the input's last axis
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -37,7 +38,10 @@ class LayerChoice(BaseModel):
     ``w_bits`` <= 8: ``Q(w) = clamp(round(w/s) + z)`` at that width with ``granularity`` (per
     output channel; per group of ``group_size`` along the reduction axis); ``symmetric`` gives
     ``z = 0``. ``a_bits`` = 8 quantizes the layer's input activation, with ranges calibrated once
-    (``static``) or computed on every call (``dynamic``, per tensor or per token).
+    (``static``) or computed on every call (``dynamic``, per tensor or per token; ``per_block``:
+    symmetric int8 scales ``s = max|x| / 127`` per block of ``ACT_BLOCK`` along the input's last
+    axis, what ``MatMulNBits`` accuracy level 4 does to its input -- a kernel's choice, recorded
+    in what ran, not offered to the search).
     """
 
     model_config = _FROZEN
@@ -48,6 +52,7 @@ class LayerChoice(BaseModel):
     symmetric: bool = True
     act_mode: ActMode = "dynamic"
     act_granularity: ActGranularity = "per_tensor"
+    out_bits: int = KEEP  # 8: the output is quantized too, static (a kernel's choice: QLinearConv)
 
     @field_validator("w_bits")
     @classmethod
@@ -74,8 +79,12 @@ class LayerChoice(BaseModel):
             raise ValueError(
                 f"group_size={self.group_size} is only valid with granularity=per_group"
             )
-        if self.act_granularity == "per_token" and self.act_mode != "dynamic":
-            raise ValueError("act_granularity=per_token needs act_mode=dynamic")
+        if self.out_bits not in (8, KEEP):
+            raise ValueError(f"out_bits={self.out_bits} not in (8, {KEEP})")
+        if self.out_bits == 8 and (self.a_bits, self.act_mode) != (8, "static"):
+            raise ValueError("out_bits=8 needs a_bits=8 and act_mode=static")
+        if self.act_granularity != "per_tensor" and self.act_mode != "dynamic":
+            raise ValueError(f"act_granularity={self.act_granularity} needs act_mode=dynamic")
         return self
 
     @property

@@ -2,14 +2,15 @@
 
 Export (TorchScript exporter, batch-1 example inputs), then for each Linear / attention
 projection whose weight asks for <= 8 bits, ``MatMulNBits`` at 2, 4 or 8 bits with block-32
-scales (``MatMulNBitsQuantizer``, one pass per (bits, symmetry, accuracy level) group, every other
-node excluded). ``a_bits`` 8 selects ``accuracy_level=4`` (int8 activations inside the kernel),
-``a_bits`` 32 keeps float activations (``accuracy_level=1``).
+scales holding the design notes' codes (``onnx_nbits``: the simulated model's weights bit for
+bit), every other MatMul left alone. ``a_bits`` 8 selects ``accuracy_level=4`` (the kernel
+quantizes its input to int8, symmetric per block of 32: recorded as ``per_block``, which the
+simulated model of what ran reproduces), ``a_bits`` 32 keeps float activations (level 1).
 
 Lowering that is recorded per layer, never hidden:
 
-- 3 bits runs as 4, 5 and 6 bits as 8 (the kernel has 2, 4 and 8); per-channel and per-tensor
-  scales run as block-32 scales (finer, the kernel's only layout).
+- 3 bits runs as 4, 5 and 6 bits as 8 (the kernel has 2, 4 and 8); per-tensor scales run as
+  block-32 scales (finer, the kernel's only layout), per-channel ones too where 32 divides K.
 - Conv1d/Conv2d with ``w_bits`` <= 8 and ``a_bits`` 8: static QDQ int8 -- ``QuantizeLinear``/
   ``DequantizeLinear`` around the ``Conv`` (input and output ranges calibrated on the project's
   calibration batches with the notes' min-max formula, uint8 asymmetric per tensor; weights
@@ -23,8 +24,8 @@ Lowering that is recorded per layer, never hidden:
 
 from __future__ import annotations
 
+import functools
 import io
-import logging
 import math
 import warnings
 from typing import Any
@@ -35,14 +36,14 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from mpq.evaluators.apply import static_ranges
 from mpq.evaluators.backends.base import Lowered, register_backend
+from mpq.evaluators.backends.onnx_nbits import BLOCK, replace_matmuls
 from mpq.evaluators.quantize import choose_qparams, quantize, weight_qparams
 from mpq.evaluators.size import config_size, layer_size_bytes
 from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import INT_BITS_MAX, KEEP, LayerChoice, QuantConfig
 
-logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-BLOCK = 32
 NBITS = (2, 4, 8)
 
 
@@ -146,8 +147,18 @@ def _matmul_names(model: onnx.ModelProto) -> set[str]:
 
 QDQ_CONV = ("conv1d", "conv2d")
 QLINEARCONV = "QLinearConv int8 (static QDQ)"
+QLINEARCONV_U8 = "QLinearConv u8 x u8 (static QDQ; u8 x s8 inexact here)"
+
+
+def qlinearconv_kernel() -> str:
+    """The static int8 conv kernel that is exact on this CPU (``signed_conv_exact``)."""
+    return QLINEARCONV if signed_conv_exact() else QLINEARCONV_U8
+
+
 FLOAT32 = "float32 (onnxruntime)"
-CONV_RAN = LayerChoice(w_bits=8, a_bits=8, granularity="per_channel", act_mode="static")
+CONV_RAN = LayerChoice(
+    w_bits=8, a_bits=8, granularity="per_channel", act_mode="static", out_bits=8
+)
 
 
 def conv_nodes(model: onnx.ModelProto, layers: tuple[LayerInfo, ...]) -> dict[str, onnx.NodeProto]:
@@ -160,47 +171,31 @@ def conv_nodes(model: onnx.ModelProto, layers: tuple[LayerInfo, ...]) -> dict[st
     }
 
 
-def conv_ranges(
-    model: nn.Module, modules: list[str], calibration: list[tuple[Any, ...]]
-) -> dict[str, tuple[float, float, float, float]]:
-    """Per conv module: (input min, input max, output min, output max) over the calibration."""
-    seen = {m: [np.inf, -np.inf, np.inf, -np.inf] for m in modules}
-    if not modules:
-        return {}
-
-    def hook(name: str):  # type: ignore[no-untyped-def]
-        def record(_m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
-            r, x = seen[name], args[0]
-            r[0], r[1] = min(r[0], float(x.min())), max(r[1], float(x.max()))
-            r[2], r[3] = min(r[2], float(out.min())), max(r[3], float(out.max()))
-
-        return record
-
-    handles = [model.get_submodule(m).register_forward_hook(hook(m)) for m in modules]
-    try:
-        with torch.inference_mode():
-            for batch in calibration:
-                model(*batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return {m: (r[0], r[1], r[2], r[3]) for m, r in seen.items()}
-
-
 def _uint8_qparams(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
     qp = choose_qparams(torch.tensor(lo), torch.tensor(hi), 8, symmetric=False)
     return np.float32(qp.scale.item()), np.uint8(int(qp.zero_point.item()))
 
 
 def qdq_conv(
-    model: onnx.ModelProto, node: onnx.NodeProto, ranges: tuple[float, float, float, float]
+    model: onnx.ModelProto,
+    node: onnx.NodeProto,
+    ranges: tuple[float, float, float, float],
+    unsigned_weights: bool = False,
 ) -> list[onnx.NodeProto]:
-    """``Q/DQ(x) -> Conv(DQ(int8 W)) -> Q/DQ(y)`` in place of ``node`` (ORT: ``QLinearConv``)."""
+    """``Q/DQ(x) -> Conv(DQ(int8 W)) -> Q/DQ(y)`` in place of ``node`` (ORT: ``QLinearConv``).
+
+    ``unsigned_weights``: the int8 codes stored as uint8 with zero point 128 (the same values),
+    which ONNX Runtime runs as u8 x u8 -- exact where its u8 x s8 kernel saturates (no VNNI).
+    """
     graph, p = model.graph, node.name or node.output[0]
     w = numpy_helper.to_array(next(i for i in graph.initializer if i.name == node.input[1]))
     grouped, qp = weight_qparams(torch.tensor(w), 8, "per_channel", None, symmetric=True)
-    w_q = quantize(grouped, qp).reshape(w.shape).numpy().astype(np.int8)
+    codes = quantize(grouped, qp).reshape(w.shape).numpy()
     s_w = qp.scale.reshape(-1).numpy().astype(np.float32)
+    if unsigned_weights:  # the same codes as uint8 around 128 (u8 x u8: no 16-bit saturation)
+        w_q, z_w = (codes + 128).astype(np.uint8), np.full(len(s_w), 128, np.uint8)
+    else:
+        w_q, z_w = codes.astype(np.int8), np.zeros(len(s_w), np.int8)
     s_x, z_x = _uint8_qparams(ranges[0], ranges[1])
     s_y, z_y = _uint8_qparams(ranges[2], ranges[3])
     for arr, name in (
@@ -210,6 +205,7 @@ def qdq_conv(
         (z_y, "zy"),
         (w_q, "wq"),
         (s_w, "sw"),
+        (z_w, "zw"),
     ):
         graph.initializer.append(numpy_helper.from_array(np.asarray(arr), f"{p}_{name}"))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -220,13 +216,43 @@ def qdq_conv(
     return [
         qdq("QuantizeLinear", node.input[0], f"{p}_xq", "x"),
         qdq("DequantizeLinear", f"{p}_xq", f"{p}_xd", "x"),
-        helper.make_node("DequantizeLinear", [f"{p}_wq", f"{p}_sw"], [f"{p}_wd"], axis=0),
+        helper.make_node(
+            "DequantizeLinear", [f"{p}_wq", f"{p}_sw", f"{p}_zw"], [f"{p}_wd"], axis=0
+        ),
         helper.make_node(
             "Conv", [f"{p}_xd", f"{p}_wd", *node.input[2:]], [f"{p}_y"], name=p, **attrs
         ),
         qdq("QuantizeLinear", f"{p}_y", f"{p}_yq", "y"),
         qdq("DequantizeLinear", f"{p}_yq", node.output[0], "y"),
     ]
+
+
+@functools.cache
+def signed_conv_exact() -> bool:
+    """Whether ONNX Runtime's ``QLinearConv`` with int8 weights computes exactly here.
+
+    Probed once per process: a 1x1 conv over 64 channels with every input at the top of its
+    uint8 range (255) and every weight code at 127, so each ``u8 x s8`` pair overflows 16 bits
+    where the kernel sums pairs there (AVX2, AVX-512 without VNNI); exact is 64.
+    """
+    import onnxruntime as ort
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64, 1, 1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 1, 1])
+    graph = helper.make_graph([], "probe", [x], [y])
+    w = np.ones((1, 64, 1, 1), np.float32)
+    graph.initializer.append(numpy_helper.from_array(w, "w"))
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="probe")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.graph.node.extend(qdq_conv(model, conv, (0.0, 1.0, 0.0, 128.0)))
+    model.graph.initializer.remove(model.graph.initializer[0])  # "w": read, now unused
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    got = session.run(None, {"x": np.ones((1, 64, 1, 1), np.float32)})[0]
+    return bool(abs(float(got.reshape(-1)[0]) - 64.0) < 1.0)
 
 
 def stored_bytes(model: onnx.ModelProto) -> int:
@@ -252,8 +278,9 @@ def packed_layer_bytes(layer: LayerInfo, kernel: str, ran: LayerChoice) -> int:
 
         N * nb * 32 * b / 8  +  4 * N * nb  +  (asymmetric) N * ceil(nb * b / 8)
 
-    ``QLinearConv``: int8 weights, a float32 scale per output channel, and the input and output
-    activation scale (float32) and zero point (uint8): ``n + 4 * C_out + 2 * (4 + 1)``.
+    ``QLinearConv``: 8-bit weights, a float32 scale and an 8-bit zero point per output channel,
+    and the input and output activation scale (float32) and zero point (uint8):
+    ``n + 5 * C_out + 2 * (4 + 1)``.
     Layers in float: ``evaluators.size``.
     """
     if kernel.startswith("MatMulNBits"):
@@ -262,18 +289,23 @@ def packed_layer_bytes(layer: LayerInfo, kernel: str, ran: LayerChoice) -> int:
         zero = 0 if ran.symmetric else n_rows * math.ceil(blocks * b / 8)
         return n_rows * blocks * BLOCK * b // 8 + 4 * n_rows * blocks + zero
     if kernel.startswith("QLinearConv"):
-        return layer.num_params + 4 * layer.shape[0] + 2 * (4 + 1)
+        return layer.num_params + 5 * layer.shape[0] + 2 * (4 + 1)
     return layer_size_bytes(layer, ran)
 
 
 def _ran_choice(choice: LayerChoice, layer: LayerInfo) -> LayerChoice:
+    """What ``MatMulNBits`` runs: codes at 2/4/8 bits per block of 32 (per channel where K is
+    no multiple of 32: the row's scale in every block); accuracy level 4 quantizes its input to
+    int8 per block of 32, symmetric (``per_block``), level 1 keeps it float32."""
     gran = "per_group" if layer.reduction_size % BLOCK == 0 else "per_channel"
+    int8_input = choice.a_bits == 8
     return LayerChoice(
         w_bits=nbits_for(choice.w_bits),
-        a_bits=32,
+        a_bits=8 if int8_input else 32,
         granularity=gran,
         group_size=BLOCK if gran == "per_group" else None,
         symmetric=choice.symmetric,
+        act_granularity="per_block" if int8_input else "per_tensor",
     )
 
 
@@ -281,22 +313,34 @@ def _ran_choice(choice: LayerChoice, layer: LayerInfo) -> LayerChoice:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self) -> None:
-        # (model, calibration, ranges of all its convs): the ranges are the float model's, so
-        # one calibration pass serves every configuration an evaluator lowers.
-        self._ranges: (
-            tuple[nn.Module, Any, dict[str, tuple[float, float, float, float]]] | None
-        ) = None
-
     def _conv_ranges(
-        self, model: nn.Module, layers: tuple[LayerInfo, ...], calibration: Any
+        self,
+        model: nn.Module,
+        layers: tuple[LayerInfo, ...],
+        config: QuantConfig,
+        qdq: dict[str, LayerInfo],
+        nodes: dict[str, list[str]],
+        calibration: Any,
     ) -> dict[str, tuple[float, float, float, float]]:
-        if self._ranges is None or not (
-            self._ranges[0] is model and self._ranges[1] is calibration
-        ):
-            modules = sorted({la.module for la in layers if la.kind in QDQ_CONV})
-            self._ranges = (model, calibration, conv_ranges(model, modules, calibration))
-        return self._ranges[2]
+        """Per static int8 conv module: (input lo, hi, output lo, hi), calibrated on the
+        simulated model of what will run -- upstream layers quantized as they will be -- so the
+        QDQ ranges are the simulated model's own."""
+        if not qdq:
+            return {}
+        plan = {}
+        for la in layers:
+            c = config.layers[la.name]
+            if la.name in qdq:
+                plan[la.name] = CONV_RAN
+            elif la.name in nodes and c.w_bits <= INT_BITS_MAX:
+                plan[la.name] = _ran_choice(c, la)
+            else:
+                plan[la.name] = LayerChoice()
+        found = static_ranges(model, QuantConfig(layers=plan), calibration, layers=layers)
+        return {
+            la.module: (*found[la.module]["input"], *found[la.module]["output"])
+            for la in qdq.values()
+        }
 
     def supported_w_bits(self, layer: LayerInfo) -> tuple[int, ...]:
         return (*NBITS, 32) if layer.kind in ("linear", "attention_in_proj") else (32,)
@@ -304,7 +348,7 @@ class OnnxRuntimeBackend:
     def kernel_for(self, layer: LayerInfo, choice: LayerChoice) -> str:
         """The kernel ``lower()`` runs ``choice`` on (given calibration data and a found node)."""
         if choice.w_bits <= INT_BITS_MAX and layer.kind in QDQ_CONV and choice.a_bits == 8:
-            return QLINEARCONV
+            return qlinearconv_kernel()
         if choice.w_bits <= INT_BITS_MAX and layer.kind in ("linear", "attention_in_proj"):
             level = 4 if choice.a_bits == 8 else 1
             return f"MatMulNBits int{nbits_for(choice.w_bits)} block{BLOCK} acc{level}"
@@ -336,8 +380,14 @@ class OnnxRuntimeBackend:
         ):
             layout = f"block{BLOCK}" if ran.granularity == "per_group" else ran.granularity
             return f"w{choice.w_bits} {choice.granularity} -> int{ran.w_bits} {layout}"
-        if choice.a_bits == 8 and choice.act_mode == "static":
-            return "static int8 activations -> dynamic int8 inside MatMulNBits"
+        if choice.a_bits == 8 and (choice.act_mode, choice.act_granularity) != (
+            "dynamic",
+            "per_block",
+        ):
+            return (
+                f"a8 {choice.act_mode} {choice.act_granularity} -> a8 dynamic symmetric per "
+                f"block of {BLOCK} (MatMulNBits accuracy level 4)"
+            )
         if choice.a_bits == 16:
             return "a16 -> float32 activations"
         return None
@@ -352,7 +402,6 @@ class OnnxRuntimeBackend:
         calibration: list[tuple[Any, ...]] | None = None,
     ) -> Lowered:
         import onnxruntime as ort
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         config.check(layers)
         proto = export_onnx(model.eval(), example_inputs)
@@ -360,7 +409,7 @@ class OnnxRuntimeBackend:
         nodes = matmul_nodes(proto, layers, renamed)
         kernels: dict[str, str] = {}
         fallbacks: dict[str, str] = {}
-        groups: dict[tuple[int, bool, int], list[str]] = {}
+        nbits: dict[str, tuple[LayerChoice, int]] = {}  # MatMul node -> (ran, accuracy level)
         ran: dict[str, LayerChoice] = {}
         convs = conv_nodes(proto, layers)
         qdq = {
@@ -371,9 +420,11 @@ class OnnxRuntimeBackend:
             and config.layers[la.name].a_bits == 8
             and calibration
         }
-        ranges = self._conv_ranges(model, layers, calibration) if qdq else {}
+        ranges = self._conv_ranges(model, layers, config, qdq, nodes, calibration)
         replaced = {
-            convs[name].output[0]: qdq_conv(proto, convs[name], ranges[la.module])
+            convs[name].output[0]: qdq_conv(
+                proto, convs[name], ranges[la.module], not signed_conv_exact()
+            )
             for name, la in qdq.items()
         }
         if replaced:
@@ -385,16 +436,16 @@ class OnnxRuntimeBackend:
         for la in layers:
             c = config.layers[la.name]
             if la.name in qdq:
-                kernels[la.name] = QLINEARCONV
+                kernels[la.name] = qlinearconv_kernel()
                 ran[la.name] = CONV_RAN
                 reason = self.fallback_reason(la, c)
                 if reason is not None:
                     fallbacks[la.name] = reason
             elif la.name in nodes and c.w_bits <= INT_BITS_MAX:
-                bits, level = nbits_for(c.w_bits), 4 if c.a_bits == 8 else 1
-                groups.setdefault((bits, c.symmetric, level), []).extend(nodes[la.name])
-                kernels[la.name] = self.kernel_for(la, c)
                 ran[la.name] = _ran_choice(c, la)
+                for node_name in nodes[la.name]:
+                    nbits[node_name] = (ran[la.name], 4 if c.a_bits == 8 else 1)
+                kernels[la.name] = self.kernel_for(la, c)
                 reason = self.fallback_reason(la, c)
                 if reason is not None:
                     fallbacks[la.name] = reason
@@ -413,29 +464,23 @@ class OnnxRuntimeBackend:
                         fallbacks[la.name] = (
                             f"w{c.w_bits} -> float32: static int8 conv needs calibration data"
                         )
-        for (bits, symmetric, level), names in sorted(groups.items()):
-            q = MatMulNBitsQuantizer(
-                proto,
-                bits=bits,
-                block_size=BLOCK,
-                is_symmetric=symmetric,
-                accuracy_level=level,
-                # every other MatMul: the unmapped ones too, which must stay float32
-                nodes_to_exclude=sorted(_matmul_names(proto) - set(names)),
-            )
-            q.process()
-            proto = q.model.model
+        replace_matmuls(proto, nbits)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        session = ort.InferenceSession(
-            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        model_bytes = proto.SerializeToString()
+        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
         feeds = {
             f"input_{i}": (t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
             for i, t in enumerate(example_inputs)
         }
+
+        def fresh() -> Any:
+            """A new session of the same model: its own packed weights, cold caches."""
+            new = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+            return lambda: new.run(None, feeds)
+
         feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
 
         def run() -> Any:
@@ -446,5 +491,5 @@ class OnnxRuntimeBackend:
             packed_layer_bytes(la, kernels[la.name], ran[la.name]) for la in layers
         )
         return Lowered(
-            run, session, kernels, fallbacks, ran_config, stored_bytes(proto), predicted
+            run, session, kernels, fallbacks, ran_config, stored_bytes(proto), predicted, fresh
         )

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from mpq.evaluators.apply import apply_config
+from mpq.evaluators.apply import _OutProjCalled, apply_config
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.space import LayerChoice, QuantConfig
-from tests.models import ALL_MODELS, ConvNet, TiedLM, TinyTransformer, example_inputs
+from tests.models import ALL_MODELS, ConvNet, Stacked, TiedLM, TinyTransformer, example_inputs
 
 
 @pytest.mark.parametrize("model_cls", ALL_MODELS)
@@ -82,3 +84,96 @@ def test_config_that_does_not_fit_is_refused() -> None:
     model = ConvNet().eval()
     with pytest.raises(ValueError, match="does not cover layers"):
         apply_config(model, QuantConfig(layers={"fc": LayerChoice(w_bits=4)}))
+
+
+@pytest.mark.parametrize("model_cls", [*ALL_MODELS, Stacked])
+def test_every_activation_choice_changes_the_output(model_cls: type) -> None:
+    """Each layer's a_bits=8 alone changes the simulated output: a hook that never fires (the
+    out_proj that nn.MultiheadAttention multiplies by itself) is caught for every layer kind."""
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    x = example_inputs(model)
+    layers = discover_layers(model)
+    keep = QuantConfig.uniform(layers, LayerChoice())
+    ref = apply_config(model, keep, [x], layers=layers)(*x)
+    for la in layers:
+        if not la.takes_activations or la.param.startswith("weight_hh"):
+            continue  # (RecurrentPolicy passes no state: weight_hh multiplies zeros there)
+        choices = dict(keep.layers) | {la.name: LayerChoice(a_bits=8)}
+        out = apply_config(model, QuantConfig(layers=choices), [x], layers=layers)(*x)
+        assert not torch.equal(out, ref), la.name
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_rerouted_attention_is_exact_in_float(batch_first: bool) -> None:
+    """Attention rerouted to call out_proj (an identity projection inside, then out_proj as a
+    module) gives the float attention bit for bit, and its out_proj hooks run."""
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    rerouted = copy.deepcopy(attn)
+    rerouted.__class__ = _OutProjCalled
+    calls = []
+    rerouted.out_proj.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape))
+    q, kv = torch.randn(2, 6, 32), torch.randn(2, 9, 32)
+    if not batch_first:
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    for need_weights in (False, True):
+        with torch.inference_mode():
+            want = attn(q, kv, kv, need_weights=need_weights)
+            got = rerouted(q, kv, kv, need_weights=need_weights)
+        assert torch.equal(got[0], want[0])
+        assert (got[1] is None) == (want[1] is None)
+    assert len(calls) == 2
+
+
+class _ReadsWeight(torch.nn.Module):
+    """Uses ``inner.weight`` without calling ``inner``: an activation choice can't apply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.inner.weight)
+
+
+def test_activation_of_a_module_never_called_is_an_error() -> None:
+    model = _ReadsWeight().eval()
+    layers = discover_layers(model)
+    config = QuantConfig.uniform(layers, LayerChoice(a_bits=8))
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'inner': its module is never called through forward on the "
+        r"calibration data .* give it a_bits: 32",
+    ):
+        apply_config(model, config, calibration=[(torch.randn(2, 4),)])
+
+
+@pytest.mark.parametrize("model_cls", [*ALL_MODELS, Stacked])
+def test_batched_equals_batch_one(model_cls: type) -> None:
+    """Dynamic per-tensor ranges are per sample: a batch of N gives the N batch-1 outputs."""
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    x = example_inputs(model, batch=4)
+    layers = discover_layers(model)
+    config = QuantConfig.uniform(layers, LayerChoice(w_bits=4, a_bits=8))
+    q = apply_config(model, config, [x], layers=layers)
+    with torch.inference_mode():
+        batched = q(*x)
+        single = torch.cat([q(*(t[i : i + 1] for t in x)) for i in range(4)])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+def test_recurrent_state_activations_are_quantized() -> None:
+    """weight_hh's input is the state passed in: a GRU's h, an LSTM's h of (h, c)."""
+    torch.manual_seed(0)
+    for rnn in (torch.nn.GRU(8, 16, batch_first=True), torch.nn.LSTM(8, 16, batch_first=True)):
+        rnn = rnn.eval()
+        layers = discover_layers(rnn)
+        x = torch.randn(3, 1, 8)
+        h = torch.randn(1, 3, 16)
+        state = h if isinstance(rnn, torch.nn.GRU) else (h, torch.randn(1, 3, 16))
+        choices = {la.name: LayerChoice() for la in layers}
+        choices["weight_hh_l0"] = LayerChoice(a_bits=8)
+        q = apply_config(rnn, QuantConfig(layers=choices), [(x, state)], layers=layers)
+        assert not torch.equal(q(x, state)[0], rnn(x, state)[0]), type(rnn).__name__

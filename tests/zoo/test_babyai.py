@@ -109,3 +109,29 @@ def test_training_script_runs(tmp_path: Path) -> None:
     policy = build_policy(out)  # loads with weights_only=True
     assert sum(p.numel() for p in policy.parameters()) > 1_000_000
     assert out.with_suffix(".train.json").exists()
+
+
+def test_batched_episodes_equal_batch_one_episodes() -> None:
+    """Dynamic activation ranges are per episode: N episodes played in one batch give exactly
+    the N episodes played alone at batch 1, as a robot plays them, under the main job's
+    dynamic W4A8."""
+    import numpy as np
+
+    from mpq.evaluators.apply import apply_config
+    from mpq.spaces.discover import discover_layers
+    from mpq.spaces.space import LayerChoice, QuantConfig
+    from mpq.zoo.babyai.demos import level_seed
+    from mpq.zoo.babyai.task import rollout_level
+
+    policy = build_policy()
+    layers = discover_layers(policy)
+    choice = {
+        la.name: LayerChoice(w_bits=4, a_bits=8 if la.takes_activations else 32) for la in layers
+    }
+    q = apply_config(policy, QuantConfig(layers=choice), calibration_batches(1), layers=layers)
+    for li, level in enumerate(LEVELS):
+        seeds = [level_seed(EVAL_SEED_BASE, li, i) for i in range(6)]
+        ok, length = rollout_level(q, level, seeds)
+        alone = [rollout_level(q, level, [s]) for s in seeds]
+        assert np.array_equal(ok, np.concatenate([a[0] for a in alone])), level
+        assert np.array_equal(length, np.concatenate([a[1] for a in alone])), level
