@@ -73,7 +73,7 @@ def row_of(t, ref) -> str:  # type: ignore[no-untyped-def]
     a = t.user_attrs
     return (
         f"{a['success']:.3f} ({a.get('success_lo', 0):.3f}-{a.get('success_hi', 0):.3f}) | "
-        f"{ref['size_bytes'] / a['size_bytes']:.2f}x | {a.get('speedup_paired', 0):.2f}x"
+        f"{ref['size_bytes'] / a['size_bytes']:.2f}x | {a.get('speedup', 0):.3f}x"
     )
 
 
@@ -137,7 +137,7 @@ def main() -> None:
         study = runs[0][0]
         feas = [t for t in study.trials if t.state == TrialState.COMPLETE and feasible(t)]
         small = min(feas, key=lambda t: t.user_attrs["size_bytes"]) if feas else None
-        fast = max((t.user_attrs.get("speedup_paired", 0) for t in feas), default=0)
+        fast = max((t.user_attrs.get("speedup", 0) for t in feas), default=0)
         states = [t.state for t in study.trials]
         counts = "/".join(
             str(states.count(s)) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

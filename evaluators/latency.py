@@ -9,7 +9,9 @@ name is recorded in ``device``.
 
 from __future__ import annotations
 
+import math
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -17,6 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+
+from mpq.evaluators.cpu_isa import isa_summary
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,4 +107,122 @@ def measure_latency(
         cpu_model(),
         kernel_versions(),
         device_name(device),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PairedLatency:
+    """A candidate timed against float in one exclusive slot (``paired_speedup``).
+
+    ``speedup`` = float / candidate (geometric mean over visit pairs) with its 95% interval;
+    the latencies are medians of the visits' medians.
+    """
+
+    speedup: float
+    speedup_lo: float
+    speedup_hi: float
+    latency_ms: float
+    float_latency_ms: float
+    iqr_ms: float
+    visits: int
+    runs: int
+    threads: int
+    cpu: str
+    isa: str
+    versions: str
+    device: str = "cpu"
+    wait_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _visit(new_runner: Callable[[], Callable[[], Any]], warmup: int, runs: int) -> list[float]:
+    """Times ``runs`` calls of a freshly created runner after ``warmup`` calls (ms)."""
+    run = new_runner()
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000)
+    del run
+    return times
+
+
+def log_ratio_interval(logs: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """``exp`` of the mean of ``logs`` and of its Student-t interval: (estimate, lo, hi)."""
+    from scipy import stats
+
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), 0.0, math.inf
+    half = stats.t.ppf(0.5 + confidence / 2, len(logs) - 1) * statistics.stdev(logs)
+    half /= math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def paired_speedup(
+    reference: Callable[[], Callable[[], Any]],
+    candidate: Callable[[], Callable[[], Any]],
+    visits: int = 6,
+    runs: int = 100,
+    warmup: int = 10,
+    threads: int = 1,
+    device: str = "cpu",
+    seed: int = 0,
+) -> PairedLatency:
+    """The latency protocol: float and candidate interleaved over fresh sessions.
+
+    ``visits`` pairs; in each, the two are visited in a random order (``seed``), each visit
+    creating a fresh runner (``reference()``/``candidate()``: a new inference session, so two
+    live sessions never evict each other from the caches), warming it up and timing ``runs``
+    calls. Per pair ``r_i = log(median_float_i / median_candidate_i)``; the speed-up is
+    ``exp(mean r)`` with the 95% Student-t interval over pairs. Call it inside the node's
+    exclusive slot (``evaluators.timing_slot``), where nothing else runs.
+
+    Raises:
+        ValueError: ``runs`` < 3, ``visits`` < 2 or ``threads`` < 1.
+    """
+    if runs < 3:
+        raise ValueError(f"latency runs={runs} must be >= 3 for a median and IQR")
+    if visits < 2:
+        raise ValueError(f"latency visits={visits} must be >= 2 for an interval")
+    if threads < 1:
+        raise ValueError(f"latency threads={threads} must be >= 1")
+    rng = random.Random(seed)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    medians: dict[str, list[float]] = {"float": [], "candidate": []}
+    cand_times: list[float] = []
+    try:
+        with torch.inference_mode():
+            for _ in range(visits):
+                order = [("float", reference), ("candidate", candidate)]
+                rng.shuffle(order)
+                for name, factory in order:
+                    times = _visit(factory, warmup, runs)
+                    medians[name].append(statistics.median(times))
+                    if name == "candidate":
+                        cand_times += times
+    finally:
+        torch.set_num_threads(previous)
+    logs = [math.log(f / c) for f, c in zip(medians["float"], medians["candidate"], strict=True)]
+    speedup, lo, hi = log_ratio_interval(logs)
+    q1, _, q3 = statistics.quantiles(cand_times, n=4)
+    return PairedLatency(
+        speedup=speedup,
+        speedup_lo=lo,
+        speedup_hi=hi,
+        latency_ms=statistics.median(medians["candidate"]),
+        float_latency_ms=statistics.median(medians["float"]),
+        iqr_ms=q3 - q1,
+        visits=visits,
+        runs=runs,
+        threads=threads,
+        cpu=cpu_model(),
+        isa=isa_summary(),
+        versions=kernel_versions(),
+        device=device_name(device),
     )

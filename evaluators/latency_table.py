@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mpq.evaluators import timing_slot
 from mpq.evaluators.latency import cpu_model, device_name, kernel_versions, measure_latency
 from mpq.spaces.space import LayerChoice, LayerOptions, QuantConfig
 
@@ -161,7 +162,8 @@ def build_latency_table(
             calibration=evaluator.calibration,
         )
         device = getattr(backend, "device", "cpu")
-        measured[row] = measure_latency(lowered.run, warmup, runs, threads, device).median_ms
+        with timing_slot.exclusive():  # the node to itself while timing (as trials are)
+            measured[row] = measure_latency(lowered.run, warmup, runs, threads, device).median_ms
         if progress is not None:
             progress(row + 1, len(configs))
     coef = _ridge(design, measured)

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpq.evaluators import timing_slot
 from mpq.evaluators.apply import apply_config
 from mpq.evaluators.backends import get_backend
 from mpq.evaluators.backends.base import FallbackError
-from mpq.evaluators.latency import measure_latency
+from mpq.evaluators.latency import paired_speedup
 from mpq.evaluators.latency_table import LatencyTable
 from mpq.evaluators.model import build_model
 from mpq.evaluators.proxy import output_agreement, reference_outputs
@@ -40,7 +41,8 @@ class EvalSpec:
     observer: str = "minmax"
     latency_threads: int = 1
     latency_warmup: int = 5
-    latency_runs: int = 30
+    latency_runs: int = 100
+    latency_visits: int = 6
     measure_latency: bool = True
     allow_fallback: bool = True
 
@@ -74,10 +76,11 @@ class Evaluator:
         return apply_config(self.model, config, self.calibration, self.spec.observer, self.layers)
 
     def latency(self, config: QuantConfig) -> dict[str, Any]:
-        """Latency on the backend's real kernels, with what ran per layer.
+        """Latency on the backend's real kernels, paired with float, with what ran per layer.
 
-        The float model is timed right before, in the same process and conditions, so that
-        ``speedup_paired`` = float / quantized is not skewed by load from other trials.
+        The latency protocol (``paired_speedup``) in the node's exclusive timing slot: float
+        and the candidate interleave over fresh sessions, so ``speedup`` (float / candidate,
+        with its 95% interval ``speedup_lo``/``speedup_hi``) is not skewed by other trials.
         """
         s = self.spec
         if self._float_lowered is None:
@@ -100,18 +103,25 @@ class Evaluator:
                 "latency.allow_fallback is false"
             )
         device = getattr(self.backend, "device", "cpu")
-        base = measure_latency(
-            self._float_lowered.run, s.latency_warmup, s.latency_runs, s.latency_threads, device
-        )
-        stats = measure_latency(
-            lowered.run, s.latency_warmup, s.latency_runs, s.latency_threads, device
-        )
+        with timing_slot.exclusive() as wait_s:
+            paired = paired_speedup(
+                self._float_lowered.new_runner,
+                lowered.new_runner,
+                s.latency_visits,
+                s.latency_runs,
+                s.latency_warmup,
+                s.latency_threads,
+                device,
+            )
         out: dict[str, Any] = {
-            "latency_ms": stats.median_ms,
-            "latency_iqr_ms": stats.iqr_ms,
-            "float_latency_ms_paired": base.median_ms,
-            "speedup_paired": base.median_ms / stats.median_ms,
-            "latency_info": {**stats.as_dict(), "backend": s.backend},
+            "latency_ms": paired.latency_ms,
+            "latency_measured_ms": paired.latency_ms,
+            "latency_iqr_ms": paired.iqr_ms,
+            "float_latency_ms_paired": paired.float_latency_ms,
+            "speedup": paired.speedup,
+            "speedup_lo": paired.speedup_lo,
+            "speedup_hi": paired.speedup_hi,
+            "latency_info": {**paired.as_dict(), "wait_s": wait_s, "backend": s.backend},
             "kernels": lowered.kernels,
             "backend_stored_bytes": lowered.stored_bytes,
             "fallbacks": lowered.fallbacks,
@@ -126,11 +136,11 @@ class Evaluator:
     def screen(self, config: QuantConfig, table: LatencyTable | None = None) -> dict[str, Any]:
         """The cheap part: size, proxy agreement with the float model and latency (measured,
         or predicted by ``table`` without lowering)."""
-        qmodel = self.quantized(config)
         out: dict[str, Any] = {
             "size_bytes": config_size(self.model, self.layers, config).total_bytes
         }
-        out.update(output_agreement(qmodel, self.calibration, self.reference))
+        with timing_slot.compute():
+            out.update(output_agreement(self.quantized(config), self.calibration, self.reference))
         if self.spec.measure_latency and table is not None:
             out["latency_ms"] = table.predict_ms(self.backend.kernel_for, self.layers, config)
             out["latency_source"] = "predicted"
@@ -141,14 +151,19 @@ class Evaluator:
 
     def success(self, config: QuantConfig | None, budget: int) -> dict[str, float]:
         """Task metrics of the quantized model (or the float model when ``config`` is None)."""
-        model = self.model if config is None else self.quantized(config)
-        return run_task(self.task, model, budget)
+        with timing_slot.compute():
+            model = self.model if config is None else self.quantized(config)
+            return run_task(self.task, model, budget)
 
     def float_reference(self, budget: int) -> dict[str, Any]:
         keep = QuantConfig.uniform(self.layers, LayerChoice())
         out = self.screen(keep)
         out.update(self.success(None, budget))
         out["size_bytes"] = self.float_bytes
+        if "speedup" in out:  # float against a fresh copy of itself: the A/A check, ~1.00
+            for key in ("speedup", "speedup_lo", "speedup_hi"):
+                out[f"aa_{key}"] = out.pop(key)
+            out["latency_ms"] = out["float_latency_ms_paired"]
         return out
 
 

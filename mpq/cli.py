@@ -88,6 +88,14 @@ def search(
     ray_address: Annotated[str | None, typer.Option(help="attach to this Ray cluster")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", help="skip MLflow")] = False,
+    new_study: Annotated[
+        bool,
+        typer.Option(
+            "--new-study",
+            help="the setup changed (model, task, space, budgets, backend, CPU): start a study "
+            "of its own beside the old one",
+        ),
+    ] = False,
 ) -> None:
     """Search per-layer bit allocations; print the Pareto front."""
     from mpq.search.session import run_session
@@ -101,6 +109,7 @@ def search(
             tracking_uri=tracking_uri,
             tracking=not no_tracking,
             console=console,
+            new_study=new_study,
         )
     except ValueError as exc:
         fail(str(exc))

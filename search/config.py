@@ -56,7 +56,14 @@ class LatencyConfig(BaseModel):
     )
     threads: int = Field(1, ge=1, description="intra-op threads while timing")
     warmup: int = Field(5, ge=0, description="untimed calls first")
-    runs: int = Field(30, ge=3, description="timed calls; the median is reported")
+    runs: int = Field(100, ge=3, description="timed calls per visit (after warmup)")
+    visits: int = Field(
+        6,
+        ge=2,
+        description="visit pairs of the latency protocol: float and the candidate each on a "
+        "fresh session, in random order, in the node's exclusive timing slot; the speed-up's "
+        "95% interval is over these pairs",
+    )
     predict_screen: bool = Field(
         False,
         description="screen trials with the latency table's prediction (built once per study "

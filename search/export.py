@@ -25,7 +25,7 @@ from mpq.evaluators.apply import apply_config
 from mpq.evaluators.artifact import pack_state, payload_bytes, unpack_state
 from mpq.evaluators.model import build_model, load_state_dict
 from mpq.search.config import SearchConfig
-from mpq.search.pareto import front_trials
+from mpq.search.pareto import format_speedup, front_trials
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.io import dump_text, write_atomic
 from mpq.spaces.space import QuantConfig
@@ -83,6 +83,10 @@ def _knee(study: optuna.Study, pool: list[FrozenTrial]) -> FrozenTrial:
     return min(zip(pool, rows, strict=True), key=lambda pr: dist(pr[1]))[0]
 
 
+def _aa(ref: dict[str, Any]) -> dict[str, Any]:
+    return {k.removeprefix("aa_"): v for k, v in ref.items() if k.startswith("aa_speedup")}
+
+
 def model_card(cfg: SearchConfig, study: optuna.Study, t: FrozenTrial, artifact_bytes: int) -> str:
     ref = study.user_attrs.get("float_reference", {})
     a = t.user_attrs
@@ -105,13 +109,17 @@ def model_card(cfg: SearchConfig, study: optuna.Study, t: FrozenTrial, artifact_
     if a.get("latency_ms"):
         lines.append(
             f"| latency (ms, batch 1, median) | {ref.get('latency_ms', float('nan')):.3f} "
-            f"| {a['latency_ms']:.3f} ({ref.get('latency_ms', 0) / a['latency_ms']:.2f}x) |"
+            f"| {a['latency_ms']:.3f} (speed-up {format_speedup(a)}) |"
         )
     lines += [
         "",
         f"Latency: backend `{cfg.latency.backend}`, {info.get('threads', '?')} thread(s), "
-        f"median of {info.get('runs', '?')} runs after warm-up, on {info.get('cpu', '?')} "
-        f"({info.get('versions', '?')}).",
+        f"float and this configuration interleaved over {info.get('visits', '?')} fresh-session "
+        f"visit pairs of {info.get('runs', '?')} runs each in the node's exclusive timing slot "
+        f"(speed-up: geometric mean over pairs, 95% interval), on {info.get('cpu', '?')} "
+        f"[{info.get('isa', '?')}] ({info.get('versions', '?')}); the float model against a "
+        f"fresh copy of itself read {format_speedup(_aa(ref))} (A/A). Latency in ms is the "
+        "float latency over the speed-up.",
         f"Artifact `{ARTIFACT}`: {artifact_bytes:,} payload bytes (packed weights, scales, zero "
         "points, float tensors); load with `mpq.search.export.load_artifact`.",
         "",

@@ -88,11 +88,10 @@ def trial_row(study: optuna.Study, t: FrozenTrial) -> dict[str, Any]:
     if a.get("size_bytes"):
         row["compression"] = ref.get("size_bytes", 0) / a["size_bytes"]
     row["latency_ms"] = a.get("latency_ms")
-    # Paired: float and quantized timed back to back in the same worker (same load).
-    if a.get("speedup_paired"):
-        row["speedup"] = a["speedup_paired"]
-    elif a.get("latency_ms"):
-        row["speedup"] = ref.get("latency_ms", 0) / a["latency_ms"]
+    # The latency protocol's paired speed-up and its 95% interval, as measured, never
+    # recomputed (latency_ms is the float reference's latency over it).
+    row["speedup"] = a.get("speedup")
+    row["speedup_lo"], row["speedup_hi"] = a.get("speedup_lo"), a.get("speedup_hi")
     config = a.get("config", {}).get("layers", {})
     bits = [c.get("w_bits", 32) for c in config.values()]
     row["mean_w_bits"] = float(np.mean(bits)) if bits else None
@@ -108,3 +107,12 @@ def front_table(study: optuna.Study) -> pd.DataFrame:
     if not df.empty and "success" in df:
         df = df.sort_values("size_bytes" if "size_bytes" in df else "trial")
     return df
+
+
+def format_speedup(attrs: dict[str, Any]) -> str:
+    """``1.058x [1.031, 1.086]``: a trial's speed-up over float with its 95% interval, the one
+    way it is written in tables, model cards and exports."""
+    if attrs.get("speedup") is None:
+        return "n/a"
+    s, lo, hi = attrs["speedup"], attrs.get("speedup_lo"), attrs.get("speedup_hi")
+    return f"{s:.3f}x" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")

@@ -39,6 +39,7 @@ from mpq.evaluators.latency_table import LatencyTable, reuse_or_build
 from mpq.evaluators.measure import EvalSpec, finite_or_error, get_evaluator
 from mpq.evaluators.size import config_size
 from mpq.evaluators.task import wilson_interval
+from mpq.search import fingerprint
 from mpq.search import study as study_mod
 from mpq.search.config import SearchConfig
 from mpq.search.pareto import front_trials
@@ -60,6 +61,7 @@ def eval_spec(cfg: SearchConfig) -> EvalSpec:
         latency_threads=cfg.latency.threads,
         latency_warmup=cfg.latency.warmup,
         latency_runs=cfg.latency.runs,
+        latency_visits=cfg.latency.visits,
         measure_latency=cfg.latency.enabled,
         allow_fallback=cfg.latency.allow_fallback,
     )
@@ -183,6 +185,7 @@ class Runner:
         self.spec = eval_spec(cfg)
         preflight(cfg, cfg.name)  # before the study exists: a bad space writes nothing
         self.study = study_mod.open_study(cfg, resume)
+        fingerprint.guard(self.study, cfg, get_evaluator(self.spec).model)
         self.on_trial = on_trial
         self.progress = progress
         self.running: dict[int, Running] = {}
@@ -354,6 +357,7 @@ class Runner:
                 self._fail(run, f"time limit {self.cfg.trial_timeout_s:.0f}s exceeded")
 
     def _advance(self, run: Running, result: dict[str, Any]) -> None:
+        result = self._paired_latency(result)
         if run.stage == "screen" and self.cfg.screen_budget > 0:
             run.screen = result
             optimistic = {**result, "success": self._success_upper(result)}
@@ -375,6 +379,15 @@ class Runner:
             metrics["episodes"] = run.screen.get("episodes", 0) + result.get("episodes", 0)
             metrics["eval_s"] = run.screen.get("eval_s", 0.0) + result.get("eval_s", 0.0)
         self._tell(run, metrics, TrialState.COMPLETE)
+
+    def _paired_latency(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The latency objective is the paired one: the study's float latency over the speed-up
+        measured against float in the same slot, so ``float latency_ms / latency_ms`` is the
+        trial's ``speedup`` everywhere it is shown (its raw median: ``latency_measured_ms``)."""
+        ref_ms = self.float_reference.get("latency_ms")
+        if "speedup" not in result or not ref_ms:
+            return result
+        return {**result, "latency_ms": float(ref_ms) / float(result["speedup"])}
 
     def _cannot_be_feasible(self, optimistic: dict[str, Any]) -> bool:
         """Even the upper end of its success interval misses the success constraint."""

@@ -9,9 +9,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mpq.evaluators.measure import get_evaluator
+from mpq.search import fingerprint
 from mpq.search.config import SearchConfig, load_search_config
-from mpq.search.pareto import front_table, hypervolume
-from mpq.search.runner import Runner, SearchResult, init_ray, preflight, shutdown_ray
+from mpq.search.pareto import format_speedup, front_table, hypervolume
+from mpq.search.runner import (
+    Runner,
+    SearchResult,
+    eval_spec,
+    init_ray,
+    preflight,
+    shutdown_ray,
+)
 
 
 def build_config(
@@ -40,11 +49,23 @@ def run_session(
     tracking_uri: str | None = None,
     tracking: bool = True,
     console: Console | None = None,
+    new_study: bool = False,
 ) -> SearchResult:
-    """Run (or resume) the search described by the config file at ``path``."""
+    """Run (or resume) the search described by the config file at ``path``.
+
+    ``new_study``: run under the config's name plus the fingerprint's short hash (resumed when
+    that study exists), for a setup that changed since the study of the plain name ran.
+    """
     console = console or Console()
     cfg = build_config(path, trials, ray_address, tracking_uri, tracking)
     preflight(cfg, str(path))
+    model = get_evaluator(eval_spec(cfg)).model
+    if new_study:
+        name = f"{cfg.name}-{fingerprint.short_hash(fingerprint.fingerprint(cfg, model))}"
+        cfg, resume = cfg.model_copy(update={"name": name}), True
+        console.print(f"study {name!r} (--new-study)")
+    if resume:  # a study measured under another setup is refused before Ray starts
+        fingerprint.check_stored(cfg, model)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     tracker = None
     if cfg.tracking.enabled:
@@ -130,6 +151,8 @@ def print_summary(
         "compression",
         "latency_ms",
         "speedup",
+        "speedup_lo",
+        "speedup_hi",
         "mean_w_bits",
         "seed",
     ]
@@ -140,9 +163,11 @@ def print_summary(
         table.add_row(*[_fmt(row[c]) for c in cols])
     console.print(table)
     lat = ref.get("latency_ms")
+    aa = {k.removeprefix("aa_"): v for k, v in ref.items() if k.startswith("aa_speedup")}
     console.print(
         f"float model: success {ref.get('success', float('nan')):.3f}, "
-        f"{ref.get('size_bytes', 0):,} bytes" + (f", {lat:.3f} ms" if lat else "")
+        f"{ref.get('size_bytes', 0):,} bytes"
+        + (f", {lat:.3f} ms (A/A against a fresh copy: {format_speedup(aa)})" if lat else "")
     )
     console.print(f"hypervolume {hypervolume(result.study):.4f}  storage {cfg.storage_url()}")
     if result.interrupted:

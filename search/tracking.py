@@ -58,8 +58,6 @@ def trial_metrics(trial: FrozenTrial, ref: dict[str, Any]) -> dict[str, float]:
     }
     if a.get("size_bytes") and ref.get("size_bytes"):
         out["compression_ratio"] = float(ref["size_bytes"]) / float(a["size_bytes"])
-    if a.get("latency_ms") and ref.get("latency_ms"):
-        out["speedup"] = float(ref["latency_ms"]) / float(a["latency_ms"])
     return {k.replace("/", "."): v for k, v in out.items()}
 
 

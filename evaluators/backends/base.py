@@ -28,6 +28,12 @@ class Lowered:
     ran_config: QuantConfig | None = None  # what really ran, as a configuration
     stored_bytes: int | None = None  # bytes of the weights the artifact stores, as it packs them
     predicted_bytes: int | None = None  # the same from the backend's packing formula
+    # A new runner on a freshly created session of the same artifact (the latency protocol's
+    # visits); None where a backend has one compiled module only (``run`` is reused).
+    fresh: Callable[[], Callable[[], Any]] | None = None
+
+    def new_runner(self) -> Callable[[], Any]:
+        return self.fresh() if self.fresh is not None else self.run
 
 
 class Backend(Protocol):

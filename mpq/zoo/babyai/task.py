@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mpq.evaluators import timing_slot
 from mpq.evaluators.task import wilson_interval
 from mpq.zoo.babyai.demos import EVAL_SEED_BASE, level_seed, make_env, quiet_reset
 from mpq.zoo.babyai.policy import LEVELS, tokenize
@@ -34,6 +35,7 @@ def rollout_level(
     length = np.zeros(len(seeds), dtype=np.int64)
     active = np.arange(len(seeds))
     while active.size:
+        timing_slot.yield_point()  # a trial waiting to time its latency gets the node now
         image = torch.from_numpy(np.stack([obs[i]["image"] for i in active]))[:, None]
         logits, new_memory = model(image, tokens[active], memory[:, active])
         memory[:, active] = new_memory

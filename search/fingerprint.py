@@ -1,0 +1,137 @@
+"""A study's fingerprint: everything its figures depend on, so a resumed study never mixes
+figures that mean different things.
+
+Recorded once, when the study's first trial is set up (study user attribute ``fingerprint``);
+``check`` compares it with the fingerprint of the search about to resume it and refuses, naming
+every field that changed, before Ray starts. ``--new-study`` starts a study of its own instead
+(the config's name with the new fingerprint's short hash), leaving the old one as it was.
+
+``FIGURES_VERSION`` is the version of the objectives' definitions: it changes when what a
+figure means changes (2: dynamic activation ranges per sample, as at batch 1; a study of an
+earlier version carries no fingerprint and is refused on resume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpq.evaluators.cpu_isa import isa_summary
+from mpq.evaluators.latency import cpu_model
+from mpq.search.config import SearchConfig
+
+FIGURES_VERSION = 2
+ATTR = "fingerprint"
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 over the model's state dict (names, dtypes, shapes and bytes), in order."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint(cfg: SearchConfig, model: nn.Module) -> dict[str, Any]:
+    """What this search's figures depend on (JSON data).
+
+    The target is this machine's CPU for a local search, or the resources each trial asks of a
+    cluster (the driver's CPU is not where a cluster's trials are timed).
+    """
+    if cfg.ray.address is None:
+        target = f"{cpu_model()}; {isa_summary()}"
+    else:
+        target = f"cluster resources {json.dumps(cfg.ray.resources_per_trial, sort_keys=True)}"
+    return {
+        "figures_version": FIGURES_VERSION,
+        "model": cfg.model,
+        "weights_sha256": weights_sha256(model),
+        "task": cfg.task,
+        "calibration": cfg.calibration,
+        "example_inputs": cfg.example_inputs,
+        "observer": cfg.observer,
+        "space_sha256": _sha(cfg.space.model_dump(mode="json")),
+        "objectives": list(cfg.objectives),
+        "task_budget": cfg.task_budget,
+        "screen_budget": cfg.screen_budget,
+        "latency": cfg.latency.model_dump(
+            mode="json", include={"backend", "threads", "runs", "visits"}
+        ),
+        "target": target,
+    }
+
+
+def short_hash(fp: dict[str, Any]) -> str:
+    return _sha(fp)[:8]
+
+
+def differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``field: old -> new`` for every field that differs (hashes shortened)."""
+
+    def show(v: Any) -> str:
+        return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else json.dumps(v)
+
+    keys = sorted(set(stored) | set(now))
+    return [
+        f"{k}: {show(stored.get(k))} -> {show(now.get(k))}"
+        for k in keys
+        if stored.get(k) != now.get(k)
+    ]
+
+
+def check(name: str, stored: dict[str, Any] | None, now: dict[str, Any], n_trials: int) -> None:
+    """Raise ``ValueError`` when a study of ``n_trials`` trials would resume under ``now``.
+
+    A study without a fingerprint is accepted only while it has no trial (nothing to mix).
+    """
+    if stored is None:
+        if n_trials == 0:
+            return
+        raise ValueError(
+            f"study {name!r} has {n_trials} trials measured before figures version "
+            f"{FIGURES_VERSION} (no fingerprint): its figures are not comparable; "
+            "use --new-study to start a new study beside it"
+        )
+    changed = differences(stored, now)
+    if changed:
+        raise ValueError(
+            f"study {name!r} was measured under a different setup ({'; '.join(changed)}); "
+            "use --new-study to start a new study beside it"
+        )
+
+
+def guard(study: Any, cfg: SearchConfig, model: nn.Module) -> None:
+    """Check ``study`` against this search's fingerprint; record it on a study that has none."""
+    now = fingerprint(cfg, model)
+    stored = study.user_attrs.get(ATTR)
+    check(study.study_name, stored, now, len(study.get_trials(deepcopy=False)))
+    if stored is None:
+        study.set_user_attr(ATTR, now)
+
+
+def check_stored(cfg: SearchConfig, model: nn.Module) -> None:
+    """``guard`` without creating anything: for a study that already exists in the storage."""
+    import optuna
+
+    from mpq.search.study import make_storage
+
+    storage = make_storage(cfg.storage_url())
+    if cfg.name not in optuna.study.get_all_study_names(storage):
+        return
+    study = optuna.load_study(study_name=cfg.name, storage=storage)
+    check(
+        cfg.name,
+        study.user_attrs.get(ATTR),
+        fingerprint(cfg, model),
+        len(study.get_trials(deepcopy=False)),
+    )

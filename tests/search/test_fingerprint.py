@@ -1,0 +1,65 @@
+"""A study's fingerprint: recorded once, and a resume under another setup is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from mpq.search import fingerprint
+from mpq.search.study import make_storage
+from tests.models import build_convnet
+from tests.search.helpers import conv_config
+
+
+def _study(tmp_path: Path, name: str = "conv") -> optuna.Study:
+    storage = make_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    return optuna.create_study(study_name=name, storage=storage, load_if_exists=True)
+
+
+def test_recorded_once_then_checked(tmp_path: Path) -> None:
+    cfg = conv_config(tmp_path)
+    model = build_convnet()
+    study = _study(tmp_path)
+    fingerprint.guard(study, cfg, model)
+    stored = study.user_attrs[fingerprint.ATTR]
+    assert stored["figures_version"] == fingerprint.FIGURES_VERSION
+    assert stored["task"] == "tests.models:convnet_task"
+    study.add_trial(optuna.trial.create_trial(value=1.0))
+    fingerprint.guard(study, cfg, model)  # same setup: accepted
+    changed = conv_config(tmp_path, task_budget=64, latency={"backend": "torch-eager"})
+    with pytest.raises(
+        ValueError,
+        match=r"study 'conv' was measured under a different setup \(latency: .*"
+        r"\"backend\": \"onnxruntime\".* -> .*\"torch-eager\".*; task_budget: 32 -> 64\); "
+        r"use --new-study to start a new study beside it",
+    ):
+        fingerprint.guard(study, changed, model)
+    assert study.user_attrs[fingerprint.ATTR] == stored  # nothing rewritten
+
+
+def test_weights_and_space_are_part_of_it(tmp_path: Path) -> None:
+    cfg = conv_config(tmp_path)
+    model = build_convnet()
+    base = fingerprint.fingerprint(cfg, model)
+    with torch.no_grad():
+        model.fc.weight[0, 0] += 1e-3
+    other = conv_config(tmp_path, space={"defaults": {"w_bits": [4, 8, 32]}})
+    changed = fingerprint.differences(base, fingerprint.fingerprint(other, model))
+    assert [c.split(":")[0] for c in changed] == ["space_sha256", "weights_sha256"]
+
+
+def test_a_study_without_fingerprint_is_refused_once_it_has_trials(tmp_path: Path) -> None:
+    cfg = conv_config(tmp_path)
+    study = _study(tmp_path)
+    study.add_trial(optuna.trial.create_trial(value=1.0))
+    with pytest.raises(
+        ValueError,
+        match=r"study 'conv' has 1 trials measured before figures version 2 \(no fingerprint\)",
+    ):
+        fingerprint.guard(study, cfg, build_convnet())
+    fresh = _study(tmp_path, "fresh")
+    fingerprint.guard(fresh, cfg, build_convnet())  # no trial yet: recorded
+    assert fingerprint.ATTR in fresh.user_attrs
