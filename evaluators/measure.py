@@ -17,7 +17,7 @@ from torch import nn
 from mpq.evaluators import timing_slot
 from mpq.evaluators.apply import apply_config
 from mpq.evaluators.backends import get_backend
-from mpq.evaluators.backends.base import FallbackError
+from mpq.evaluators.backends.base import FallbackError, Lowered
 from mpq.evaluators.latency import paired_speedup
 from mpq.evaluators.latency_table import LatencyTable
 from mpq.evaluators.model import build_model
@@ -42,7 +42,7 @@ class EvalSpec:
     latency_threads: int = 1
     latency_warmup: int = 5
     latency_runs: int = 100
-    latency_visits: int = 6
+    latency_visits: int = 8
     measure_latency: bool = True
     allow_fallback: bool = True
 
@@ -71,9 +71,48 @@ class Evaluator:
         self.backend = get_backend(spec.backend)
         self.float_bytes = float_size_bytes(self.model)
         self._float_lowered: Any = None
+        self._lowered: dict[str, Lowered] = {}
 
     def quantized(self, config: QuantConfig) -> nn.Module:
         return apply_config(self.model, config, self.calibration, self.spec.observer, self.layers)
+
+    def lower(self, config: QuantConfig) -> Lowered:
+        """``config`` on the backend's kernels (the last one kept: screening, latency and the
+        task of one trial share it)."""
+        key = config.key()
+        if key not in self._lowered:
+            self._lowered.clear()
+            self._lowered[key] = self.backend.lower(
+                self.model,
+                self.layers,
+                config,
+                self.example_inputs,
+                self.spec.latency_threads,
+                calibration=self.calibration,
+                observer=self.spec.observer,
+            )
+        return self._lowered[key]
+
+    def as_ran(self, config: QuantConfig) -> QuantConfig:
+        """The configuration that really runs on the backend (its simulated model equals the
+        lowered one: the contract suite), or ``config`` itself where no backend measures."""
+        if not self.spec.measure_latency:
+            return config
+        return self.lower(config).ran_config or config
+
+    def artifact(self, config: QuantConfig) -> dict[str, Any]:
+        """What ships: ``size_bytes`` = the bytes of the backend's deployable artifact (ONNX
+        Runtime: the ``.onnx`` file); a measure-only backend (no file that runs without mpq)
+        gives its packing formula of what ran, said in ``artifact``."""
+        asked = config_size(self.model, self.layers, config).total_bytes
+        if not self.spec.measure_latency:
+            return {"size_bytes": asked, "asked_size_bytes": asked, "artifact": "none"}
+        lowered = self.lower(config)
+        if lowered.artifact is not None:
+            size, kind = len(lowered.artifact), lowered.artifact_kind
+        else:
+            size, kind = int(lowered.predicted_bytes or asked), "measure-only"
+        return {"size_bytes": size, "asked_size_bytes": asked, "artifact": kind}
 
     def latency(self, config: QuantConfig) -> dict[str, Any]:
         """Latency on the backend's real kernels, paired with float, with what ran per layer.
@@ -88,14 +127,7 @@ class Evaluator:
             self._float_lowered = self.backend.lower(
                 self.model, self.layers, keep, self.example_inputs, s.latency_threads
             )
-        lowered = self.backend.lower(
-            self.model,
-            self.layers,
-            config,
-            self.example_inputs,
-            s.latency_threads,
-            calibration=self.calibration,
-        )
+        lowered = self.lower(config)
         if not s.allow_fallback and lowered.fallbacks:
             name, reason = next(iter(lowered.fallbacks.items()))
             raise FallbackError(
@@ -134,32 +166,41 @@ class Evaluator:
         return out
 
     def screen(self, config: QuantConfig, table: LatencyTable | None = None) -> dict[str, Any]:
-        """The cheap part: size, proxy agreement with the float model and latency (measured,
-        or predicted by ``table`` without lowering)."""
-        out: dict[str, Any] = {
-            "size_bytes": config_size(self.model, self.layers, config).total_bytes
-        }
-        with timing_slot.compute():
-            out.update(output_agreement(self.quantized(config), self.calibration, self.reference))
+        """The cheap part: size, proxy agreement with the float model and latency, all of the
+        deployable artifact; with ``table``, a cheaper screen without lowering: the asked
+        configuration's formula size and simulation, and the table's predicted latency (the
+        full stage then measures the artifact)."""
         if self.spec.measure_latency and table is not None:
+            asked = config_size(self.model, self.layers, config).total_bytes
+            out: dict[str, Any] = {"size_bytes": asked, "asked_size_bytes": asked}
+            with timing_slot.compute():
+                qmodel = self.quantized(config)
+                out.update(output_agreement(qmodel, self.calibration, self.reference))
             out["latency_ms"] = table.predict_ms(self.backend.kernel_for, self.layers, config)
             out["latency_source"] = "predicted"
-        elif self.spec.measure_latency:
+            return out
+        out = self.artifact(config)
+        with timing_slot.compute():
+            qmodel = self.quantized(self.as_ran(config))
+            out.update(output_agreement(qmodel, self.calibration, self.reference))
+        if self.spec.measure_latency:
             out.update(self.latency(config))
             out["latency_source"] = "measured"
         return out
 
     def success(self, config: QuantConfig | None, budget: int) -> dict[str, float]:
-        """Task metrics of the quantized model (or the float model when ``config`` is None)."""
+        """Task metrics of the configuration as it runs on the backend (``as_ran``), or of the
+        float model when ``config`` is None."""
         with timing_slot.compute():
-            model = self.model if config is None else self.quantized(config)
+            model = self.model if config is None else self.quantized(self.as_ran(config))
             return run_task(self.task, model, budget)
 
     def float_reference(self, budget: int) -> dict[str, Any]:
         keep = QuantConfig.uniform(self.layers, LayerChoice())
         out = self.screen(keep)
         out.update(self.success(None, budget))
-        out["size_bytes"] = self.float_bytes
+        if out.get("artifact") == "none":
+            out["size_bytes"] = self.float_bytes
         if "speedup" in out:  # float against a fresh copy of itself: the A/A check, ~1.00
             for key in ("speedup", "speedup_lo", "speedup_hi"):
                 out[f"aa_{key}"] = out.pop(key)

@@ -184,7 +184,7 @@ def export(
 ) -> None:
     """Write a chosen configuration, its packed artifact and a model card."""
     from mpq.search.config import load_search_config
-    from mpq.search.export import export_trial, pick_trial
+    from mpq.search.export import describe_export, export_trial, pick_trial
     from mpq.search.study import open_study
 
     try:
@@ -197,11 +197,11 @@ def export(
     except ValueError as exc:
         fail(str(exc))
         return
-    console.print(
-        f"trial {info['trial']} exported to {info['out_dir']}: artifact payload "
-        f"{info['payload_bytes']:,} bytes (search reported {info['reported_bytes']:,}; "
-        f"file {info['file_bytes']:,} bytes with container overhead)"
-    )
+    console.print(describe_export(info, chosen))
+    if cfg.tracking.enabled and info["confirmed"]:
+        from mpq.search.tracking import Tracker
+
+        Tracker(cfg, console).confirm(study, chosen.number, info["confirmed"])
 
 
 @app.command("apply")

@@ -58,7 +58,7 @@ class LatencyConfig(BaseModel):
     warmup: int = Field(5, ge=0, description="untimed calls first")
     runs: int = Field(100, ge=3, description="timed calls per visit (after warmup)")
     visits: int = Field(
-        6,
+        8,
         ge=2,
         description="visit pairs of the latency protocol: float and the candidate each on a "
         "fresh session, in random order, in the node's exclusive timing slot; the speed-up's "
@@ -129,6 +129,12 @@ class SearchConfig(BaseModel):
     trials: int = Field(24, ge=1, description="trials to finish (complete, pruned or failed)")
     seed: int = Field(0, description="sampler seed")
     task_budget: int = Field(50, ge=1, description="full-fidelity task budget (episodes)")
+    confirm_task: str | None = Field(
+        None,
+        description="'module:function'(model, budget) -> metrics on held-out episodes the search "
+        "never uses: export confirms the exported model's success with it",
+    )
+    confirm_budget: int = Field(0, ge=0, description="confirm_task's budget (0: no confirmation)")
     screen_budget: int = Field(
         0, ge=0, description="cheap-check task budget before the full one (0: no screening)"
     )

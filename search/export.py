@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
@@ -87,31 +88,63 @@ def _aa(ref: dict[str, Any]) -> dict[str, Any]:
     return {k.removeprefix("aa_"): v for k, v in ref.items() if k.startswith("aa_speedup")}
 
 
-def model_card(cfg: SearchConfig, study: optuna.Study, t: FrozenTrial, artifact_bytes: int) -> str:
+def _success(m: dict[str, Any]) -> str:
+    nan = float("nan")
+    return (
+        f"{m.get('success', nan):.3f} ({m.get('success_lo', nan):.3f}-"
+        f"{m.get('success_hi', nan):.3f})"
+    )
+
+
+def model_card(
+    cfg: SearchConfig,
+    study: optuna.Study,
+    t: FrozenTrial,
+    deployable: dict[str, Any],
+    confirmed: dict[str, float] | None = None,
+) -> str:
     ref = study.user_attrs.get("float_reference", {})
     a = t.user_attrs
     info = a.get("latency_info", {})
+    kind = deployable["artifact"]
+    shipped = {
+        "onnx": "`model.onnx` (plain onnxruntime runs it; inputs and outputs in `io.json`)",
+        "measure-only": f"none: backend `{cfg.latency.backend}` is measure-only; size is the "
+        "packing formula of what ran",
+        "none": "none: no backend measured this study; size is mpq's packing formula",
+    }[kind]
     lines = [
         f"# {cfg.name}: trial {t.number}",
         "",
         f"Model `{cfg.model}`, task `{cfg.task}` ({cfg.task_budget} episodes per level, fixed "
-        "evaluation seeds, the same for every configuration).",
+        "evaluation seeds, the same for every configuration). Every figure below is of the "
+        f"model that ships, as it runs (`ran_config.yaml`); deployable file: {shipped}.",
         "",
         "| | float | this configuration |",
         "|---|---|---|",
-        f"| task success (95% interval) | {ref.get('success', float('nan')):.3f} "
-        f"({ref.get('success_lo', float('nan')):.3f}-{ref.get('success_hi', float('nan')):.3f}) "
-        f"| {a.get('success', float('nan')):.3f} ({a.get('success_lo', float('nan')):.3f}-"
-        f"{a.get('success_hi', float('nan')):.3f}) |",
-        f"| size (bytes) | {ref.get('size_bytes', 0):,} | {a.get('size_bytes', 0):,} "
-        f"({ref.get('size_bytes', 0) / max(a.get('size_bytes', 1), 1):.2f}x smaller) |",
+        f"| task success, search episodes (95% interval) | {_success(ref)} | {_success(a)} |",
     ]
+    if confirmed:
+        lines.append(
+            f"| task success, held-out episodes ({cfg.confirm_budget} per level, "
+            f"`{cfg.confirm_task}`) | | {_success(confirmed)} |"
+        )
+    ratio = ref.get("size_bytes", 0) / max(a.get("size_bytes", 1), 1)
+    lines.append(
+        f"| size (bytes of what ships) | {ref.get('size_bytes', 0):,} | "
+        f"{a.get('size_bytes', 0):,} ({ratio:.2f}x smaller) |"
+    )
     if a.get("latency_ms"):
         lines.append(
-            f"| latency (ms, batch 1, median) | {ref.get('latency_ms', float('nan')):.3f} "
+            f"| latency (ms, batch 1) | {ref.get('latency_ms', float('nan')):.3f} "
             f"| {a['latency_ms']:.3f} (speed-up {format_speedup(a)}) |"
         )
     lines += [
+        "",
+        "The search's success is the best of many noisy estimates on the same episodes, so it "
+        "leans optimistic; the held-out row is measured once, on episodes the search never saw."
+        if confirmed
+        else "No held-out confirmation: set `confirm_task` and `confirm_budget` in the config.",
         "",
         f"Latency: backend `{cfg.latency.backend}`, {info.get('threads', '?')} thread(s), "
         f"float and this configuration interleaved over {info.get('visits', '?')} fresh-session "
@@ -120,8 +153,9 @@ def model_card(cfg: SearchConfig, study: optuna.Study, t: FrozenTrial, artifact_
         f"[{info.get('isa', '?')}] ({info.get('versions', '?')}); the float model against a "
         f"fresh copy of itself read {format_speedup(_aa(ref))} (A/A). Latency in ms is the "
         "float latency over the speed-up.",
-        f"Artifact `{ARTIFACT}`: {artifact_bytes:,} payload bytes (packed weights, scales, zero "
-        "points, float tensors); load with `mpq.search.export.load_artifact`.",
+        f"Also `{ARTIFACT}`: the packed weights of what runs, for PyTorch "
+        "(`mpq.search.export.load_artifact(path, ran_config, model, calibration=...)`); "
+        f"the configuration as searched asked for {a.get('asked_size_bytes', 0):,} bytes.",
         "",
         "Kernels that ran, and choices lowered to what runs:",
         "",
@@ -137,37 +171,131 @@ def model_card(cfg: SearchConfig, study: optuna.Study, t: FrozenTrial, artifact_
 def export_trial(
     cfg: SearchConfig, study: optuna.Study, t: FrozenTrial, out_dir: Path
 ) -> dict[str, Any]:
-    """Write config.yaml, config.json, the packed artifact and MODEL_CARD.md into ``out_dir``.
+    """Write what ships for trial ``t`` into ``out_dir``:
+
+    - ``model.onnx`` (ONNX Runtime backends): the deployable model whose bytes are the trial's
+      size objective and whose latency it measured; plain ``onnxruntime`` runs it (no mpq, no
+      torch). ``io.json`` names its inputs and outputs; ``example_inputs.npz`` and
+      ``expected_outputs.npz`` hold one step and the simulated model's outputs for it;
+    - ``config.yaml``/``config.json`` (as searched), ``ran_config.yaml`` (what runs);
+    - ``model.mpq.pt``: the packed weights of what runs (``load_artifact``, in PyTorch);
+    - ``MODEL_CARD.md``, with the success confirmed on held-out episodes (``confirm_task``).
 
     Raises:
-        ValueError: ``out_dir`` cannot be written (read-only, full disk); nothing half-written
-            is left behind, and the study is only read.
+        ValueError: the deployable model does not have the trial's bytes (the lowering changed
+            since: another mpq, onnxruntime or torch), or ``out_dir`` cannot be written
+            (read-only, full disk); nothing half-written is left behind, the study only read.
     """
+    from mpq.evaluators.measure import get_evaluator
+    from mpq.search.runner import eval_spec
+
     config = QuantConfig.model_validate(t.user_attrs["config"])
-    model = build_model(cfg.model, cfg.checkpoint)
-    layers = discover_layers(model)
-    state = pack_state(model, layers, config)
-    nbytes = payload_bytes(state)
-    reported = int(t.user_attrs.get("size_bytes", nbytes))
-    if nbytes != reported:
-        raise AssertionError(f"artifact payload {nbytes} bytes != reported size {reported}")
+    ev = get_evaluator(eval_spec(cfg))
+    ran = ev.as_ran(config)
+    deployable = ev.artifact(config)
+    reported = int(t.user_attrs.get("size_bytes", deployable["size_bytes"]))
+    if deployable["size_bytes"] != reported:
+        raise ValueError(
+            f"export of trial {t.number}: the {deployable['artifact']} artifact has "
+            f"{deployable['size_bytes']:,} bytes, the trial measured {reported:,}: the lowering "
+            "changed since the search (another mpq, onnxruntime or torch version?)"
+        )
+    state = pack_state(ev.model, ev.layers, ran)
+    files = {
+        "config.yaml": dump_text(config, "c.yaml").encode(),
+        "config.json": dump_text(config, "c.json").encode(),
+        "ran_config.yaml": dump_text(ran, "c.yaml").encode(),
+        ARTIFACT: _torch_bytes(state),
+    }
+    if deployable["artifact"] == "onnx":
+        files.update(_onnx_files(ev, config, ran))
+    confirmed = confirm(cfg, ev, ran)
+    files["MODEL_CARD.md"] = model_card(cfg, study, t, deployable, confirmed).encode()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_dir / "config.yaml", dump_text(config, "c.yaml"))
-        write_atomic(out_dir / "config.json", dump_text(config, "c.json"))
-        buf = io.BytesIO()
-        torch.save(state, buf)  # serialised in memory, so a full disk fails in plain file I/O
-        write_atomic(out_dir / ARTIFACT, buf.getvalue())
-        write_atomic(out_dir / "MODEL_CARD.md", model_card(cfg, study, t, nbytes))
+        for name, data in files.items():
+            write_atomic(out_dir / name, data)
     except OSError as exc:
         raise ValueError(f"export to {str(out_dir)!r} failed: {exc.strerror or exc}") from None
     return {
         "trial": t.number,
-        "payload_bytes": nbytes,
-        "reported_bytes": reported,
-        "file_bytes": (out_dir / ARTIFACT).stat().st_size,
+        "size_bytes": deployable["size_bytes"],
+        "artifact": deployable["artifact"],
+        "payload_bytes": payload_bytes(state),
+        "confirmed": confirmed,
         "out_dir": str(out_dir),
     }
+
+
+def describe_export(info: dict[str, Any], t: FrozenTrial) -> str:
+    """One line on an export: what ships, its bytes, and success searched vs held out."""
+    shipped = {"onnx": "model.onnx", "measure-only": "no deployable file (measure-only)"}
+    line = (
+        f"trial {info['trial']} exported to {info['out_dir']}: "
+        f"{shipped.get(info['artifact'], 'packed artifact')} {info['size_bytes']:,} bytes "
+        f"(the trial's size), success {_success(t.user_attrs)} on the search's episodes"
+    )
+    if info["confirmed"]:
+        line += f", {_success(info['confirmed'])} on held-out episodes"
+    return line
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # serialised in memory, so a full disk fails in plain file I/O
+    return buf.getvalue()
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _onnx_files(ev: Any, config: QuantConfig, ran: QuantConfig) -> dict[str, bytes]:
+    """``model.onnx``, its ``io.json``, one step of inputs and the simulated model's outputs."""
+    lowered = ev.lower(config)
+    session = lowered.module
+    names = [i.name for i in session.get_inputs()]
+    inputs = {
+        f"input_{i}": np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x)
+        for i, x in enumerate(ev.example_inputs)
+    }
+    inputs = {k: v for k, v in inputs.items() if k in names}
+    with torch.inference_mode():
+        simulated = ev.quantized(ran)(*ev.example_inputs)
+    outs = simulated if isinstance(simulated, tuple | list) else (simulated,)
+    out_names = [o.name for o in session.get_outputs()]
+    expected = {n: o.detach().numpy() for n, o in zip(out_names, outs, strict=False)}
+    io_spec = {
+        "inputs": [
+            {"name": n, "shape": list(v.shape), "dtype": str(v.dtype)} for n, v in inputs.items()
+        ],
+        "outputs": [
+            {"name": n, "shape": list(v.shape), "dtype": str(v.dtype)} for n, v in expected.items()
+        ],
+        "note": "batch 1, one control step, as the latency was measured; the outputs in "
+        "expected_outputs.npz are the simulated model's, whose success the trial measured",
+    }
+    return {
+        "model.onnx": lowered.artifact,
+        "io.json": (json.dumps(io_spec, indent=1) + "\n").encode(),
+        "example_inputs.npz": _npz(inputs),
+        "expected_outputs.npz": _npz(expected),
+    }
+
+
+def confirm(cfg: SearchConfig, ev: Any, ran: QuantConfig) -> dict[str, float]:
+    """Success of what runs on the held-out episodes of ``cfg.confirm_task`` (never the
+    search's): the search's figure is the best of many noisy ones on the same episodes, so it is
+    optimistic; this one is not. Empty when no confirmation task is configured."""
+    from mpq.evaluators.task import load_callable, run_task
+
+    if not cfg.confirm_task or cfg.confirm_budget <= 0:
+        return {}
+    task = load_callable(cfg.confirm_task, "confirm_task")
+    with torch.inference_mode():
+        return run_task(task, ev.quantized(ran), cfg.confirm_budget)
 
 
 def load_artifact(

@@ -110,16 +110,17 @@ def export_best(
     console: Console, cfg: SearchConfig, result: SearchResult, path: str | Path
 ) -> None:
     """Export the knee of the front to ``<output_dir>/best`` and say how to look further."""
-    from mpq.search.export import export_trial, pick_trial
+    from mpq.search.export import describe_export, export_trial, pick_trial
     from mpq.search.pareto import front_trials
 
     if front_trials(result.study):
         chosen = pick_trial(result.study, rule="knee")
         info = export_trial(cfg, result.study, chosen, Path(cfg.output_dir) / "best")
-        console.print(
-            f"knee of the front: trial {info['trial']} exported to {info['out_dir']} "
-            f"(config.yaml, {info['payload_bytes']:,}-byte artifact, MODEL_CARD.md)"
-        )
+        console.print(f"knee of the front: {describe_export(info, chosen)}")
+        if cfg.tracking.enabled and info["confirmed"]:
+            from mpq.search.tracking import Tracker
+
+            Tracker(cfg, console).confirm(result.study, chosen.number, info["confirmed"])
     if cfg.tracking.enabled:
         console.print(
             f"MLflow UI: mpq ui {path}   (or mlflow ui --backend-store-uri {cfg.tracking_uri()})"

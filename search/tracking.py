@@ -262,6 +262,21 @@ class Tracker:
         self.client.set_tag(self.parent_id, "trials", str(len(study.trials)))
         self.client.set_terminated(self.parent_id, "FINISHED")
 
+    def confirm(self, study: optuna.Study, number: int, metrics: dict[str, float]) -> None:
+        """Log an exported trial's held-out confirmation on its run (``confirm_*`` metrics)."""
+        self._guard(self._confirm, study, number, metrics)
+
+    def _confirm(self, study: optuna.Study, number: int, metrics: dict[str, float]) -> None:
+        if number not in self.runs:
+            self.load_runs(study)
+        rid = self.runs.get(number)
+        if rid is None:
+            return
+        for k, v in metrics.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                self.client.log_metric(rid, f"confirm_{k}".replace("/", "."), float(v))
+        self.client.set_tag(rid, "exported", "true")
+
 
 def _line(exc: BaseException) -> str:
     text = str(exc).strip()

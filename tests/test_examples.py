@@ -31,7 +31,15 @@ def _tiny(tmp_path: Path, example: str, **changes: object) -> Path:
 @pytest.mark.parametrize(
     "example,changes",
     [
-        ("babyai", {"task_budget": 3, "screen_budget": 0, "sensitivity": {"budgets": [0.5]}}),
+        (
+            "babyai",
+            {
+                "task_budget": 3,
+                "screen_budget": 0,
+                "confirm_budget": 2,
+                "sensitivity": {"budgets": [0.5]},
+            },
+        ),
         ("classifier", {"task_budget": 200}),
     ],
 )
@@ -42,3 +50,6 @@ def test_example_runs(ray_local: None, tmp_path: Path, example: str, changes: di
     assert "Pareto front of" in text and "exported to" in text and "mpq ui" in text
     assert len([t for t in result.study.trials if t.state.is_finished()]) >= 3
     assert (tmp_path / "out" / "best" / "config.yaml").exists()
+    if example == "babyai":  # the deployable model and its held-out confirmation
+        assert (tmp_path / "out" / "best" / "model.onnx").exists()
+        assert "on held-out episodes" in text

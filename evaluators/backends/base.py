@@ -31,6 +31,10 @@ class Lowered:
     # A new runner on a freshly created session of the same artifact (the latency protocol's
     # visits); None where a backend has one compiled module only (``run`` is reused).
     fresh: Callable[[], Callable[[], Any]] | None = None
+    # The deployable file (its bytes) that runs without mpq, and what it is ("onnx"); None for
+    # a measure-only backend (its lowered module needs mpq and torch to run).
+    artifact: bytes | None = None
+    artifact_kind: str = "measure-only"
 
     def new_runner(self) -> Callable[[], Any]:
         return self.fresh() if self.fresh is not None else self.run
@@ -63,10 +67,12 @@ class Backend(Protocol):
         example_inputs: tuple[Any, ...],
         threads: int = 1,
         calibration: list[tuple[Any, ...]] | None = None,
+        observer: str = "minmax",
     ) -> Lowered:
         """The model with ``config`` on this backend's kernels, runnable on ``example_inputs``.
 
-        ``calibration`` (batches of model inputs) sets the ranges of static int8 activations.
+        ``calibration`` (batches of model inputs) sets the ranges of static int8 activations,
+        with ``observer`` (as the simulated model calibrates them).
         """
         ...
 

@@ -321,6 +321,7 @@ class OnnxRuntimeBackend:
         qdq: dict[str, LayerInfo],
         nodes: dict[str, list[str]],
         calibration: Any,
+        observer: str,
     ) -> dict[str, tuple[float, float, float, float]]:
         """Per static int8 conv module: (input lo, hi, output lo, hi), calibrated on the
         simulated model of what will run -- upstream layers quantized as they will be -- so the
@@ -336,7 +337,7 @@ class OnnxRuntimeBackend:
                 plan[la.name] = _ran_choice(c, la)
             else:
                 plan[la.name] = LayerChoice()
-        found = static_ranges(model, QuantConfig(layers=plan), calibration, layers=layers)
+        found = static_ranges(model, QuantConfig(layers=plan), calibration, observer, layers)
         return {
             la.module: (*found[la.module]["input"], *found[la.module]["output"])
             for la in qdq.values()
@@ -400,6 +401,7 @@ class OnnxRuntimeBackend:
         example_inputs: tuple[Any, ...],
         threads: int = 1,
         calibration: list[tuple[Any, ...]] | None = None,
+        observer: str = "minmax",
     ) -> Lowered:
         import onnxruntime as ort
 
@@ -420,7 +422,7 @@ class OnnxRuntimeBackend:
             and config.layers[la.name].a_bits == 8
             and calibration
         }
-        ranges = self._conv_ranges(model, layers, config, qdq, nodes, calibration)
+        ranges = self._conv_ranges(model, layers, config, qdq, nodes, calibration, observer)
         replaced = {
             convs[name].output[0]: qdq_conv(
                 proto, convs[name], ranges[la.module], not signed_conv_exact()
@@ -491,5 +493,14 @@ class OnnxRuntimeBackend:
             packed_layer_bytes(la, kernels[la.name], ran[la.name]) for la in layers
         )
         return Lowered(
-            run, session, kernels, fallbacks, ran_config, stored_bytes(proto), predicted, fresh
+            run,
+            session,
+            kernels,
+            fallbacks,
+            ran_config,
+            stored_bytes(proto),
+            predicted,
+            fresh,
+            artifact=model_bytes,
+            artifact_kind="onnx",
         )

@@ -357,6 +357,7 @@ class TorchBackend:
         example_inputs: tuple[Any, ...],
         threads: int = 1,
         calibration: list[tuple[Any, ...]] | None = None,  # dynamic kernels only: unused
+        observer: str = "minmax",  # (no static ranges here)
     ) -> Lowered:
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
         from torchao.quantization import (

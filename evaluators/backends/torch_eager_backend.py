@@ -74,6 +74,7 @@ class TorchEagerBackend:
         example_inputs: tuple[Any, ...],
         threads: int = 1,
         calibration: list[tuple[Any, ...]] | None = None,  # dynamic kernels only: unused
+        observer: str = "minmax",  # (no static ranges here)
     ) -> Lowered:
         import copy
 

@@ -40,3 +40,22 @@ def test_fallback_disabled_fails_the_measurement_with_the_reason() -> None:
         r"QLinearConv needs a_bits 8 \(no weight-only\)\) and latency.allow_fallback is false$",
     ):
         ev.latency(config)
+
+
+def test_a_trial_measures_the_artifact_that_ships() -> None:
+    """Size is the deployable file's bytes, success is that of what runs (3 bits asked, 4 ran),
+    and the latency was timed on that same lowering."""
+    from mpq.evaluators.task import run_task
+
+    ev = Evaluator(SPEC)
+    config = QuantConfig.uniform(ev.layers, LayerChoice(w_bits=3, a_bits=8))
+    out = ev.screen(config)
+    lowered = ev.lower(config)
+    assert out["artifact"] == "onnx" and lowered.artifact is not None
+    assert out["size_bytes"] == len(lowered.artifact)
+    assert out["asked_size_bytes"] == config_size(ev.model, ev.layers, config).total_bytes
+    ran = ev.as_ran(config)
+    assert ran == lowered.ran_config and ran != config
+    assert out["ran_config"] == ran.model_dump(mode="json", exclude_none=True)
+    assert ev.success(config, 64) == run_task(ev.task, ev.quantized(ran), 64)
+    assert out["speedup_lo"] <= out["speedup"] <= out["speedup_hi"]

@@ -16,7 +16,12 @@ from mpq.zoo.babyai.policy import (
     build_untrained_policy,
     tokenize,
 )
-from mpq.zoo.babyai.task import calibration_batches, evaluate_episodes, example_inputs
+from mpq.zoo.babyai.task import (
+    calibration_batches,
+    confirm_episodes,
+    evaluate_episodes,
+    example_inputs,
+)
 
 __all__ = [
     "CHECKPOINT_PATH",
@@ -26,6 +31,7 @@ __all__ = [
     "build_policy",
     "build_untrained_policy",
     "calibration_batches",
+    "confirm_episodes",
     "evaluate_episodes",
     "example_inputs",
     "tokenize",

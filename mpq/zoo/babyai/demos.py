@@ -6,6 +6,8 @@ held-out calibration data and evaluation episodes apart:
 - ``TRAIN_SEED_BASE``: behaviour-cloning demonstrations.
 - ``HELDOUT_SEED_BASE``: held-out demos, the source of calibration inputs and of the proxy.
 - ``EVAL_SEED_BASE``: the episodes whose success rate is reported; never used for training.
+- ``CONFIRM_SEED_BASE``: held-out episodes that export confirms a chosen model on; the search
+  never sees them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 TRAIN_SEED_BASE = 1_000_000
 HELDOUT_SEED_BASE = 5_000_000
 EVAL_SEED_BASE = 9_000_000
+CONFIRM_SEED_BASE = 13_000_000
 LEVEL_STRIDE = 100_000
 
 

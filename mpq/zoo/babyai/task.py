@@ -88,6 +88,14 @@ def evaluate_episodes(
     return metrics
 
 
+def confirm_episodes(model: nn.Module, budget: int) -> dict[str, float]:
+    """``evaluate_episodes`` on the confirmation seeds (``CONFIRM_SEED_BASE``), which the search
+    never plays: an unbiased success for the configuration export picks."""
+    from mpq.zoo.babyai.demos import CONFIRM_SEED_BASE
+
+    return evaluate_episodes(model, budget, seed_base=CONFIRM_SEED_BASE)
+
+
 def calibration_batches(episodes_per_level: int = 16) -> list[tuple[torch.Tensor, ...]]:
     """Calibration inputs from held-out bot demos (never the evaluation seeds).
 
