@@ -63,3 +63,12 @@ def test_a_study_without_fingerprint_is_refused_once_it_has_trials(tmp_path: Pat
     fresh = _study(tmp_path, "fresh")
     fingerprint.guard(fresh, cfg, build_convnet())  # no trial yet: recorded
     assert fingerprint.ATTR in fresh.user_attrs
+
+
+def test_weights_hash_covers_every_state_dtype() -> None:
+    """0-d buffers (BatchNorm's num_batches_tracked), ints and bools hash too."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    model.register_buffer("mask", torch.ones(3, dtype=torch.bool))
+    first = fingerprint.weights_sha256(model)
+    model[1].num_batches_tracked += 1
+    assert fingerprint.weights_sha256(model) != first
