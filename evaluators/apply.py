@@ -69,6 +69,8 @@ def batch_axis(module: nn.Module, arg_index: int, x: torch.Tensor) -> int | None
         return (0 if module.batch_first else 1) if x.dim() == 3 else None
     if isinstance(module, nn.modules.conv._ConvNd):
         return 0 if x.dim() == len(module.kernel_size) + 2 else None
+    if hasattr(module, "_mpq_batch_axis"):  # a rerouted out_proj: its attention's layout
+        return module._mpq_batch_axis  # type: ignore[no-any-return]
     return 0 if x.dim() > 1 else None
 
 
@@ -143,6 +145,9 @@ class _OutProjCalled(nn.MultiheadAttention):
             attended, weights = super().forward(*args, **kwargs)
         finally:
             proj._parameters["weight"], proj._parameters["bias"] = weight, bias
+        # out_proj sees (B, L, E) batch first, (L, B, E) otherwise, (L, E) unbatched
+        batched = attended.dim() == 3
+        proj._mpq_batch_axis = (0 if self.batch_first else 1) if batched else None
         return proj(attended), weights
 
 

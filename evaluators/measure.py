@@ -82,16 +82,20 @@ class Evaluator:
         key = config.key()
         if key not in self._lowered:
             self._lowered.clear()
-            self._lowered[key] = self.backend.lower(
-                self.model,
-                self.layers,
-                config,
-                self.example_inputs,
-                self.spec.latency_threads,
-                calibration=self.calibration,
-                observer=self.spec.observer,
-            )
+            with timing_slot.compute():  # export, calibration: never beside a timer
+                self._lowered[key] = self._lower_now(config)
         return self._lowered[key]
+
+    def _lower_now(self, config: QuantConfig) -> Lowered:
+        return self.backend.lower(
+            self.model,
+            self.layers,
+            config,
+            self.example_inputs,
+            self.spec.latency_threads,
+            calibration=self.calibration,
+            observer=self.spec.observer,
+        )
 
     def as_ran(self, config: QuantConfig) -> QuantConfig:
         """The configuration that really runs on the backend (its simulated model equals the
@@ -110,8 +114,12 @@ class Evaluator:
         lowered = self.lower(config)
         if lowered.artifact is not None:
             size, kind = len(lowered.artifact), lowered.artifact_kind
+        elif lowered.predicted_bytes is not None:  # the backend's packing formula of what ran
+            size, kind = int(lowered.predicted_bytes), "measure-only"
         else:
-            size, kind = int(lowered.predicted_bytes or asked), "measure-only"
+            ran = lowered.ran_config or config
+            size = config_size(self.model, self.layers, ran).total_bytes
+            kind = "measure-only"
         return {"size_bytes": size, "asked_size_bytes": asked, "artifact": kind}
 
     def latency(self, config: QuantConfig) -> dict[str, Any]:
@@ -124,9 +132,8 @@ class Evaluator:
         s = self.spec
         if self._float_lowered is None:
             keep = QuantConfig.uniform(self.layers, LayerChoice())
-            self._float_lowered = self.backend.lower(
-                self.model, self.layers, keep, self.example_inputs, s.latency_threads
-            )
+            with timing_slot.compute():
+                self._float_lowered = self._lower_now(keep)
         lowered = self.lower(config)
         if not s.allow_fallback and lowered.fallbacks:
             name, reason = next(iter(lowered.fallbacks.items()))
@@ -135,6 +142,9 @@ class Evaluator:
                 "latency.allow_fallback is false"
             )
         device = getattr(self.backend, "device", "cpu")
+        with timing_slot.compute(), torch.inference_mode():  # first calls compile (torch)
+            self._float_lowered.run()
+            lowered.run()
         with timing_slot.exclusive() as wait_s:
             paired = paired_speedup(
                 self._float_lowered.new_runner,

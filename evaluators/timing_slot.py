@@ -12,8 +12,8 @@ trial is split in two kinds of section, both taken through ``flock`` on files of
   timer waits for one step, not for a whole evaluation.
 
 The lock files live in ``MPQ_SLOT_DIR`` (default: the system's temp folder), one set per node,
-which is what a Ray cluster's per-node ``/tmp`` gives. Sections do not nest: a process takes one
-at a time (``flock`` on two descriptions of one file from one process would block itself).
+which is what a Ray cluster's per-node ``/tmp`` gives. A compute section inside another is
+part of it; timing inside a compute section is refused (it would wait for itself).
 """
 
 from __future__ import annotations
@@ -55,7 +55,11 @@ def _enter_shared(f: IO[str]) -> None:
 
 @contextlib.contextmanager
 def compute() -> Iterator[None]:
-    """A section of CPU work that may run beside others, never beside timing."""
+    """A section of CPU work that may run beside others, never beside timing. Re-entrant: a
+    section opened inside another (the task lowering its model) is part of it."""
+    if _held:
+        yield
+        return
     with open(_dir() / "slot", "a") as f:
         _enter_shared(f)
         _held.append(f)
@@ -78,7 +82,14 @@ def yield_point() -> None:
 
 @contextlib.contextmanager
 def exclusive() -> Iterator[float]:
-    """The node to itself: yields the seconds spent waiting for it."""
+    """The node to itself: yields the seconds spent waiting for it.
+
+    Raises:
+        RuntimeError: called inside a compute section of this process (it would wait for
+            itself forever).
+    """
+    if _held:
+        raise RuntimeError("timing_slot.exclusive() inside compute(): it would wait for itself")
     start = time.perf_counter()
     with _locked("turnstile", fcntl.LOCK_EX), _locked("slot", fcntl.LOCK_EX):
         yield time.perf_counter() - start

@@ -181,14 +181,23 @@ def export(
     max_latency_ms: Annotated[
         float | None, typer.Option(help="best success within latency")
     ] = None,
+    new_study: Annotated[
+        bool, typer.Option("--new-study", help="the study `mpq search --new-study` started")
+    ] = False,
 ) -> None:
-    """Write a chosen configuration, its packed artifact and a model card."""
+    """Write a chosen configuration, its deployable model, packed artifact and model card."""
     from mpq.search.config import load_search_config
     from mpq.search.export import describe_export, export_trial, pick_trial
     from mpq.search.study import open_study
 
     try:
         cfg = load_search_config(config)
+        if new_study:
+            from mpq.evaluators.measure import get_evaluator
+            from mpq.search.fingerprint import new_study_config
+            from mpq.search.runner import eval_spec
+
+            cfg = new_study_config(cfg, get_evaluator(eval_spec(cfg)).model)
         if rule not in ("knee", "best"):
             raise ValueError(f"--rule {rule!r} not in ['best', 'knee']")
         study = open_study(cfg, resume=True)

@@ -193,6 +193,17 @@ def export_trial(
     ev = get_evaluator(eval_spec(cfg))
     ran = ev.as_ran(config)
     deployable = ev.artifact(config)
+    if cfg.latency.enabled:
+        kernels = ev.lower(config).kernels
+        trial_kernels = t.user_attrs.get("kernels", kernels)
+        changed = sorted(n for n in kernels if kernels[n] != trial_kernels.get(n))
+        if changed:
+            first = changed[0]
+            raise ValueError(
+                f"export of trial {t.number}: layer {first!r} would run on "
+                f"{kernels[first]!r} here, the trial ran {trial_kernels.get(first)!r} "
+                f"({len(changed)} layers differ): export on the target the trial was measured on"
+            )
     reported = int(t.user_attrs.get("size_bytes", deployable["size_bytes"]))
     if deployable["size_bytes"] != reported:
         raise ValueError(
@@ -264,9 +275,9 @@ def _onnx_files(ev: Any, config: QuantConfig, ran: QuantConfig) -> dict[str, byt
     inputs = {k: v for k, v in inputs.items() if k in names}
     with torch.inference_mode():
         simulated = ev.quantized(ran)(*ev.example_inputs)
-    outs = simulated if isinstance(simulated, tuple | list) else (simulated,)
     out_names = [o.name for o in session.get_outputs()]
-    expected = {n: o.detach().numpy() for n, o in zip(out_names, outs, strict=False)}
+    flat = [o.detach().numpy() for o in _tensors(simulated)]  # the exporter's flat order
+    expected = dict(zip(out_names, flat, strict=False))
     io_spec = {
         "inputs": [
             {"name": n, "shape": list(v.shape), "dtype": str(v.dtype)} for n, v in inputs.items()
@@ -283,6 +294,15 @@ def _onnx_files(ev: Any, config: QuantConfig, ran: QuantConfig) -> dict[str, byt
         "example_inputs.npz": _npz(inputs),
         "expected_outputs.npz": _npz(expected),
     }
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output in order, nested tuples and lists flattened."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, tuple | list):
+        return [t for o in out for t in _tensors(o)]
+    return []
 
 
 def confirm(cfg: SearchConfig, ev: Any, ran: QuantConfig) -> dict[str, float]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,7 +66,8 @@ def fingerprint(cfg: SearchConfig, model: nn.Module) -> dict[str, Any]:
         "task_budget": cfg.task_budget,
         "screen_budget": cfg.screen_budget,
         "latency": cfg.latency.model_dump(
-            mode="json", include={"backend", "threads", "runs", "visits"}
+            mode="json",
+            include={"enabled", "backend", "threads", "runs", "visits", "predict_screen"},
         ),
         "target": target,
     }
@@ -92,7 +94,8 @@ def differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def check(name: str, stored: dict[str, Any] | None, now: dict[str, Any], n_trials: int) -> None:
     """Raise ``ValueError`` when a study of ``n_trials`` trials would resume under ``now``.
 
-    A study without a fingerprint is accepted only while it has no trial (nothing to mix).
+    A study without a fingerprint is accepted only while it has measured nothing (no trial and
+    no float reference: ``n_trials`` counts the reference as one).
     """
     if stored is None:
         if n_trials == 0:
@@ -114,7 +117,7 @@ def guard(study: Any, cfg: SearchConfig, model: nn.Module) -> None:
     """Check ``study`` against this search's fingerprint; record it on a study that has none."""
     now = fingerprint(cfg, model)
     stored = study.user_attrs.get(ATTR)
-    check(study.study_name, stored, now, len(study.get_trials(deepcopy=False)))
+    check(study.study_name, stored, now, _measured(study))
     if stored is None:
         study.set_user_attr(ATTR, now)
 
@@ -129,9 +132,17 @@ def check_stored(cfg: SearchConfig, model: nn.Module) -> None:
     if cfg.name not in optuna.study.get_all_study_names(storage):
         return
     study = optuna.load_study(study_name=cfg.name, storage=storage)
-    check(
-        cfg.name,
-        study.user_attrs.get(ATTR),
-        fingerprint(cfg, model),
-        len(study.get_trials(deepcopy=False)),
-    )
+    check(cfg.name, study.user_attrs.get(ATTR), fingerprint(cfg, model), _measured(study))
+
+
+def _measured(study: Any) -> int:
+    """Trials, plus one for a float reference measured before any trial."""
+    return len(study.get_trials(deepcopy=False)) + ("float_reference" in study.user_attrs)
+
+
+def new_study_config(cfg: SearchConfig, model: nn.Module) -> SearchConfig:
+    """The config of ``--new-study``: the name plus the fingerprint's short hash, and an output
+    folder of its own below the old one (its storage, when the default, and ``best/`` too), so
+    nothing of the old study is touched; the same flag finds it again (export, resume)."""
+    name = f"{cfg.name}-{short_hash(fingerprint(cfg, model))}"
+    return cfg.model_copy(update={"name": name, "output_dir": str(Path(cfg.output_dir) / name)})

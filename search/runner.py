@@ -127,9 +127,9 @@ def _evaluate(
     out: dict[str, Any] = {}
     if stage == "screen":
         out.update(evaluator.screen(config, table))
-    elif table is not None and spec.measure_latency:  # passed a predicted screen: measure it
-        out.update(evaluator.latency(config))
-        out["latency_source"] = "measured"
+    elif table is not None and spec.measure_latency:
+        # passed a predicted screen: now the artifact itself (size, proxy, latency)
+        out.update(evaluator.screen(config))
     if budget > 0:
         out.update(evaluator.success(config, budget))
         out["episodes"] = budget

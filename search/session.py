@@ -61,9 +61,8 @@ def run_session(
     preflight(cfg, str(path))
     model = get_evaluator(eval_spec(cfg)).model
     if new_study:
-        name = f"{cfg.name}-{fingerprint.short_hash(fingerprint.fingerprint(cfg, model))}"
-        cfg, resume = cfg.model_copy(update={"name": name}), True
-        console.print(f"study {name!r} (--new-study)")
+        cfg, resume = fingerprint.new_study_config(cfg, model), True
+        console.print(f"study {cfg.name!r} in {cfg.output_dir} (--new-study)")
     if resume:  # a study measured under another setup is refused before Ray starts
         fingerprint.check_stored(cfg, model)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ so ``(B_q - z) * s`` is the notes' ``x' = (Q(x) - z) * s`` bit for bit.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import torch
@@ -49,7 +51,7 @@ def nbits_tensors(
     n, k = w.shape
     bits, nb = ran.w_bits, -(-k // BLOCK)
     grouped, qp = weight_qparams(
-        torch.from_numpy(w), bits, ran.granularity, ran.group_size, ran.symmetric
+        torch.tensor(w), bits, ran.granularity, ran.group_size, ran.symmetric
     )
     codes = quantize(grouped, qp).reshape(n, k).numpy()
     scale = qp.scale.reshape(n, -1).numpy().astype(np.float32)  # (N, groups) groups: nb or 1
@@ -109,3 +111,55 @@ def replace_matmuls(model: onnx.ModelProto, choices: dict[str, tuple[LayerChoice
     graph.initializer.extend(keep)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def prune_initializers(model: onnx.ModelProto) -> None:
+    """In place: drop every initializer no node (nor a subgraph's node) reads and no graph
+    output names -- the float weights a rewrite replaced -- so the file's bytes are what runs."""
+
+    def used_by(graph: onnx.GraphProto) -> set[str]:
+        names = {o.name for o in graph.output}
+        for node in graph.node:
+            names.update(node.input)
+            for attr in node.attribute:
+                for sub in [attr.g, *attr.graphs] if attr.type in (5, 10) else []:
+                    names |= used_by(sub)
+        return names
+
+    used = used_by(model.graph)
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+@functools.cache
+def int8_input_runs(bits: int) -> bool:
+    """Whether ``MatMulNBits`` at ``bits`` with ``accuracy_level=4`` really quantizes its input
+    to int8 on this CPU (ONNX Runtime quietly computes in float where MLAS has no such kernel).
+
+    Probed once per process: one row whose first input is 1 and the others 0.004 makes the
+    per-block int8 result (1.372) and the float one (1.252) differ; weights all 1 (exact).
+    """
+    import onnxruntime as ort
+
+    k = 64
+    a = np.full((1, k), 0.004, np.float32)
+    a[0, 0] = 1.0
+    x = helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [1, k])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1])
+    node = helper.make_node("MatMul", ["a", "w"], ["y"], name="probe")
+    graph = helper.make_graph([node], "probe", [x], [y])
+    graph.initializer.append(numpy_helper.from_array(np.ones((k, 1), np.float32), "w"))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ran = LayerChoice(w_bits=bits, granularity="per_group", group_size=BLOCK)
+    replace_matmuls(model, {"probe": (ran, 4)})
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    got = float(session.run(None, {"a": a})[0].reshape(-1)[0])
+    blocks = a.reshape(-1, BLOCK)
+    scale = np.abs(blocks).max(1, keepdims=True) / 127
+    int8 = float((np.round(blocks / scale) * scale).sum())
+    return abs(got - int8) < abs(got - float(a.sum()))

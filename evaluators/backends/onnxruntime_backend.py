@@ -38,7 +38,12 @@ from torch import nn
 
 from mpq.evaluators.apply import static_ranges
 from mpq.evaluators.backends.base import Lowered, register_backend
-from mpq.evaluators.backends.onnx_nbits import BLOCK, replace_matmuls
+from mpq.evaluators.backends.onnx_nbits import (
+    BLOCK,
+    int8_input_runs,
+    prune_initializers,
+    replace_matmuls,
+)
 from mpq.evaluators.quantize import choose_qparams, quantize, weight_qparams
 from mpq.evaluators.size import config_size, layer_size_bytes
 from mpq.spaces.discover import LayerInfo
@@ -293,12 +298,17 @@ def packed_layer_bytes(layer: LayerInfo, kernel: str, ran: LayerChoice) -> int:
     return layer_size_bytes(layer, ran)
 
 
+def _int8_input(choice: LayerChoice) -> bool:
+    """a8 asked, and this CPU's MatMulNBits at that width really has the int8-input kernel."""
+    return choice.a_bits == 8 and int8_input_runs(nbits_for(choice.w_bits))
+
+
 def _ran_choice(choice: LayerChoice, layer: LayerInfo) -> LayerChoice:
     """What ``MatMulNBits`` runs: codes at 2/4/8 bits per block of 32 (per channel where K is
     no multiple of 32: the row's scale in every block); accuracy level 4 quantizes its input to
     int8 per block of 32, symmetric (``per_block``), level 1 keeps it float32."""
     gran = "per_group" if layer.reduction_size % BLOCK == 0 else "per_channel"
-    int8_input = choice.a_bits == 8
+    int8_input = _int8_input(choice)
     return LayerChoice(
         w_bits=nbits_for(choice.w_bits),
         a_bits=8 if int8_input else 32,
@@ -351,7 +361,7 @@ class OnnxRuntimeBackend:
         if choice.w_bits <= INT_BITS_MAX and layer.kind in QDQ_CONV and choice.a_bits == 8:
             return qlinearconv_kernel()
         if choice.w_bits <= INT_BITS_MAX and layer.kind in ("linear", "attention_in_proj"):
-            level = 4 if choice.a_bits == 8 else 1
+            level = 4 if _int8_input(choice) else 1
             return f"MatMulNBits int{nbits_for(choice.w_bits)} block{BLOCK} acc{level}"
         return FLOAT32
 
@@ -381,6 +391,11 @@ class OnnxRuntimeBackend:
         ):
             layout = f"block{BLOCK}" if ran.granularity == "per_group" else ran.granularity
             return f"w{choice.w_bits} {choice.granularity} -> int{ran.w_bits} {layout}"
+        if choice.a_bits == 8 and not _int8_input(choice):
+            return (
+                f"a8 -> a32: MatMulNBits int{ran.w_bits} has no int8-input kernel on this CPU "
+                "(accuracy level 4 computes in float32 here)"
+            )
         if choice.a_bits == 8 and (choice.act_mode, choice.act_granularity) != (
             "dynamic",
             "per_block",
@@ -446,7 +461,7 @@ class OnnxRuntimeBackend:
             elif la.name in nodes and c.w_bits <= INT_BITS_MAX:
                 ran[la.name] = _ran_choice(c, la)
                 for node_name in nodes[la.name]:
-                    nbits[node_name] = (ran[la.name], 4 if c.a_bits == 8 else 1)
+                    nbits[node_name] = (ran[la.name], 4 if _int8_input(c) else 1)
                 kernels[la.name] = self.kernel_for(la, c)
                 reason = self.fallback_reason(la, c)
                 if reason is not None:
@@ -467,6 +482,7 @@ class OnnxRuntimeBackend:
                             f"w{c.w_bits} -> float32: static int8 conv needs calibration data"
                         )
         replace_matmuls(proto, nbits)
+        prune_initializers(proto)  # the float weights rewrites replaced: not in what ships
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -177,3 +177,24 @@ def test_recurrent_state_activations_are_quantized() -> None:
         choices["weight_hh_l0"] = LayerChoice(a_bits=8)
         q = apply_config(rnn, QuantConfig(layers=choices), [(x, state)], layers=layers)
         assert not torch.equal(q(x, state)[0], rnn(x, state)[0]), type(rnn).__name__
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_rerouted_out_proj_ranges_are_per_sample_in_either_layout(batch_first: bool) -> None:
+    """A sequence-first attention hands out_proj (L, B, E): its ranges are still per sample."""
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(16, 2, batch_first=batch_first).eval()
+    layers = discover_layers(attn)
+    config = QuantConfig.uniform(layers, LayerChoice(w_bits=4, a_bits=8))
+    x = torch.randn(3, 5, 16)  # 3 samples of 5 tokens
+    x[1] *= 20  # one sample with a much wider range must not coarsen the others'
+    seq = x if batch_first else x.transpose(0, 1)
+    q = apply_config(attn, config, [(seq, seq, seq)], layers=layers)
+    with torch.inference_mode():
+        batched = q(seq, seq, seq, need_weights=False)[0]
+        axis = 0 if batch_first else 1
+        single = torch.cat(
+            [q(*(seq.narrow(axis, i, 1),) * 3, need_weights=False)[0] for i in range(3)],
+            dim=axis,
+        )
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)

@@ -374,3 +374,21 @@ def test_torch_kernels_per_choice() -> None:
     assert cuda.kernel_for(wide["fc1"], LayerChoice(w_bits=4)) == tb.INT4_WEIGHT_ONLY
     assert tb.int4_layout(wide["fc1"], "cuda") == (40, 1024)  # rows padded to 8
     assert cpu.kernel_for(wide["fc1"], LayerChoice(w_bits=4)) == tb.INT8_WEIGHT_ONLY  # 36 rows
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_the_onnx_file_holds_only_what_runs(model_name: str) -> None:
+    """The deployable file's bytes are the trial's size: no float weight a rewrite replaced
+    (Gemm's W next to its W^T, a QDQ conv's float weight) may stay in it."""
+    import onnx
+
+    builder, inputs_fn = MODELS[model_name]
+    model = builder().eval()
+    x = inputs_fn() if inputs_fn else example_inputs(model, batch=1)
+    layers = discover_layers(model)
+    config = _random_config(layers, 0)
+    lowered = get_backend("onnxruntime").lower(model, layers, config, x, calibration=[x])
+    proto = onnx.load_from_string(lowered.artifact)
+    used = {name for node in proto.graph.node for name in node.input}
+    assert {i.name for i in proto.graph.initializer} <= used
+    assert len(lowered.artifact) - lowered.stored_bytes < 64 * 1024  # the graph, not weights

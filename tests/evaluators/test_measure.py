@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mpq.evaluators.backends.base import FallbackError
 from mpq.evaluators.measure import EvalSpec, Evaluator
@@ -57,5 +58,7 @@ def test_a_trial_measures_the_artifact_that_ships() -> None:
     ran = ev.as_ran(config)
     assert ran == lowered.ran_config and ran != config
     assert out["ran_config"] == ran.model_dump(mode="json", exclude_none=True)
+    asked_model = ev.quantized(config)  # 3-bit codes: not what runs
     assert ev.success(config, 64) == run_task(ev.task, ev.quantized(ran), 64)
+    assert not torch.equal(asked_model.fc.weight, ev.quantized(ran).fc.weight)
     assert out["speedup_lo"] <= out["speedup"] <= out["speedup_hi"]

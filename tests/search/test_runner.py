@@ -173,8 +173,10 @@ def test_predicted_screening_measures_only_what_passes(ray_local: None, tmp_path
         if t.state == TrialState.PRUNED:
             assert t.user_attrs["latency_source"] == "predicted"
             assert "kernels" not in t.user_attrs  # nothing was lowered for it
-    for t in complete:
+    for t in complete:  # measured in full: the size of what ships, not the formula screened
         assert t.user_attrs["latency_source"] == "measured" and t.user_attrs["kernels"]
+        assert t.user_attrs["artifact"] == "onnx"
+        assert t.user_attrs["size_bytes"] != t.user_attrs["asked_size_bytes"]
 
 
 def test_a_trial_killed_before_its_first_heartbeat_is_failed(
