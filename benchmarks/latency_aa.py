@@ -110,7 +110,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--runs", type=int, default=100)
-    p.add_argument("--visits", type=int, default=6)
+    p.add_argument("--visits", type=int, default=8)
     p.add_argument("--no-search", action="store_true", help="only the quiet-machine rows")
     args = p.parse_args()
 
