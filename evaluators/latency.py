@@ -69,6 +69,18 @@ def device_name(device: str) -> str:
     return device
 
 
+def _timed(run: Callable[[], Any], warmup: int, runs: int) -> list[float]:
+    """``warmup`` untimed calls, then the times of ``runs`` calls in ms."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
 def measure_latency(
     run: Callable[[], Any],
     warmup: int = 10,
@@ -89,13 +101,7 @@ def measure_latency(
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            for _ in range(warmup):
-                run()
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                run()
-                times.append((time.perf_counter() - start) * 1000)
+            times = _timed(run, warmup, runs)
     finally:
         torch.set_num_threads(previous)
     q1, _, q3 = statistics.quantiles(times, n=4)
@@ -139,16 +145,7 @@ class PairedLatency:
 
 def _visit(new_runner: Callable[[], Callable[[], Any]], warmup: int, runs: int) -> list[float]:
     """Times ``runs`` calls of a freshly created runner after ``warmup`` calls (ms)."""
-    run = new_runner()
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1000)
-    del run
-    return times
+    return _timed(new_runner(), warmup, runs)  # the runner (its session) goes after the visit
 
 
 def log_ratio_interval(logs: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
