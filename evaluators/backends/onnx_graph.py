@@ -1,0 +1,187 @@
+"""Graph surgery on the exported ONNX model: which nodes are a layer's, and static int8 convs.
+
+``gemm_to_matmul`` makes every Linear a ``MatMul`` (``MatMulNBits`` replaces MatMuls only);
+``matmul_nodes`` and ``conv_nodes`` map layers to their nodes; ``qdq_conv`` writes the static
+int8 ``Q/DQ -> Conv -> Q/DQ`` pattern ONNX Runtime fuses into ``QLinearConv``, and
+``signed_conv_exact`` probes whether that kernel is exact with int8 weights on this CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from mpq.evaluators.quantize import choose_qparams, quantize, weight_qparams
+from mpq.spaces.discover import LayerInfo
+
+QDQ_CONV = ("conv1d", "conv2d")
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> dict[str, str]:
+    """Rewrite ``Gemm(A, W, b, transB=1)`` with initializer ``W`` as ``MatMul(A, W^T) + b``.
+
+    Returns: weight initializer name -> the new MatMul node's name.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    renamed: dict[str, str] = {}
+    new_nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        ok = (
+            node.op_type == "Gemm"
+            and node.input[1] in inits
+            and attrs.get("transB", 0) == 1
+            and attrs.get("transA", 0) == 0
+            and attrs.get("alpha", 1.0) == 1.0
+            and attrs.get("beta", 1.0) == 1.0
+        )
+        if not ok:
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        wt_name = f"{node.input[1]}_T"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), wt_name))
+        mm_name = f"{node.name}_MatMul"
+        out = node.output[0] if len(node.input) < 3 else f"{node.output[0]}_mm"
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], wt_name], [out], name=mm_name))
+        if len(node.input) >= 3:
+            new_nodes.append(
+                helper.make_node(
+                    "Add", [out, node.input[2]], [node.output[0]], name=f"{node.name}_Add"
+                )
+            )
+        renamed[node.input[1]] = mm_name
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return renamed
+
+
+def matmul_nodes(
+    model: onnx.ModelProto, layers: tuple[LayerInfo, ...], renamed: dict[str, str]
+) -> dict[str, list[str]]:
+    """Layer name -> the MatMul node names that multiply by its weight.
+
+    The exporter names a node by its module scope, and nests containers unevenly
+    (``/blocks/blocks.0/ff1/MatMul`` for ``blocks.0.ff1``), while a constant-folded weight
+    loses its name (``onnx::MatMul_365``). So a node belongs to the longest module name its
+    scope ends with, and only where its initializer is the layer's transposed weight (K rows),
+    or a slice of it (attention whose query and key/value inputs differ: two MatMuls).
+    """
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    out: dict[str, list[str]] = {}
+    by_module = {la.module: la for la in layers if la.kind in ("linear", "attention_in_proj")}
+    for la in layers:
+        wname = f"{la.module}.{la.param}"
+        if wname in renamed:
+            out.setdefault(la.name, []).append(renamed[wname])
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits or node.name in renamed.values():
+            continue
+        scope = node.name.lstrip("/").rsplit("/", 1)[0].replace("/", ".")
+        owners = [m for m in by_module if scope == m or scope.endswith(f".{m}")]
+        if not owners:
+            continue
+        la = by_module[max(owners, key=len)]
+        dims = inits[node.input[1]]  # W^T (K, N), or columns of it (cross-attention: q; k, v)
+        if len(dims) == 2 and dims[0] == la.reduction_size and dims[1] <= la.shape[0]:
+            out.setdefault(la.name, []).append(node.name)
+    return out
+
+
+def conv_nodes(model: onnx.ModelProto, layers: tuple[LayerInfo, ...]) -> dict[str, onnx.NodeProto]:
+    """Layer name -> the ``Conv`` node whose weight input is that layer's parameter."""
+    by_weight = {f"{la.module}.{la.param}": la.name for la in layers if la.kind in QDQ_CONV}
+    return {
+        by_weight[n.input[1]]: n
+        for n in model.graph.node
+        if n.op_type == "Conv" and n.input[1] in by_weight
+    }
+
+
+def _uint8_qparams(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    qp = choose_qparams(torch.tensor(lo), torch.tensor(hi), 8, symmetric=False)
+    return np.float32(qp.scale.item()), np.uint8(int(qp.zero_point.item()))
+
+
+def qdq_conv(
+    model: onnx.ModelProto,
+    node: onnx.NodeProto,
+    ranges: tuple[float, float, float, float],
+    unsigned_weights: bool = False,
+) -> list[onnx.NodeProto]:
+    """``Q/DQ(x) -> Conv(DQ(int8 W)) -> Q/DQ(y)`` in place of ``node`` (ORT: ``QLinearConv``).
+
+    ``unsigned_weights``: the int8 codes stored as uint8 with zero point 128 (the same values),
+    which ONNX Runtime runs as u8 x u8 -- exact where its u8 x s8 kernel saturates (no VNNI).
+    """
+    graph, p = model.graph, node.name or node.output[0]
+    w = numpy_helper.to_array(next(i for i in graph.initializer if i.name == node.input[1]))
+    grouped, qp = weight_qparams(torch.tensor(w), 8, "per_channel", None, symmetric=True)
+    codes = quantize(grouped, qp).reshape(w.shape).numpy()
+    s_w = qp.scale.reshape(-1).numpy().astype(np.float32)
+    if unsigned_weights:  # the same codes as uint8 around 128 (u8 x u8: no 16-bit saturation)
+        w_q, z_w = (codes + 128).astype(np.uint8), np.full(len(s_w), 128, np.uint8)
+    else:
+        w_q, z_w = codes.astype(np.int8), np.zeros(len(s_w), np.int8)
+    s_x, z_x = _uint8_qparams(ranges[0], ranges[1])
+    s_y, z_y = _uint8_qparams(ranges[2], ranges[3])
+    for arr, name in (
+        (s_x, "sx"),
+        (z_x, "zx"),
+        (s_y, "sy"),
+        (z_y, "zy"),
+        (w_q, "wq"),
+        (s_w, "sw"),
+        (z_w, "zw"),
+    ):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(arr), f"{p}_{name}"))
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    def qdq(op: str, src: str, dst: str, k: str) -> onnx.NodeProto:
+        return helper.make_node(op, [src, f"{p}_s{k}", f"{p}_z{k}"], [dst])
+
+    return [
+        qdq("QuantizeLinear", node.input[0], f"{p}_xq", "x"),
+        qdq("DequantizeLinear", f"{p}_xq", f"{p}_xd", "x"),
+        helper.make_node(
+            "DequantizeLinear", [f"{p}_wq", f"{p}_sw", f"{p}_zw"], [f"{p}_wd"], axis=0
+        ),
+        helper.make_node(
+            "Conv", [f"{p}_xd", f"{p}_wd", *node.input[2:]], [f"{p}_y"], name=p, **attrs
+        ),
+        qdq("QuantizeLinear", f"{p}_y", f"{p}_yq", "y"),
+        qdq("DequantizeLinear", f"{p}_yq", node.output[0], "y"),
+    ]
+
+
+@functools.cache
+def signed_conv_exact() -> bool:
+    """Whether ONNX Runtime's ``QLinearConv`` with int8 weights computes exactly here.
+
+    Probed once per process: a 1x1 conv over 64 channels with every input at the top of its
+    uint8 range (255) and every weight code at 127, so each ``u8 x s8`` pair overflows 16 bits
+    where the kernel sums pairs there (AVX2, AVX-512 without VNNI); exact is 64.
+    """
+    import onnxruntime as ort
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64, 1, 1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 1, 1])
+    graph = helper.make_graph([], "probe", [x], [y])
+    w = np.ones((1, 64, 1, 1), np.float32)
+    graph.initializer.append(numpy_helper.from_array(w, "w"))
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="probe")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.graph.node.extend(qdq_conv(model, conv, (0.0, 1.0, 0.0, 128.0)))
+    model.graph.initializer.remove(model.graph.initializer[0])  # "w": read, now unused
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    got = session.run(None, {"x": np.ones((1, 64, 1, 1), np.float32)})[0]
+    return bool(abs(float(got.reshape(-1)[0]) - 64.0) < 1.0)
