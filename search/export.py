@@ -26,7 +26,7 @@ from mpq.evaluators.apply import apply_config
 from mpq.evaluators.artifact import pack_state, payload_bytes, unpack_state
 from mpq.evaluators.model import build_model, load_state_dict
 from mpq.search.config import SearchConfig
-from mpq.search.pareto import format_speedup, front_trials
+from mpq.search.pareto import format_speedup, format_success, front_trials
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.io import dump_text, write_atomic
 from mpq.spaces.space import QuantConfig
@@ -88,14 +88,6 @@ def _aa(ref: dict[str, Any]) -> dict[str, Any]:
     return {k.removeprefix("aa_"): v for k, v in ref.items() if k.startswith("aa_speedup")}
 
 
-def _success(m: dict[str, Any]) -> str:
-    nan = float("nan")
-    return (
-        f"{m.get('success', nan):.3f} ({m.get('success_lo', nan):.3f}-"
-        f"{m.get('success_hi', nan):.3f})"
-    )
-
-
 def model_card(
     cfg: SearchConfig,
     study: optuna.Study,
@@ -122,12 +114,13 @@ def model_card(
         "",
         "| | float | this configuration |",
         "|---|---|---|",
-        f"| task success, search episodes (95% interval) | {_success(ref)} | {_success(a)} |",
+        "| task success, search episodes (95% interval) | "
+        f"{format_success(ref)} | {format_success(a)} |",
     ]
     if confirmed:
         lines.append(
             f"| task success, held-out episodes ({cfg.confirm_budget} per level, "
-            f"`{cfg.confirm_task}`) | | {_success(confirmed)} |"
+            f"`{cfg.confirm_task}`) | | {format_success(confirmed)} |"
         )
     ratio = ref.get("size_bytes", 0) / max(a.get("size_bytes", 1), 1)
     lines.append(
@@ -244,10 +237,10 @@ def describe_export(info: dict[str, Any], t: FrozenTrial) -> str:
     line = (
         f"trial {info['trial']} exported to {info['out_dir']}: "
         f"{shipped.get(info['artifact'], 'packed artifact')} {info['size_bytes']:,} bytes "
-        f"(the trial's size), success {_success(t.user_attrs)} on the search's episodes"
+        f"(the trial's size), success {format_success(t.user_attrs)} on the search's episodes"
     )
     if info["confirmed"]:
-        line += f", {_success(info['confirmed'])} on held-out episodes"
+        line += f", {format_success(info['confirmed'])} on held-out episodes"
     return line
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -12,7 +13,7 @@ from rich.table import Table
 from mpq.evaluators.measure import get_evaluator
 from mpq.search import fingerprint
 from mpq.search.config import SearchConfig, load_search_config
-from mpq.search.pareto import format_speedup, front_table, hypervolume
+from mpq.search.pareto import format_speedup, format_success, front_table, hypervolume
 from mpq.search.runner import (
     Runner,
     SearchResult,
@@ -142,25 +143,21 @@ def print_summary(
 ) -> None:
     df = front_table(result.study)
     table = Table(title=f"Pareto front of {cfg.name!r} ({len(df)} trials)")
-    cols = [
-        "trial",
-        "success",
-        "success_lo",
-        "success_hi",
-        "size_bytes",
-        "compression",
-        "latency_ms",
-        "speedup",
-        "speedup_lo",
-        "speedup_hi",
-        "mean_w_bits",
-        "seed",
-    ]
-    cols = [c for c in cols if c in df.columns]
-    for c in cols:
-        table.add_column(c, justify="left" if c == "seed" else "right")
+    columns = {  # header -> the row's text; intervals are 95%
+        "trial": lambda r: _fmt(r["trial"]),
+        "success (95%)": format_success,
+        "size_bytes": lambda r: _fmt(r.get("size_bytes")),
+        "x smaller": lambda r: _fmt(r.get("compression")),
+        "latency_ms": lambda r: _fmt(r.get("latency_ms")),
+        "speed-up (95%)": format_speedup,
+        "mean w bits": lambda r: _fmt(r.get("mean_w_bits")),
+        "proposed by": lambda r: str(r.get("seed") or "search"),
+    }
+    for name in columns:
+        table.add_column(name, justify="left" if name == "proposed by" else "right", no_wrap=True)
     for _, row in df.iterrows():
-        table.add_row(*[_fmt(row[c]) for c in cols])
+        attrs = {k: (None if pd.isna(v) else v) for k, v in row.items()}
+        table.add_row(*[show(attrs) for show in columns.values()])
     console.print(table)
     lat = ref.get("latency_ms")
     aa = {k.removeprefix("aa_"): v for k, v in ref.items() if k.startswith("aa_speedup")}
