@@ -120,6 +120,7 @@ def format_speedup(attrs: dict[str, Any]) -> str:
 
 def format_success(attrs: dict[str, Any]) -> str:
     """``0.973 (0.951-0.985)``: a success rate with its 95% interval, written one way."""
-    nan = float("nan")
-    s, lo, hi = (attrs.get(k, nan) for k in ("success", "success_lo", "success_hi"))
-    return f"{s:.3f} ({lo:.3f}-{hi:.3f})"
+    s, lo, hi = (attrs.get(k) for k in ("success", "success_lo", "success_hi"))
+    if s is None:
+        return "n/a"
+    return f"{s:.3f}" + (f" ({lo:.3f}-{hi:.3f})" if lo is not None and hi is not None else "")

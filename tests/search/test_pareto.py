@@ -85,3 +85,17 @@ def test_plots_without_latency(tmp_path) -> None:  # type: ignore[no-untyped-def
     )
     names = {p.name for p in write_all(study, tmp_path)}
     assert {"pareto_front.html", "pareto_front.png", "bit_map.png"} <= names
+
+
+def test_one_way_to_write_success_and_speedup() -> None:
+    from mpq.search.pareto import format_speedup, format_success
+
+    assert format_success({"success": 0.9731, "success_lo": 0.951, "success_hi": 0.985}) == (
+        "0.973 (0.951-0.985)"
+    )
+    assert format_success({"success": 0.5, "success_lo": None}) == "0.500"  # a task without
+    assert format_success({}) == "n/a"
+    assert format_speedup({"speedup": 1.2094, "speedup_lo": 0.9708, "speedup_hi": 1.5066}) == (
+        "1.209x [0.971, 1.507]"
+    )
+    assert format_speedup({"speedup": None}) == "n/a"
