@@ -26,7 +26,7 @@ from mpq.evaluators.apply import apply_config
 from mpq.evaluators.artifact import pack_state, payload_bytes, unpack_state
 from mpq.evaluators.model import build_model, load_state_dict
 from mpq.search.config import SearchConfig
-from mpq.search.pareto import format_speedup, format_success, front_trials
+from mpq.search.pareto import aa_speedup, format_speedup, format_success, front_trials
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.io import dump_text, write_atomic
 from mpq.spaces.space import QuantConfig
@@ -82,10 +82,6 @@ def _knee(study: optuna.Study, pool: list[FrozenTrial]) -> FrozenTrial:
         )
 
     return min(zip(pool, rows, strict=True), key=lambda pr: dist(pr[1]))[0]
-
-
-def _aa(ref: dict[str, Any]) -> dict[str, Any]:
-    return {k.removeprefix("aa_"): v for k, v in ref.items() if k.startswith("aa_speedup")}
 
 
 def model_card(
@@ -144,7 +140,7 @@ def model_card(
         f"visit pairs of {info.get('runs', '?')} runs each in the node's exclusive timing slot "
         f"(speed-up: geometric mean over pairs, 95% interval), on {info.get('cpu', '?')} "
         f"[{info.get('isa', '?')}] ({info.get('versions', '?')}); the float model against a "
-        f"fresh copy of itself read {format_speedup(_aa(ref))} (A/A). Latency in ms is the "
+        f"fresh copy of itself read {format_speedup(aa_speedup(ref))} (A/A). Latency in ms is the "
         "float latency over the speed-up.",
         f"Also `{ARTIFACT}`: the packed weights of what runs, for PyTorch "
         "(`mpq.search.export.load_artifact(path, ran_config, model, calibration=...)`); "

@@ -109,6 +109,11 @@ def front_table(study: optuna.Study) -> pd.DataFrame:
     return df
 
 
+def aa_speedup(ref: dict[str, Any]) -> dict[str, Any]:
+    """The float reference's A/A check (``aa_speedup*``) as ``format_speedup`` reads it."""
+    return {k.removeprefix("aa_"): v for k, v in ref.items() if k.startswith("aa_speedup")}
+
+
 def format_speedup(attrs: dict[str, Any]) -> str:
     """``1.058x [1.031, 1.086]``: a trial's speed-up over float with its 95% interval, the one
     way it is written in tables, model cards and exports."""

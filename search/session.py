@@ -13,7 +13,13 @@ from rich.table import Table
 from mpq.evaluators.measure import get_evaluator
 from mpq.search import fingerprint
 from mpq.search.config import SearchConfig, load_search_config
-from mpq.search.pareto import format_speedup, format_success, front_table, hypervolume
+from mpq.search.pareto import (
+    aa_speedup,
+    format_speedup,
+    format_success,
+    front_table,
+    hypervolume,
+)
 from mpq.search.runner import (
     Runner,
     SearchResult,
@@ -160,11 +166,14 @@ def print_summary(
         table.add_row(*[show(attrs) for show in columns.values()])
     console.print(table)
     lat = ref.get("latency_ms")
-    aa = {k.removeprefix("aa_"): v for k, v in ref.items() if k.startswith("aa_speedup")}
     console.print(
         f"float model: success {ref.get('success', float('nan')):.3f}, "
         f"{ref.get('size_bytes', 0):,} bytes"
-        + (f", {lat:.3f} ms (A/A against a fresh copy: {format_speedup(aa)})" if lat else "")
+        + (
+            f", {lat:.3f} ms (A/A against a fresh copy: {format_speedup(aa_speedup(ref))})"
+            if lat
+            else ""
+        )
     )
     console.print(f"hypervolume {hypervolume(result.study):.4f}  storage {cfg.storage_url()}")
     if result.interrupted:
