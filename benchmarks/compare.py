@@ -27,12 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import ray
 from optuna.trial import TrialState
 
+from mpq.search.cluster import ray_session
 from mpq.search.config import load_search_config
 from mpq.search.pareto import hypervolume
-from mpq.search.runner import Runner, init_ray
+from mpq.search.record import SEARCH, StudyAttr, TrialRecord
+from mpq.search.session import run_search
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -59,14 +60,12 @@ def run_variant(base, overrides: dict, seed: int, trials: int, out: Path):  # ty
         data[k] = {**data[k], **v} if isinstance(v, dict) else v
     cfg = type(base).model_validate(data)
     start = time.perf_counter()
-    runner = Runner(cfg)
-    runner.prepare()
-    study = runner.run().study
+    study = run_search(cfg).study
     return study, time.perf_counter() - start
 
 
 def feasible(t) -> bool:  # type: ignore[no-untyped-def]
-    return all(c <= 0 for c in t.user_attrs.get("constraints", [0.0]))
+    return TrialRecord.from_frozen(t).feasible
 
 
 def row_of(t, ref) -> str:  # type: ignore[no-untyped-def]
@@ -86,10 +85,9 @@ def main() -> None:
     args = p.parse_args()
     base = load_search_config(args.config, task_budget=args.episodes, screen_budget=10)
     base = base.model_copy(update={"population_size": 8})
-    init_ray(base)
     trials = max(args.budgets)
     results: dict[str, list] = {k: [] for k in VARIANTS}  # type: ignore[type-arg]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ray_session(base):
         for name, overrides in VARIANTS.items():
             for seed in args.seeds:
                 study, wall = run_variant(
@@ -99,9 +97,8 @@ def main() -> None:
                 print(
                     f"# {name} seed {seed}: hv {hypervolume(study):.4f} in {wall:.0f}s", flush=True
                 )
-    ray.shutdown()
     seeded = [s for s, _ in results["mpq (seeded NSGA-II + screening)"]]
-    ref = seeded[0].user_attrs["float_reference"]
+    ref = seeded[0].user_attrs[StudyAttr.FLOAT_REFERENCE]
     print(
         f"\nFloat policy: success {ref['success']:.3f} ({ref['success_lo']:.3f}-"
         f"{ref['success_hi']:.3f}), {ref['size_bytes']:,} bytes, {ref['latency_ms']:.3f} ms "
@@ -111,8 +108,9 @@ def main() -> None:
     print("| configuration | success (95% CI) | size ratio | speed-up (paired) |")
     print("|---|---|---|---|")
     for t in seeded[0].trials:
-        if "seed" in t.user_attrs and t.state == TrialState.COMPLETE:
-            print(f"| {t.user_attrs['seed']} | {row_of(t, ref)} |")
+        proposed_by = TrialRecord.from_frozen(t).proposed_by
+        if proposed_by != SEARCH and t.state == TrialState.COMPLETE:
+            print(f"| {proposed_by} | {row_of(t, ref)} |")
     budgets = sorted(args.budgets)
     print(
         f"\n| search (seeds {args.seeds}) | "
@@ -124,7 +122,8 @@ def main() -> None:
     for label, prefix in SEED_ROWS.items():  # the seed configurations alone
         hvs = [
             hypervolume(
-                s, [t for t in s.trials if t.user_attrs.get("seed", "").startswith(prefix)]
+                s,
+                [t for t in s.trials if TrialRecord.from_frozen(t).proposed_by.startswith(prefix)],
             )
             for s in seeded
         ]

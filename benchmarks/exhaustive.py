@@ -31,12 +31,14 @@ SAMPLERS = ("random", "nsga2", "tpe", "gp")
 
 
 def main() -> None:
-    import ray
-
+    from mpq.search import rules
     from mpq.search import study as study_mod
     from mpq.search.config import load_search_config
     from mpq.search.pareto import front_trials, hypervolume
-    from mpq.search.runner import Runner, init_ray
+    from mpq.search.record import StudyAttr, TrialAttr
+    from mpq.search.runner import preflight
+    from mpq.search.session import run_search
+    from mpq.spaces.space import QuantConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--episodes", type=int, default=30, help="task budget per level")
@@ -60,26 +62,23 @@ def main() -> None:
             tracking={"enabled": False},
             sensitivity={"uniform_bits": [8, 4], "budgets": [0.75, 0.6, 0.5]},
         )
-        init_ray(cfg)
-        runner = Runner(cfg)
-        runner.prepare()
-        grid = [
-            {f"{n}/w_bits": b for n, b in zip(args.layers, combo, strict=True)}
-            for combo in itertools.product([3, 4, 8], repeat=len(args.layers))
-        ]
-        for params in grid:
-            runner.study.enqueue_trial(params)
-        runner.cfg = cfg.model_copy(update={"trials": len(runner.study.trials)})
-        full = runner.run().study
-        ray.shutdown()
+        resolved = preflight(cfg, "exhaustive")
+        grid = []
+        for combo in itertools.product([3, 4, 8], repeat=len(args.layers)):
+            bits = dict(zip(args.layers, combo, strict=True))
+            layers = {n: o.first(w_bits=bits.get(n, o.w_bits[0])) for n, o in resolved.items()}
+            grid.append(("grid", QuantConfig(layers=layers)))
+        seeds = len(cfg.sensitivity.uniform_bits) + len(cfg.sensitivity.budgets)
+        cfg = cfg.model_copy(update={"trials": len(grid) + seeds})
+        full = run_search(cfg, resolved=resolved, extra=grid).study
 
     table = {
-        t.user_attrs["config_key"]: t
+        t.user_attrs[TrialAttr.CONFIG_KEY]: t
         for t in full.trials
-        if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs
+        if t.state == TrialState.COMPLETE and TrialAttr.DUPLICATE_OF not in t.user_attrs
     }
     exhaustive_hv = hypervolume(full)
-    ref = full.user_attrs["float_reference"]
+    ref = full.user_attrs[StudyAttr.FLOAT_REFERENCE]
     print(
         f"\n{len(table)} configurations measured ({args.episodes} episodes per level); float: "
         f"success {ref['success']:.3f}, {ref['size_bytes']:,} bytes, {ref['latency_ms']:.3f} ms. "
@@ -87,30 +86,34 @@ def main() -> None:
         f"{exhaustive_hv:.4f} "
         "(reference: success 0, float size, 2x float latency; normalised by the float model).\n"
     )
-    seeds_of = {t.user_attrs["seed"]: t for t in full.trials if "seed" in t.user_attrs}
+    seeds_of = {
+        t.user_attrs[TrialAttr.PROPOSED_BY]: t
+        for t in full.trials
+        if t.user_attrs.get(TrialAttr.PROPOSED_BY, "grid") != "grid"
+    }
     seed_params = [t.params for label, t in sorted(seeds_of.items())]
-    dists = study_mod.distributions(runner.resolved)
+    dists = study_mod.distributions(resolved)
 
     def replay(sampler: str, seed: int, trials: int, enqueue: list) -> optuna.Study:  # type: ignore[type-arg]
         s_cfg = cfg.model_copy(update={"sampler": sampler, "seed": seed})
         study = optuna.create_study(
             directions=full.directions, sampler=study_mod.make_sampler(s_cfg)
         )
-        study.set_user_attr("objectives", full.user_attrs["objectives"])
-        study.set_user_attr("float_reference", ref)
+        study.set_user_attr(StudyAttr.OBJECTIVES, full.user_attrs[StudyAttr.OBJECTIVES])
+        study.set_user_attr(StudyAttr.FLOAT_REFERENCE, ref)
         for params in enqueue:
             study.enqueue_trial(params)
         for _ in range(trials):
             trial = study.ask(dists)
-            key = study_mod.config_from_params(runner.resolved, trial.params).key()
+            key = study_mod.config_from_params(resolved, trial.params).key()
             measured = table.get(key)
             if measured is None:  # failed when measured: failed here too
                 study.tell(trial, state=TrialState.FAIL)
                 continue
-            names = list(study_mod.constraint_values(cfg, measured.user_attrs, ref["success"]))
-            for name, value in zip(names, measured.user_attrs["constraints"], strict=True):
+            constraints = measured.user_attrs[TrialAttr.CONSTRAINTS]
+            for name, value in zip(rules.constraint_names(cfg), constraints, strict=True):
                 trial.set_constraint(name, value)
-            trial.set_user_attr("constraints", measured.user_attrs["constraints"])
+            trial.set_user_attr(TrialAttr.CONSTRAINTS, constraints)
             study.tell(trial, measured.values)
         return study
 

@@ -25,11 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    import ray
-    from mlflow.tracking import MlflowClient
-
     from mpq.search.config import SearchConfig, load_search_config
-    from mpq.search.runner import Runner, init_ray
+    from mpq.search.record import TrialAttr
+    from mpq.search.session import run_search
     from mpq.search.tracking import Tracker
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,30 +52,21 @@ def main() -> None:
                 cfg = load_search_config(args.config, **common)
             else:
                 cfg = SearchConfig.model_validate({**CHEAP, **common})
-            init_ray(cfg)
-            tracker = Tracker(cfg)
             start = time.perf_counter()
-            runner = Runner(cfg, on_trial=tracker.on_trial)
-            runner.prepare()
-            tracker.start(runner.study)
-            study = runner.run().study
-            tracker.finish(study)
+            study = run_search(cfg).study
             wall = time.perf_counter() - start
-            ray.shutdown()
             finished = [t for t in study.trials if t.state.is_finished()]
             evaluated = [
                 t.user_attrs["eval_s"]
                 for t in finished
-                if "eval_s" in t.user_attrs and "duplicate_of" not in t.user_attrs
+                if "eval_s" in t.user_attrs and TrialAttr.DUPLICATE_OF not in t.user_attrs
             ]
-            client = MlflowClient(cfg.tracking_uri())
-            exp = client.get_experiment_by_name(cfg.name)
-            runs = client.search_runs(
-                [exp.experiment_id], "tags.mpq_kind = 'trial'", max_results=10000
-            )
+            tracker = Tracker(cfg)  # the runs MLflow holds for the study's trials
+            tracker.load_runs(study)
+            runs = tracker.runs
             per_trial = wall * workers / len(finished)
             overhead = per_trial - statistics.mean(evaluated)
-            dups = sum("duplicate_of" in t.user_attrs for t in finished)
+            dups = sum(TrialAttr.DUPLICATE_OF in t.user_attrs for t in finished)
             print(
                 f"| {cfg.name} | {len(finished)} | {workers} | {wall:.0f} | "
                 f"{len(finished) / wall * 3600:.0f} | {statistics.mean(evaluated):.3f} | "

@@ -47,7 +47,7 @@ def rollout(session, level: str, seeds: list[int]) -> np.ndarray:  # type: ignor
 def main() -> None:
     import onnxruntime as ort
 
-    from mpq.evaluators.task import wilson_interval
+    from mpq.evaluators.stats import wilson_interval
     from mpq.zoo.babyai.demos import EVAL_SEED_BASE, level_seed
     from mpq.zoo.babyai.policy import LEVELS
 

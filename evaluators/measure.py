@@ -18,12 +18,13 @@ from mpq.evaluators import timing_slot
 from mpq.evaluators.apply import apply_config
 from mpq.evaluators.backends import get_backend
 from mpq.evaluators.backends.base import FallbackError, Lowered
+from mpq.evaluators.callables import load_callable
 from mpq.evaluators.latency import paired_speedup
 from mpq.evaluators.latency_table import LatencyTable
 from mpq.evaluators.model import build_model
 from mpq.evaluators.proxy import output_agreement, reference_outputs
 from mpq.evaluators.size import config_size, float_size_bytes
-from mpq.evaluators.task import load_callable, run_task
+from mpq.evaluators.task import run_task
 from mpq.spaces.discover import LayerInfo, discover_layers
 from mpq.spaces.space import LayerChoice, QuantConfig
 

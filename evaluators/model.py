@@ -1,8 +1,8 @@
 """Load a user's model: a ``module:function`` builder plus an optional ``state_dict`` checkpoint.
 
 Checkpoints load with ``torch.load(weights_only=True)``: a file that holds pickled code is
-refused, and only a mapping of tensors is accepted. Built-in names (``MODEL_ALIASES``) stand for
-the models that ship with mpq.
+refused, and only a mapping of tensors is accepted. Short names of the shipped models are
+resolved before (``mpq.zoo.resolve_model``).
 """
 
 from __future__ import annotations
@@ -13,16 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpq.evaluators.task import load_callable
-
-MODEL_ALIASES: dict[str, str] = {
-    "babyai": "mpq.zoo.babyai:build_policy",
-    "babyai-untrained": "mpq.zoo.babyai:build_untrained_policy",
-}
-
-
-def resolve_spec(spec: str) -> str:
-    return MODEL_ALIASES.get(spec, spec)
+from mpq.evaluators.callables import load_callable
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -61,7 +52,7 @@ def build_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
         ValueError: the builder does not import or does not return an ``nn.Module``; the
             checkpoint does not load or does not match the model's parameters.
     """
-    builder = load_callable(resolve_spec(spec), "model")
+    builder = load_callable(spec, "model")
     model = builder()
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {spec!r}: builder returned {type(model).__name__}, not nn.Module")

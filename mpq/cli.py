@@ -9,10 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mpq.evaluators.model import MODEL_ALIASES, build_model
+from mpq.evaluators.model import build_model
+from mpq.process import configure
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.io import load_space, save
 from mpq.spaces.space import SearchSpace
+from mpq.zoo import MODEL_ALIASES, resolve_model
 
 app = typer.Typer(
     help="Mixed-precision quantization search: real kernels, closed-loop task success.",
@@ -32,6 +34,7 @@ CheckpointOpt = Annotated[Path | None, typer.Option(help="state_dict to load (we
 @app.callback()
 def _root() -> None:
     """mpq: find the smallest, fastest quantized model whose task success holds."""
+    configure()
 
 
 def fail(message: str) -> None:
@@ -49,7 +52,7 @@ def space(
 ) -> None:
     """Discover the quantizable layers of MODEL and print the space of choices."""
     try:
-        net = build_model(model, checkpoint)
+        net = build_model(resolve_model(model), checkpoint)
         layers = discover_layers(net)
         sp = load_space(space_file) if space_file else SearchSpace()
         resolved = sp.resolve(layers, str(space_file or "space"))
@@ -195,7 +198,7 @@ def export(
         if new_study:
             from mpq.evaluators.measure import get_evaluator
             from mpq.search.fingerprint import new_study_config
-            from mpq.search.runner import eval_spec
+            from mpq.search.worker import eval_spec
 
             cfg = new_study_config(cfg, get_evaluator(eval_spec(cfg)).model)
         if rule not in ("knee", "best"):
@@ -229,7 +232,7 @@ def apply_cmd(
 
     try:
         qc = load_config(config)
-        net = build_model(model, checkpoint)
+        net = build_model(resolve_model(model), checkpoint)
         layers = discover_layers(net)
         qc.check(layers, str(config))
     except ValueError as exc:

@@ -27,9 +27,11 @@ from mpq.evaluators.artifact import pack_state, payload_bytes, unpack_state
 from mpq.evaluators.model import build_model, load_state_dict
 from mpq.search.config import SearchConfig
 from mpq.search.pareto import aa_speedup, format_speedup, format_success, front_trials
+from mpq.search.record import Measurements, StudyAttr, TrialAttr, TrialRecord, loss_signs
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.io import dump_text, write_atomic
 from mpq.spaces.space import QuantConfig
+from mpq.zoo import resolve_model
 
 ARTIFACT = "model.mpq.pt"
 
@@ -52,23 +54,30 @@ def pick_trial(
     front = front_trials(study)
     if not front:
         raise ValueError(f"study {study.study_name!r} has no feasible complete trial yet")
-    pool = [
-        t
-        for t in front
-        if (max_size_bytes is None or t.user_attrs.get("size_bytes", math.inf) <= max_size_bytes)
-        and (max_latency_ms is None or t.user_attrs.get("latency_ms", math.inf) <= max_latency_ms)
-    ]
+    size_cap = math.inf if max_size_bytes is None else max_size_bytes
+    latency_cap = math.inf if max_latency_ms is None else max_latency_ms
+
+    def within(m: Measurements) -> bool:
+        size, latency = m.size_bytes, m.latency_ms
+        return (math.inf if size is None else size) <= size_cap and (
+            math.inf if latency is None else latency
+        ) <= latency_cap
+
+    pool = [t for t in front if within(TrialRecord.from_frozen(t).measurements)]
     if not pool:
         raise ValueError(f"no front trial within size<={max_size_bytes} latency<={max_latency_ms}")
     if rule == "knee" and max_size_bytes is None and max_latency_ms is None:
         return _knee(study, pool)
-    return max(
-        pool, key=lambda t: (t.user_attrs.get("success", 0.0), -t.user_attrs.get("size_bytes", 0))
-    )
+
+    def best(t: FrozenTrial) -> tuple[float, float]:
+        m = TrialRecord.from_frozen(t).measurements
+        return (m.success or 0.0, -(m.size_bytes or 0))
+
+    return max(pool, key=best)
 
 
 def _knee(study: optuna.Study, pool: list[FrozenTrial]) -> FrozenTrial:
-    signs = [1 if d.name == "MINIMIZE" else -1 for d in study.directions]
+    signs = loss_signs(study.directions)
     rows = [[s * v for s, v in zip(signs, t.values, strict=True)] for t in pool]
     lo = [min(col) for col in zip(*rows, strict=True)]
     hi = [max(col) for col in zip(*rows, strict=True)]
@@ -91,16 +100,15 @@ def model_card(
     deployable: dict[str, Any],
     confirmed: dict[str, float] | None = None,
 ) -> str:
-    ref = study.user_attrs.get("float_reference", {})
+    """``MODEL_CARD.md``: what ships, its figures beside float's, how they were measured."""
+    ref = dict(study.user_attrs.get(StudyAttr.FLOAT_REFERENCE, {}))
     a = t.user_attrs
-    info = a.get("latency_info", {})
-    kind = deployable["artifact"]
     shipped = {
         "onnx": "`model.onnx` (plain onnxruntime runs it; inputs and outputs in `io.json`)",
         "measure-only": f"none: backend `{cfg.latency.backend}` is measure-only; size is the "
         "packing formula of what ran",
         "none": "none: no backend measured this study; size is mpq's packing formula",
-    }[kind]
+    }[deployable["artifact"]]
     lines = [
         f"# {cfg.name}: trial {t.number}",
         "",
@@ -108,6 +116,38 @@ def model_card(
         "evaluation seeds, the same for every configuration). Every figure below is of the "
         f"model that ships, as it runs (`ran_config.yaml`); deployable file: {shipped}.",
         "",
+        *_figures_table(cfg, ref, a, confirmed),
+        "",
+        "The search's success is the best of many noisy estimates on the same episodes, so it "
+        "leans optimistic; the held-out row is measured once, on episodes the search never saw."
+        if confirmed
+        else "No held-out confirmation: set `confirm_task` and `confirm_budget` in the config.",
+        "",
+        _latency_note(cfg, ref, a.get(TrialAttr.LATENCY_INFO, {})),
+        f"Also `{ARTIFACT}`: the packed weights of what runs, for PyTorch "
+        "(`mpq.search.export.load_artifact(path, ran_config, model, calibration=...)`); "
+        f"the configuration as searched asked for {a.get('asked_size_bytes', 0):,} bytes.",
+        "",
+        "Kernels that ran, and choices lowered to what runs:",
+        "",
+        "```json",
+        json.dumps(
+            {
+                "kernels": a.get(TrialAttr.KERNELS, {}),
+                "fallbacks": a.get(TrialAttr.FALLBACKS, {}),
+            },
+            indent=1,
+        ),
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _figures_table(
+    cfg: SearchConfig, ref: dict[str, Any], a: dict[str, Any], confirmed: dict[str, float] | None
+) -> list[str]:
+    """The card's table: success (search and held-out), size, latency; float beside."""
+    lines = [
         "| | float | this configuration |",
         "|---|---|---|",
         "| task success, search episodes (95% interval) | "
@@ -121,40 +161,27 @@ def model_card(
     ratio = ref.get("size_bytes", 0) / max(a.get("size_bytes", 1), 1)
     lines.append(
         f"| size (bytes of what ships) | {ref.get('size_bytes', 0):,} | "
-        f"{a.get('size_bytes', 0):,} ({ratio:.2f}x smaller) |"
+        f"{a.get('size_bytes', 0):,} (compression {ratio:.2f}x) |"
     )
     if a.get("latency_ms"):
         lines.append(
             f"| latency (ms, batch 1) | {ref.get('latency_ms', float('nan')):.3f} "
             f"| {a['latency_ms']:.3f} (speed-up {format_speedup(a)}) |"
         )
-    lines += [
-        "",
-        "The search's success is the best of many noisy estimates on the same episodes, so it "
-        "leans optimistic; the held-out row is measured once, on episodes the search never saw."
-        if confirmed
-        else "No held-out confirmation: set `confirm_task` and `confirm_budget` in the config.",
-        "",
+    return lines
+
+
+def _latency_note(cfg: SearchConfig, ref: dict[str, Any], info: dict[str, Any]) -> str:
+    """How the latency was measured: backend, threads, visits, CPU, the A/A check."""
+    return (
         f"Latency: backend `{cfg.latency.backend}`, {info.get('threads', '?')} thread(s), "
         f"float and this configuration interleaved over {info.get('visits', '?')} fresh-session "
         f"visit pairs of {info.get('runs', '?')} runs each in the node's exclusive timing slot "
         f"(speed-up: geometric mean over pairs, 95% interval), on {info.get('cpu', '?')} "
         f"[{info.get('isa', '?')}] ({info.get('versions', '?')}); the float model against a "
         f"fresh copy of itself read {format_speedup(aa_speedup(ref))} (A/A). Latency in ms is the "
-        "float latency over the speed-up.",
-        f"Also `{ARTIFACT}`: the packed weights of what runs, for PyTorch "
-        "(`mpq.search.export.load_artifact(path, ran_config, model, calibration=...)`); "
-        f"the configuration as searched asked for {a.get('asked_size_bytes', 0):,} bytes.",
-        "",
-        "Kernels that ran, and choices lowered to what runs:",
-        "",
-        "```json",
-        json.dumps(
-            {"kernels": a.get("kernels", {}), "fallbacks": a.get("fallbacks", {})}, indent=1
-        ),
-        "```",
-    ]
-    return "\n".join(lines) + "\n"
+        "float latency over the speed-up."
+    )
 
 
 def export_trial(
@@ -171,35 +198,22 @@ def export_trial(
     - ``MODEL_CARD.md``, with the success confirmed on held-out episodes (``confirm_task``).
 
     Raises:
-        ValueError: the deployable model does not have the trial's bytes (the lowering changed
-            since: another mpq, onnxruntime or torch), or ``out_dir`` cannot be written
-            (read-only, full disk); nothing half-written is left behind, the study only read.
+        ValueError: the deployable model does not have the trial's bytes or kernels (the
+            lowering changed since: another mpq, onnxruntime or torch), or ``out_dir`` cannot
+            be written (read-only, full disk); nothing half-written is left behind, the study
+            only read.
     """
     from mpq.evaluators.measure import get_evaluator
-    from mpq.search.runner import eval_spec
+    from mpq.search.worker import eval_spec
 
-    config = QuantConfig.model_validate(t.user_attrs["config"])
+    record = TrialRecord.from_frozen(t)
+    if record.config is None:
+        raise ValueError(f"export of trial {t.number}: it has no configuration")
+    config = record.config
     ev = get_evaluator(eval_spec(cfg))
     ran = ev.as_ran(config)
     deployable = ev.artifact(config)
-    if cfg.latency.enabled:
-        kernels = ev.lower(config).kernels
-        trial_kernels = t.user_attrs.get("kernels", kernels)
-        changed = sorted(n for n in kernels if kernels[n] != trial_kernels.get(n))
-        if changed:
-            first = changed[0]
-            raise ValueError(
-                f"export of trial {t.number}: layer {first!r} would run on "
-                f"{kernels[first]!r} here, the trial ran {trial_kernels.get(first)!r} "
-                f"({len(changed)} layers differ): export on the target the trial was measured on"
-            )
-    reported = int(t.user_attrs.get("size_bytes", deployable["size_bytes"]))
-    if deployable["size_bytes"] != reported:
-        raise ValueError(
-            f"export of trial {t.number}: the {deployable['artifact']} artifact has "
-            f"{deployable['size_bytes']:,} bytes, the trial measured {reported:,}: the lowering "
-            "changed since the search (another mpq, onnxruntime or torch version?)"
-        )
+    _check_same_as_trial(cfg, ev, record, deployable)
     state = pack_state(ev.model, ev.layers, ran)
     files = {
         "config.yaml": dump_text(config, "c.yaml").encode(),
@@ -225,6 +239,30 @@ def export_trial(
         "confirmed": confirmed,
         "out_dir": str(out_dir),
     }
+
+
+def _check_same_as_trial(
+    cfg: SearchConfig, ev: Any, record: TrialRecord, deployable: dict[str, Any]
+) -> None:
+    """Refuse an export whose kernels or bytes differ from what the trial measured."""
+    if cfg.latency.enabled and record.config is not None:
+        kernels = ev.lower(record.config).kernels
+        trial_kernels = record.kernels or kernels
+        changed = sorted(n for n in kernels if kernels[n] != trial_kernels.get(n))
+        if changed:
+            first = changed[0]
+            raise ValueError(
+                f"export of trial {record.number}: layer {first!r} would run on "
+                f"{kernels[first]!r} here, the trial ran {trial_kernels.get(first)!r} "
+                f"({len(changed)} layers differ): export on the target the trial was measured on"
+            )
+    reported = record.measurements.size_bytes or deployable["size_bytes"]
+    if deployable["size_bytes"] != reported:
+        raise ValueError(
+            f"export of trial {record.number}: the {deployable['artifact']} artifact has "
+            f"{deployable['size_bytes']:,} bytes, the trial measured {reported:,}: the lowering "
+            "changed since the search (another mpq, onnxruntime or torch version?)"
+        )
 
 
 def describe_export(info: dict[str, Any], t: FrozenTrial) -> str:
@@ -298,7 +336,8 @@ def confirm(cfg: SearchConfig, ev: Any, ran: QuantConfig) -> dict[str, float]:
     """Success of what runs on the held-out episodes of ``cfg.confirm_task`` (never the
     search's): the search's figure is the best of many noisy ones on the same episodes, so it is
     optimistic; this one is not. Empty when no confirmation task is configured."""
-    from mpq.evaluators.task import load_callable, run_task
+    from mpq.evaluators.callables import load_callable
+    from mpq.evaluators.task import run_task
 
     if not cfg.confirm_task or cfg.confirm_budget <= 0:
         return {}
@@ -319,7 +358,7 @@ def load_artifact(
     The packed weights are unpacked to exactly the simulated-quantized values; activation
     quantization from ``config`` is re-attached (static ranges need ``calibration``).
     """
-    model = build_model(model_spec, checkpoint)
+    model = build_model(resolve_model(model_spec), checkpoint)
     layers = discover_layers(model)
     model.load_state_dict(unpack_state(load_state_dict(path), layers))
     return apply_config(model, config, calibration, layers=layers, quantize_weights=False)

@@ -9,15 +9,62 @@ than the float model and at most twice its latency.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import optuna
 import pandas as pd
-from optuna._hypervolume import compute_hypervolume
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from mpq.search.record import StudyAttr, TrialRecord, float_reference, loss_signs
+
 REFERENCE = {"success": 0.0, "size_bytes": 1.0, "latency_ms": 2.0}
+
+
+def _is_pareto_front(losses: np.ndarray) -> np.ndarray:
+    """Optuna's non-dominated mask over rows of losses (minimised).
+
+    NOTE: private in Optuna 5.0 (``optuna.study._multi_objective``); the public
+    ``Study.best_trials`` needs trials in a study, the screening rule needs it over arrays.
+    """
+    from optuna.study._multi_objective import _is_pareto_front as optuna_front
+
+    return np.asarray(optuna_front(losses, assume_unique_lexsorted=False))
+
+
+def _compute_hypervolume(losses: np.ndarray, reference: np.ndarray) -> float:
+    """Optuna's hypervolume of ``losses`` (minimised) up to ``reference``.
+
+    NOTE: ``optuna._hypervolume`` has no public alias in Optuna 5.0; this is its one use.
+    """
+    from optuna._hypervolume import compute_hypervolume
+
+    return float(compute_hypervolume(losses, reference))
+
+
+def dominated(
+    values: Sequence[float],
+    others: Sequence[Sequence[float]],
+    directions: Sequence[StudyDirection | str],
+) -> bool:
+    """True when some point of ``others`` dominates ``values`` (no worse in every objective,
+    strictly better in one), under the study's directions."""
+    if not others:
+        return False
+    signs = np.asarray(loss_signs(directions))
+    losses = np.asarray([*others, values], dtype=float) * signs
+    # Optuna's mask gives equal rows one flag, so a candidate equal to a non-dominated point
+    # stays non-dominated, as the strict rule says
+    return not bool(_is_pareto_front(losses)[-1])
+
+
+def records(
+    study: optuna.Study, states: tuple[TrialState, ...] | None = None
+) -> list[TrialRecord]:
+    """The study's trials as typed records, in trial order."""
+    return [TrialRecord.from_frozen(t) for t in study.get_trials(deepcopy=False, states=states)]
 
 
 def front_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -32,31 +79,25 @@ def front_trials(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(study.best_trials, key=lambda t: t.number)
 
 
-def _normalised_losses(study: optuna.Study, trials: list[FrozenTrial]) -> np.ndarray:
-    objectives = list(study.user_attrs.get("objectives", []))
-    ref = study.user_attrs.get("float_reference", {})
+def _normalised_losses(study: optuna.Study, pool: list[TrialRecord]) -> np.ndarray:
+    objectives = list(study.user_attrs.get(StudyAttr.OBJECTIVES, []))
+    ref = study.user_attrs.get(StudyAttr.FLOAT_REFERENCE, {})
     rows = []
-    for t in trials:
+    for r in pool:
         row = []
-        for name, v in zip(objectives, t.values or [], strict=True):
-            if name == "success":
-                row.append(-v)
-            else:
-                row.append(v / float(ref.get(name) or 1.0))
+        for name, v in zip(objectives, r.values or (), strict=True):
+            row.append(-v if name == "success" else v / float(ref.get(name) or 1.0))
         rows.append(row)
     return np.asarray(rows, dtype=float)
 
 
 def hypervolume(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> float:
     """Hypervolume of the feasible non-dominated points among ``trials`` (default: all)."""
-    objectives = list(study.user_attrs.get("objectives", []))
-    pool = trials if trials is not None else study.get_trials(deepcopy=False)
+    objectives = list(study.user_attrs.get(StudyAttr.OBJECTIVES, []))
     pool = [
-        t
-        for t in pool
-        if t.state == TrialState.COMPLETE
-        and t.values is not None
-        and all(c <= 0 for c in t.user_attrs.get("constraints", [0.0]))
+        r
+        for r in map(TrialRecord.from_frozen, trials or study.get_trials(deepcopy=False))
+        if r.complete and r.values is not None and r.feasible
     ]
     if not pool or not objectives:
         return 0.0
@@ -65,7 +106,7 @@ def hypervolume(study: optuna.Study, trials: list[FrozenTrial] | None = None) ->
     inside = losses[(losses < ref).all(axis=1)]
     if len(inside) == 0:
         return 0.0
-    return float(compute_hypervolume(inside, ref))
+    return _compute_hypervolume(inside, ref)
 
 
 def hypervolume_history(study: optuna.Study) -> list[tuple[int, float]]:
@@ -78,34 +119,34 @@ def hypervolume_history(study: optuna.Study) -> list[tuple[int, float]]:
     return out
 
 
-def trial_row(study: optuna.Study, t: FrozenTrial) -> dict[str, Any]:
-    ref = study.user_attrs.get("float_reference", {})
-    a = t.user_attrs
-    row: dict[str, Any] = {"trial": t.number, "state": t.state.name}
-    row["success"] = a.get("success")
-    row["success_lo"], row["success_hi"] = a.get("success_lo"), a.get("success_hi")
-    row["size_bytes"] = a.get("size_bytes")
-    if a.get("size_bytes"):
-        row["compression"] = ref.get("size_bytes", 0) / a["size_bytes"]
-    row["latency_ms"] = a.get("latency_ms")
-    # The latency protocol's paired speed-up and its 95% interval, as measured, never
-    # recomputed (latency_ms is the float reference's latency over it).
-    row["speedup"] = a.get("speedup")
-    row["speedup_lo"], row["speedup_hi"] = a.get("speedup_lo"), a.get("speedup_hi")
-    config = a.get("config", {}).get("layers", {})
-    bits = [c.get("w_bits", 32) for c in config.values()]
-    row["mean_w_bits"] = float(np.mean(bits)) if bits else None
-    row["feasible"] = all(c <= 0 for c in a.get("constraints", [0.0]))
-    row["seed"] = a.get("seed", "")
-    return row
+def trial_row(study: optuna.Study, record: TrialRecord) -> dict[str, Any]:
+    """One trial's figures as a table row: as measured, never recomputed (``latency_ms`` is
+    the float reference's latency over the paired ``speedup``)."""
+    m = record.measurements
+    return {
+        "trial": record.number,
+        "state": record.state.name,
+        "success": m.success,
+        "success_lo": m.success_lo,
+        "success_hi": m.success_hi,
+        "size_bytes": m.size_bytes,
+        "compression": m.compression(float_reference(study.user_attrs).size_bytes),
+        "latency_ms": m.latency_ms,
+        "speedup": m.speedup,
+        "speedup_lo": m.speedup_lo,
+        "speedup_hi": m.speedup_hi,
+        "mean_w_bits": record.mean_w_bits(),
+        "feasible": record.feasible,
+        "proposed_by": record.proposed_by,
+    }
 
 
 def front_table(study: optuna.Study) -> pd.DataFrame:
     """One row per front trial: success with interval, size, compression, latency, speed-up."""
-    rows = [trial_row(study, t) for t in front_trials(study)]
+    rows = [trial_row(study, TrialRecord.from_frozen(t)) for t in front_trials(study)]
     df = pd.DataFrame(rows)
     if not df.empty and "success" in df:
-        df = df.sort_values("size_bytes" if "size_bytes" in df else "trial")
+        df = df.sort_values("size_bytes" if df["size_bytes"].notna().any() else "trial")
     return df
 
 

@@ -12,16 +12,17 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from mpq.search.pareto import front_trials, trial_row
+from mpq.search.pareto import front_trials, records, trial_row
+from mpq.search.record import TrialRecord
 
 
 def front_frame(study: optuna.Study) -> pd.DataFrame:
     """Every complete trial with its figures and whether it is on the front."""
     front = {t.number for t in front_trials(study)}
     rows = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        row = trial_row(study, t)
-        row["on_front"] = t.number in front
+    for record in records(study, states=(TrialState.COMPLETE,)):
+        row = trial_row(study, record)
+        row["on_front"] = record.number in front
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -29,9 +30,10 @@ def front_frame(study: optuna.Study) -> pd.DataFrame:
 def bit_map(study: optuna.Study) -> pd.DataFrame:
     """Layers x front trials: the weight bit-width each front configuration gives each layer."""
     cols = {}
-    for t in front_trials(study):
-        layers = t.user_attrs.get("config", {}).get("layers", {})
-        cols[f"trial {t.number}"] = {n: c.get("w_bits", 32) for n, c in layers.items()}
+    for record in map(TrialRecord.from_frozen, front_trials(study)):
+        if record.config is not None:
+            layers = record.config.layers
+            cols[f"trial {record.number}"] = {n: c.w_bits for n, c in layers.items()}
     return pd.DataFrame(cols)
 
 
@@ -70,7 +72,7 @@ def plot_front_html(df: pd.DataFrame, path: Path) -> None:
                 "compression",
                 "speedup",
                 "mean_w_bits",
-                "seed",
+                "proposed_by",
             )
             if c in df
         ],

@@ -31,15 +31,7 @@ Sensitivity = dict[str, dict[int, float]]  # layer -> bits -> KL
 def base_choice(options: LayerOptions, w_bits: int) -> LayerChoice:
     """The choice with ``w_bits``, the narrowest activation bits offered (W8A8-style, as the
     sensitivity-ordered tools allocate) and the first option of every other dimension."""
-    g = options.granularity[0]
-    return LayerChoice(
-        w_bits=w_bits,
-        a_bits=min(options.a_bits),
-        granularity=g,
-        group_size=options.group_size if g == "per_group" else None,
-        symmetric=options.symmetric[0],
-        act_mode=options.act_mode[0],
-    )
+    return options.first(w_bits=w_bits, a_bits=min(options.a_bits))
 
 
 def _int_bits(options: LayerOptions) -> list[int]:

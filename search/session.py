@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mpq.evaluators.measure import get_evaluator
-from mpq.search import fingerprint
+from mpq.process import configure
+from mpq.search import fingerprint, study_setup
+from mpq.search.cluster import ray_session
 from mpq.search.config import SearchConfig, load_search_config
 from mpq.search.pareto import (
     aa_speedup,
@@ -20,14 +23,9 @@ from mpq.search.pareto import (
     front_table,
     hypervolume,
 )
-from mpq.search.runner import (
-    Runner,
-    SearchResult,
-    eval_spec,
-    init_ray,
-    preflight,
-    shutdown_ray,
-)
+from mpq.search.runner import Runner, SearchResult, preflight
+from mpq.search.worker import eval_spec
+from mpq.spaces.space import LayerOptions, QuantConfig
 
 
 def build_config(
@@ -48,6 +46,44 @@ def build_config(
     return cfg.model_copy(update=updates) if updates else cfg
 
 
+def run_search(
+    cfg: SearchConfig,
+    resume: bool = False,
+    console: Console | None = None,
+    progress: Callable[[dict[str, int]], None] | None = None,
+    resolved: dict[str, LayerOptions] | None = None,
+    extra: Sequence[tuple[str, QuantConfig]] = (),
+) -> SearchResult:
+    """Run (or resume) the search of ``cfg``: the one start-up sequence of ``mpq search``, the
+    benchmarks and scripts. Ray is started for it (or attached, or the running one reused),
+    MLflow tracks it when ``cfg.tracking.enabled``, and the study is in ``cfg.storage_url()``.
+
+    ``resolved``: the space as ``runner.preflight`` returned it, when the caller checked it.
+    ``extra``: ``(proposed_by, config)`` pairs to measure first, after the seed trials.
+
+    Raises:
+        ValueError: a bad config, space, model, task, storage or cluster, in one line.
+    """
+    configure()
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    tracker = None
+    if cfg.tracking.enabled:
+        from mpq.search.tracking import Tracker
+
+        tracker = Tracker(cfg, console)
+    with ray_session(cfg):
+        on_trial = tracker.on_trial if tracker else None
+        runner = Runner(cfg, resume, on_trial=on_trial, progress=progress, resolved=resolved)
+        runner.prepare()
+        study_setup.enqueue_configs(runner.study, runner.resolved, extra)
+        if tracker:
+            tracker.start(runner.study)
+        result = runner.run()
+    if tracker:
+        tracker.finish(result.study)
+    return result
+
+
 def run_session(
     path: str | Path,
     resume: bool = False,
@@ -58,56 +94,37 @@ def run_session(
     console: Console | None = None,
     new_study: bool = False,
 ) -> SearchResult:
-    """Run (or resume) the search described by the config file at ``path``.
+    """``mpq search``: run (or resume) the search described by the config file at ``path``,
+    with a progress bar, then print the front and export its knee.
 
     ``new_study``: run under the config's name plus the fingerprint's short hash (resumed when
     that study exists), for a setup that changed since the study of the plain name ran.
     """
     console = console or Console()
     cfg = build_config(path, trials, ray_address, tracking_uri, tracking)
-    preflight(cfg, str(path))
+    resolved = preflight(cfg, str(path))
     model = get_evaluator(eval_spec(cfg)).model
     if new_study:
         cfg, resume = fingerprint.new_study_config(cfg, model), True
         console.print(f"study {cfg.name!r} in {cfg.output_dir} (--new-study)")
     if resume:  # a study measured under another setup is refused before Ray starts
         fingerprint.check_stored(cfg, model)
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    tracker = None
-    if cfg.tracking.enabled:
-        from mpq.search.tracking import Tracker
+    with _progress(console) as bar:
+        task = bar.add_task("float reference and sensitivity", total=cfg.trials)
 
-        tracker = Tracker(cfg, console)
-    started = init_ray(cfg)
-    try:
-        with _progress(console) as progress:
-            task = progress.add_task("setting up", total=cfg.trials)
-
-            def report(counts: dict[str, int]) -> None:
-                done = counts["complete"] + counts["pruned"] + counts["fail"]
-                progress.update(
-                    task,
-                    completed=min(done, cfg.trials),
-                    description=(
-                        f"{counts['complete']} done, {counts['pruned']} pruned, {counts['fail']} "
-                        f"failed, {counts['in_flight']} running, front {counts['front']}"
-                    ),
-                )
-
-            runner = Runner(
-                cfg, resume, on_trial=tracker.on_trial if tracker else None, progress=report
+        def report(counts: dict[str, int]) -> None:
+            done = counts["complete"] + counts["pruned"] + counts["fail"]
+            bar.update(
+                task,
+                completed=min(done, cfg.trials),
+                description=(
+                    f"{counts['complete']} done, {counts['pruned']} pruned, {counts['fail']} "
+                    f"failed, {counts['in_flight']} running, front {counts['front']}"
+                ),
             )
-            progress.update(task, description="float reference and sensitivity")
-            ref = runner.prepare()
-            if tracker:
-                tracker.start(runner.study)
-            result = runner.run()
-        if tracker:
-            tracker.finish(result.study)
-    finally:
-        if started:
-            shutdown_ray()
-    print_summary(console, cfg, result, ref)
+
+        result = run_search(cfg, resume, console, report, resolved)
+    print_summary(console, cfg, result, result.float_reference)
     export_best(console, cfg, result, path)
     return result
 
@@ -153,11 +170,11 @@ def print_summary(
         "trial": lambda r: _fmt(r["trial"]),
         "success (95%)": format_success,
         "size_bytes": lambda r: _fmt(r.get("size_bytes")),
-        "x smaller": lambda r: _fmt(r.get("compression")),
+        "compression (x)": lambda r: _fmt(r.get("compression")),
         "latency_ms": lambda r: _fmt(r.get("latency_ms")),
         "speed-up (95%)": format_speedup,
         "mean w bits": lambda r: _fmt(r.get("mean_w_bits")),
-        "proposed by": lambda r: str(r.get("seed") or "search"),
+        "proposed by": lambda r: str(r.get("proposed_by")),
     }
     for name in columns:
         table.add_column(name, justify="left" if name == "proposed by" else "right", no_wrap=True)

@@ -1,7 +1,8 @@
 """Create or resume the Optuna study; turn the space into distributions and back.
 
-Each searched dimension of each layer is one categorical parameter named ``<layer>/<dim>``
-(``fuse/w_bits``); dimensions with a single option are not searched. The study lives in an RDB
+Each searched dimension of each layer (``spaces.space.DIMENSIONS``) is one parameter:
+``<layer>.<dim>_rank`` for ordered ones (bits: the option's rank), ``<layer>.<dim>`` for the
+others; dimensions with a single option are not searched. The study lives in an RDB
 storage (SQLite by default) with heartbeats, so trials of a process that died are found stale
 and failed instead of staying "running" forever.
 """
@@ -10,55 +11,79 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy.exc
-from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
 from mpq.search.config import SearchConfig
-from mpq.spaces.space import LayerChoice, LayerOptions, QuantConfig
+from mpq.search.hygiene import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S
+from mpq.search.record import StudyAttr
+from mpq.spaces.space import DIMENSIONS, Dimension, LayerOptions, QuantConfig
 
-# NOTE: heartbeats are marked experimental and "meant for Study.optimize"; the runner records
-# them itself for its ask/tell trials, which is what makes stale trials detectable.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-DIMS = ("w_bits", "a_bits", "granularity", "symmetric", "act_mode")
-HEARTBEAT_INTERVAL_S = 2
-GRACE_PERIOD_S = 8
+
+def param_name(layer: str, dim: Dimension) -> str:
+    """``fuse.w_bits_rank`` for an ordered dimension (its value: the rank of the option, 0 =
+    the smallest), ``fuse.granularity`` for an unordered one (its value: the option)."""
+    return f"{layer}.{dim.name}_rank" if dim.ordered else f"{layer}.{dim.name}"
+
+
+def _options(options: LayerOptions, dim: Dimension) -> tuple[Any, ...]:
+    values = tuple(getattr(options, dim.name))
+    return tuple(sorted(values)) if dim.ordered else values
 
 
 def distributions(resolved: dict[str, LayerOptions]) -> dict[str, BaseDistribution]:
+    """One Optuna parameter per searched dimension of each layer (one with a single option is
+    not searched): ordered dimensions as integer ranks (``IntDistribution``), so samplers that
+    model order (TPE, GP) see that 4 bits lies between 3 and 6; the others as categories."""
     out: dict[str, BaseDistribution] = {}
     for name, options in resolved.items():
-        for dim in DIMS:
-            values = getattr(options, dim)
-            if len(values) > 1:
-                out[f"{name}/{dim}"] = CategoricalDistribution(list(values))
+        for dim in DIMENSIONS:
+            values = _options(options, dim)
+            if len(values) < 2:
+                continue
+            if dim.ordered:
+                out[param_name(name, dim)] = IntDistribution(0, len(values) - 1)
+            else:
+                out[param_name(name, dim)] = CategoricalDistribution(list(values))
     return out
 
 
 def config_from_params(resolved: dict[str, LayerOptions], params: dict[str, Any]) -> QuantConfig:
+    """The configuration a trial's parameters stand for (unsearched dimensions: their option)."""
     layers = {}
     for name, options in resolved.items():
-        pick = {dim: params.get(f"{name}/{dim}", getattr(options, dim)[0]) for dim in DIMS}
-        pick["group_size"] = options.group_size if pick["granularity"] == "per_group" else None
-        layers[name] = LayerChoice(**pick)
+        pick = {}
+        for dim in DIMENSIONS:
+            values = _options(options, dim)
+            value = params.get(param_name(name, dim), 0 if dim.ordered else values[0])
+            pick[dim.name] = values[int(value)] if dim.ordered else value
+        layers[name] = options.first(**pick)
     return QuantConfig(layers=layers)
 
 
 def params_from_config(resolved: dict[str, LayerOptions], config: QuantConfig) -> dict[str, Any]:
-    params = {}
-    for key, dist in distributions(resolved).items():
-        name, dim = key.rsplit("/", 1)
-        value = getattr(config.layers[name], dim)
-        if value not in dist.choices:  # type: ignore[attr-defined]
-            raise ValueError(f"seed config: layers[{name!r}].{dim}={value} not in the space")
-        params[key] = value
+    """The parameters of ``config`` (to enqueue it as a trial).
+
+    Raises:
+        ValueError: a choice of ``config`` is not an option of the space.
+    """
+    params: dict[str, Any] = {}
+    for name, options in resolved.items():
+        for dim in DIMENSIONS:
+            values = _options(options, dim)
+            value = getattr(config.layers[name], dim.name)
+            if len(values) < 2:
+                continue
+            if value not in values:
+                raise ValueError(
+                    f"seed config: layers[{name!r}].{dim.name}={value} not in the space"
+                )
+            params[param_name(name, dim)] = values.index(value) if dim.ordered else value
     return params
 
 
@@ -136,30 +161,11 @@ def open_study(cfg: SearchConfig, resume: bool) -> optuna.Study:
         sampler=make_sampler(cfg),
         load_if_exists=True,
     )
-    stored = study.user_attrs.get("objectives")
+    stored = study.user_attrs.get(StudyAttr.OBJECTIVES)
     if stored is None:
-        study.set_user_attr("objectives", list(cfg.objectives))
+        study.set_user_attr(StudyAttr.OBJECTIVES, list(cfg.objectives))
     elif list(stored) != list(cfg.objectives):
         raise ValueError(
             f"study {cfg.name!r} has objectives {stored}, config {list(cfg.objectives)}"
         )
     return study
-
-
-def objective_values(cfg: SearchConfig, metrics: dict[str, Any]) -> list[float]:
-    return [float(metrics[o]) for o in cfg.objectives]
-
-
-def constraint_values(
-    cfg: SearchConfig, metrics: dict[str, Any], float_success: float
-) -> dict[str, float]:
-    """Named constraint values; <= 0 is satisfied (Optuna's ``Trial.set_constraint``)."""
-    c = cfg.constraints
-    out = {}
-    if c.max_success_drop is not None:
-        out["success_drop"] = float(float_success - c.max_success_drop - metrics["success"])
-    if c.max_size_bytes is not None:
-        out["size_budget"] = float(metrics["size_bytes"] - c.max_size_bytes)
-    if c.max_latency_ms is not None and "latency_ms" in metrics:
-        out["latency_budget"] = float(metrics["latency_ms"] - c.max_latency_ms)
-    return out

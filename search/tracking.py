@@ -2,63 +2,155 @@
 
 Trials are keyed by the tag ``mpq_trial`` (the Optuna trial number), so logging is idempotent:
 ``sync`` (and every resume) back-fills the trials that have no run yet, e.g. after the tracking
-server was down. Tracking never stops the search: an outage is logged once, the trial stays in
-Optuna storage, and the run is back-filled later.
+server was down. Tracking never stops the search: an outage (MLflow, network or OS errors from
+the client's calls) is reported once, the trial stays in Optuna storage, and the run is
+back-filled later. What is logged is built before any call, outside that guard, so a bug in mpq
+surfaces as itself and never passes for an outage.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import tempfile
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
+import requests
 import yaml
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
 from mpq.search.config import SearchConfig
 from mpq.search.pareto import front_table, front_trials, hypervolume_history
+from mpq.search.record import Measurements, StudyAttr, TrialRecord
+from mpq.spaces.space import DIMENSIONS, QuantConfig
 
-logging.getLogger("mlflow").setLevel(logging.WARNING)
 STUDY_TAG, TRIAL_TAG, KIND_TAG = "mpq_study", "mpq_trial", "mpq_kind"
 _MAX_BATCH = 100
+# what an unreachable or failing tracking store raises from MlflowClient's calls
+OUTAGE_ERRORS = (MlflowException, requests.exceptions.RequestException, OSError)
+_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}
+T = TypeVar("T")
 
 
-def flat_params(trial: FrozenTrial) -> dict[str, str]:
-    """Readable per-layer choices and summaries: ``fuse.w_bits=4``, ``mean_w_bits=5.2``."""
-    layers = trial.user_attrs.get("config", {}).get("layers", {})
+def config_params(config: QuantConfig | None, prefix: str = "") -> dict[str, str]:
+    """``<prefix><layer>.<dim>`` for every searched dimension (``spaces.space.DIMENSIONS``)
+    and group size, plus ``mean_w_bits`` and ``layers_at_w<b>``."""
+    if config is None:
+        return {}
     out: dict[str, str] = {}
-    for name, choice in layers.items():
-        for dim in ("w_bits", "a_bits", "granularity", "group_size", "symmetric", "act_mode"):
-            if dim in choice:
-                out[f"{name}.{dim}"] = str(choice[dim])
-    bits = [int(c.get("w_bits", 32)) for c in layers.values()]
+    for name, choice in config.layers.items():
+        for dim in DIMENSIONS:
+            out[f"{prefix}{name}.{dim.name}"] = str(getattr(choice, dim.name))
+        if choice.group_size is not None:
+            out[f"{prefix}{name}.group_size"] = str(choice.group_size)
+    bits = [c.w_bits for c in config.layers.values()]
     if bits:
-        out["mean_w_bits"] = f"{sum(bits) / len(bits):.3f}"
+        out[f"{prefix}mean_w_bits"] = f"{sum(bits) / len(bits):.3f}"
         for b, n in sorted(Counter(bits).items()):
-            out[f"layers_at_w{b}"] = str(n)
-    for key in ("seed", "duplicate_of", "config_key"):
-        if key in trial.user_attrs:
-            out[key] = str(trial.user_attrs[key])
+            out[f"{prefix}layers_at_w{b}"] = str(n)
     return out
 
 
-def trial_metrics(trial: FrozenTrial, ref: dict[str, Any]) -> dict[str, float]:
-    a = trial.user_attrs
-    out = {
-        k: float(v)
-        for k, v in a.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and k != "duplicate_of"
-    }
-    if a.get("size_bytes") and ref.get("size_bytes"):
-        out["compression_ratio"] = float(ref["size_bytes"]) / float(a["size_bytes"])
+def flat_params(record: TrialRecord) -> dict[str, str]:
+    """Per-layer choices as asked (``fuse.w_bits=4``) and as they ran on the kernels
+    (``ran.fuse.w_bits=4``), their summaries, and who proposed the trial."""
+    out = config_params(record.config)
+    out.update(config_params(record.config_as_ran, prefix="ran."))
+    out["proposed_by"] = record.proposed_by
+    if record.duplicate_of is not None:
+        out["duplicate_of"] = str(record.duplicate_of)
+    if record.config is not None:
+        out["config_key"] = record.config.key()
+    return out
+
+
+def trial_metrics(record: TrialRecord, float_size_bytes: float | None) -> dict[str, float]:
+    """Every numeric figure of the trial, plus ``compression`` (float bytes / bytes)."""
+    out = record.measurements.as_metrics()
+    compression = record.measurements.compression(float_size_bytes)
+    if compression is not None:
+        out["compression"] = compression
     return {k.replace("/", "."): v for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    """What one trial's MLflow run holds, built before any MLflow call."""
+
+    number: int
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+    texts: dict[str, str] = field(default_factory=dict)  # artifact file -> its text
+    status: str = "FAILED"
+
+
+def trial_run(study_name: str, parent_id: str, t: FrozenTrial, ref: dict[str, Any]) -> TrialRun:
+    """The run of trial ``t``: tags (state, feasibility, reasons), params, metrics, files."""
+    record = TrialRecord.from_frozen(t)
+    tags = {
+        STUDY_TAG: study_name,
+        TRIAL_TAG: str(record.number),
+        KIND_TAG: "trial",
+        "mlflow.parentRunId": parent_id,
+        "state": record.state.name.lower(),
+        "feasible": str(record.feasible).lower(),
+        "on_front": "false",
+    }
+    if record.fail_reason:
+        tags["fail_reason"] = record.fail_reason[:5000]
+    if record.fallbacks:
+        tags["kernel_fallbacks"] = json.dumps(record.fallbacks)[:5000]
+    texts = {}
+    if record.config is not None:
+        config = record.config.model_dump(mode="json", exclude_none=True)
+        texts["config.yaml"] = yaml.safe_dump(config, sort_keys=False)
+        texts["config.json"] = json.dumps(config, indent=1)
+    if record.ran_config is not None:
+        ran = record.ran_config.model_dump(mode="json", exclude_none=True)
+        texts["ran_config.yaml"] = yaml.safe_dump(ran, sort_keys=False)
+    if record.kernels:
+        kernels = {
+            "kernels": dict(record.kernels),
+            "fallbacks": dict(record.fallbacks),
+            "latency": dict(record.latency_info),
+        }
+        texts["kernels.json"] = json.dumps(kernels, indent=1)
+    metrics = trial_metrics(record, Measurements.from_attrs(ref).size_bytes)
+    status = _STATUS.get(record.state, "FAILED")
+    return TrialRun(record.number, tags, flat_params(record), metrics, texts, status)
+
+
+def study_params(cfg: SearchConfig, ref: dict[str, Any]) -> dict[str, str]:
+    """The parent run's params: what the study searched, how, and on which target."""
+    return {
+        "sampler": cfg.sampler,
+        "backend": cfg.latency.backend,
+        "model": cfg.model,
+        "task": cfg.task,
+        "objectives": ",".join(cfg.objectives),
+        "task_budget": str(cfg.task_budget),
+        "screen_budget": str(cfg.screen_budget),
+        "latency_threads": str(cfg.latency.threads),
+        "seed": str(cfg.seed),
+        "target": str((ref.get("latency_info") or {}).get("cpu", "unknown")),
+    }
+
+
+def study_metrics(ref: dict[str, Any]) -> dict[str, float]:
+    """The float reference's figures, as ``float.<name>``."""
+    return {
+        f"float.{k.replace('/', '.')}": float(v)
+        for k, v in ref.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 class Tracker:
@@ -75,7 +167,7 @@ class Tracker:
         self.experiment_id: str | None = None
         try:
             self.experiment_id = self._experiment()
-        except Exception as exc:  # noqa: BLE001  MLflow raises many types when a store is down
+        except OUTAGE_ERRORS as exc:
             if cfg.tracking.required:
                 raise ValueError(
                     f"tracking uri {self.uri!r} does not answer: {_line(exc)}"
@@ -99,12 +191,13 @@ class Tracker:
             )
         self.down = True
 
-    def _guard(self, fn: Any, *args: Any) -> Any:
+    def _guard(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """``fn(*args)`` (MLflow client calls only); an outage is reported once, None back."""
         try:
             if self.experiment_id is None:
                 self.experiment_id = self._experiment()
             out = fn(*args)
-        except Exception as exc:  # noqa: BLE001
+        except OUTAGE_ERRORS as exc:
             self._outage(exc)
             return None
         if self.down:
@@ -112,169 +205,124 @@ class Tracker:
             self.console.print("[green]tracking back[/]")
         return out
 
-    # -- study --------------------------------------------------------------------------------
-    def start(self, study: optuna.Study) -> None:
-        self._guard(self._start, study)
+    def _experiment_id(self) -> str:
+        if self.experiment_id is None:
+            raise RuntimeError("tracking: no MLflow experiment (called outside the guard)")
+        return self.experiment_id
 
+    # -- study --------------------------------------------------------------------------------
     def load_runs(self, study: optuna.Study) -> None:
         """Find the study's parent run and the trials that already have runs."""
-        assert self.experiment_id is not None
-        query = f"tags.{STUDY_TAG} = '{study.study_name}'"
-        for r in self.client.search_runs([self.experiment_id], query, max_results=50000):
+        self._load_runs_of(study.study_name)
+
+    def start(self, study: optuna.Study) -> None:
+        """Find or create the study's parent run, then back-fill every finished trial."""
+        ref = dict(study.user_attrs.get(StudyAttr.FLOAT_REFERENCE, {}))
+        params, metrics = study_params(self.cfg, ref), study_metrics(ref)
+        self._guard(self._parent, study.study_name, params, metrics)
+        self._backfill(study)
+
+    def _parent(self, study_name: str, params: dict[str, str], metrics: dict[str, float]) -> None:
+        self._load_runs_of(study_name)
+        if self.parent_id is None:
+            run = self.client.create_run(
+                self._experiment_id(),
+                run_name=study_name,
+                tags={STUDY_TAG: study_name, KIND_TAG: "study"},
+            )
+            self.parent_id = run.info.run_id
+            self._log(self.parent_id, params, metrics)
+
+    def _load_runs_of(self, study_name: str) -> None:
+        query = f"tags.{STUDY_TAG} = '{study_name}'"
+        for r in self.client.search_runs([self._experiment_id()], query, max_results=50000):
             if r.data.tags.get(KIND_TAG) == "study":
                 self.parent_id = r.info.run_id
             elif TRIAL_TAG in r.data.tags:
                 self.runs[int(r.data.tags[TRIAL_TAG])] = r.info.run_id
 
-    def _start(self, study: optuna.Study) -> None:
-        assert self.experiment_id is not None
-        self.load_runs(study)
-        if self.parent_id is None:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=study.study_name,
-                tags={STUDY_TAG: study.study_name, KIND_TAG: "study"},
-            )
-            self.parent_id = run.info.run_id
-            cfg = self.cfg
-            params = {
-                "sampler": cfg.sampler,
-                "backend": cfg.latency.backend,
-                "model": cfg.model,
-                "task": cfg.task,
-                "objectives": ",".join(cfg.objectives),
-                "task_budget": str(cfg.task_budget),
-                "screen_budget": str(cfg.screen_budget),
-                "latency_threads": str(cfg.latency.threads),
-                "seed": str(cfg.seed),
-            }
-            ref = study.user_attrs.get("float_reference", {})
-            info = ref.get("latency_info") or {}
-            params["target"] = str(info.get("cpu", "unknown"))
-            self._log(
-                self.parent_id,
-                params,
-                {
-                    f"float.{k.replace('/', '.')}": float(v)
-                    for k, v in ref.items()
-                    if isinstance(v, int | float)
-                },
-                {},
-            )
-        self._backfill(study)
-
     def _backfill(self, study: optuna.Study) -> None:
         for t in study.get_trials(deepcopy=False):
+            if self.down or self.parent_id is None:
+                return
             if t.state.is_finished() and t.number not in self.runs:
                 self._trial(study, t)
 
     def on_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if self.parent_id is None:
-            self._guard(self._start, study)
-            return  # _start back-fills every finished trial, this one included
-        self._guard(self._trial, study, trial)
+            self.start(study)  # back-fills every finished trial, this one included
+            return
+        self._trial(study, trial)
 
-    def _trial(self, study: optuna.Study, t: FrozenTrial) -> bool:
-        assert self.experiment_id is not None and self.parent_id is not None
-        if t.number in self.runs:
-            return True
-        feasible = all(c <= 0 for c in t.user_attrs.get("constraints", [0.0]))
-        tags = {
-            STUDY_TAG: study.study_name,
-            TRIAL_TAG: str(t.number),
-            KIND_TAG: "trial",
-            "mlflow.parentRunId": self.parent_id,
-            "state": t.state.name.lower(),
-            "feasible": str(feasible).lower(),
-            "on_front": "false",
-        }
-        if "fail_reason" in t.user_attrs:
-            tags["fail_reason"] = str(t.user_attrs["fail_reason"])[:5000]
-        if "fallbacks" in t.user_attrs:
-            tags["kernel_fallbacks"] = json.dumps(t.user_attrs["fallbacks"])[:5000]
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{t.number}", tags=tags)
-        rid = run.info.run_id
-        ref = study.user_attrs.get("float_reference", {})
-        self._log(rid, flat_params(t), trial_metrics(t, ref), {})
-        config = t.user_attrs.get("config")
-        if config:
-            self.client.log_text(rid, yaml.safe_dump(config, sort_keys=False), "config.yaml")
-            self.client.log_text(rid, json.dumps(config, indent=1), "config.json")
-        if "kernels" in t.user_attrs:
-            self.client.log_dict(
-                rid,
-                {
-                    "kernels": t.user_attrs["kernels"],
-                    "fallbacks": t.user_attrs.get("fallbacks", {}),
-                    "latency": t.user_attrs.get("latency_info", {}),
-                },
-                "kernels.json",
-            )
-        status = (
-            "FINISHED"
-            if t.state == TrialState.COMPLETE
-            else ("KILLED" if t.state == TrialState.PRUNED else "FAILED")
-        )
-        self.client.set_terminated(rid, status)
-        self.runs[t.number] = rid
-        return True
+    def _trial(self, study: optuna.Study, t: FrozenTrial) -> None:
+        if t.number in self.runs or self.parent_id is None:
+            return
+        ref = dict(study.user_attrs.get(StudyAttr.FLOAT_REFERENCE, {}))
+        self._guard(self._log_trial, trial_run(study.study_name, self.parent_id, t, ref))
 
-    def _log(
-        self, rid: str, params: dict[str, str], metrics: dict[str, float], tags: dict[str, str]
-    ) -> None:
+    def _log_trial(self, run: TrialRun) -> None:
+        name = f"trial-{run.number}"
+        rid = self.client.create_run(self._experiment_id(), run_name=name, tags=run.tags)
+        rid_s = rid.info.run_id
+        self._log(rid_s, run.params, run.metrics)
+        for path, text in run.texts.items():
+            self.client.log_text(rid_s, text, path)
+        self.client.set_terminated(rid_s, run.status)
+        self.runs[run.number] = rid_s
+
+    def _log(self, rid: str, params: dict[str, str], metrics: dict[str, float]) -> None:
         p = [Param(k[:250], v[:6000]) for k, v in params.items()]
         m = [Metric(k[:250], v, 0, 0) for k, v in metrics.items()]
-        t = [RunTag(k, v) for k, v in tags.items()]
-        for i in range(0, max(len(p), len(m), len(t), 1), _MAX_BATCH):
-            self.client.log_batch(
-                rid,
-                metrics=m[i : i + _MAX_BATCH],
-                params=p[i : i + _MAX_BATCH],
-                tags=t[i : i + _MAX_BATCH],
-            )
+        for i in range(0, max(len(p), len(m), 1), _MAX_BATCH):
+            batch_p, batch_m = p[i : i + _MAX_BATCH], m[i : i + _MAX_BATCH]
+            self.client.log_batch(rid, metrics=batch_m, params=batch_p, tags=[])
 
     # -- end of study -------------------------------------------------------------------------
     def finish(self, study: optuna.Study) -> None:
         """Back-fill, tag the front, log hypervolume, the front table and the plots."""
+        import tempfile
+
         from mpq.search import plots
 
-        # NOTE: the figures are drawn outside the outage guard: a bug in them must surface,
-        # not pass for a tracking outage.
+        self.start(study)
+        front = {t.number for t in front_trials(study)}
+        history = [Metric("hypervolume", hv, 0, n) for n, hv in hypervolume_history(study)]
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             front_table(study).to_csv(out / "pareto_front.csv", index=False)
             plots.write_all(study, out)
-            self._guard(self._finish, study, out)
+            if self.parent_id is not None and not self.down:
+                self._guard(self._finish, front, history, out, len(study.trials))
 
-    def _finish(self, study: optuna.Study, artifacts: Path) -> None:
-        if self.parent_id is None:
-            self._start(study)
-        self._backfill(study)
-        assert self.parent_id is not None
-        front = {t.number for t in front_trials(study)}
+    def _finish(self, front: set[int], history: list[Metric], artifacts: Path, n: int) -> None:
+        parent = self.parent_id
+        if parent is None:
+            raise RuntimeError("tracking: finish without a parent run")
         for number, rid in self.runs.items():
             self.client.set_tag(rid, "on_front", str(number in front).lower())
-        history = hypervolume_history(study)
-        metrics = [Metric("hypervolume", hv, 0, n) for n, hv in history]
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.parent_id, metrics=metrics[i : i + 1000])
-        self.client.log_artifacts(self.parent_id, str(artifacts))
-        self.client.set_tag(self.parent_id, "trials", str(len(study.trials)))
-        self.client.set_terminated(self.parent_id, "FINISHED")
+        for i in range(0, len(history), 1000):
+            self.client.log_batch(parent, metrics=history[i : i + 1000])
+        self.client.log_artifacts(parent, str(artifacts))
+        self.client.set_tag(parent, "trials", str(n))
+        self.client.set_terminated(parent, "FINISHED")
 
     def confirm(self, study: optuna.Study, number: int, metrics: dict[str, float]) -> None:
         """Log an exported trial's held-out confirmation on its run (``confirm_*`` metrics)."""
-        self._guard(self._confirm, study, number, metrics)
+        values = {
+            f"confirm_{k}".replace("/", "."): float(v)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        self._guard(self._confirm, study.study_name, number, values)
 
-    def _confirm(self, study: optuna.Study, number: int, metrics: dict[str, float]) -> None:
+    def _confirm(self, study_name: str, number: int, values: dict[str, float]) -> None:
         if number not in self.runs:
-            self.load_runs(study)
+            self._load_runs_of(study_name)
         rid = self.runs.get(number)
         if rid is None:
             return
-        for k, v in metrics.items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                self.client.log_metric(rid, f"confirm_{k}".replace("/", "."), float(v))
+        for k, v in values.items():
+            self.client.log_metric(rid, k, v)
         self.client.set_tag(rid, "exported", "true")
 
 
@@ -288,7 +336,6 @@ def sync(cfg: SearchConfig, study: optuna.Study, console: Console | None = None)
     tracker = Tracker(cfg, console)
     tracker._guard(tracker.load_runs, study)
     before = len(tracker.runs)
-    tracker.start(study)
     tracker.finish(study)
     if tracker.down:
         raise ValueError(f"tracking uri {tracker.uri!r} does not answer")

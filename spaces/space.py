@@ -13,10 +13,12 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import hashlib
+import itertools
 import json
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from mpq.spaces.discover import LayerInfo
 
@@ -30,6 +32,28 @@ ActMode = Literal["static", "dynamic"]
 ActGranularity = Literal["per_tensor", "per_token", "per_block"]
 ACT_BLOCK = 32  # per_block: symmetric int8 over blocks of 32 along the input's last axis
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+@dataclass(frozen=True, slots=True)
+class Dimension:
+    """One searched per-layer dimension: a field of ``LayerChoice`` (one value) and of
+    ``LayerOptions`` (the tuple of options). ``ordered``: its options have an order (bits) that
+    a sampler should see, so the search encodes them by rank rather than as unordered labels."""
+
+    name: str
+    ordered: bool
+
+
+# NOTE: the one list of searched dimensions; the search's parameters, the overrides, MLflow's
+# per-layer params and the sensitivity seeds all iterate over it. Adding a dimension: a field in
+# LayerChoice and in LayerOptions, and an entry here.
+DIMENSIONS: tuple[Dimension, ...] = (
+    Dimension("w_bits", ordered=True),
+    Dimension("a_bits", ordered=True),
+    Dimension("granularity", ordered=False),
+    Dimension("symmetric", ordered=False),
+    Dimension("act_mode", ordered=False),
+)
 
 
 class LayerChoice(BaseModel):
@@ -141,45 +165,48 @@ class LayerOptions(BaseModel):
         return self
 
     def choices(self) -> tuple[LayerChoice, ...]:
-        """Every combination, in a fixed order."""
+        """Every combination of the dimensions' options, in a fixed order."""
+        names = [d.name for d in DIMENSIONS]
         out = []
-        for w in self.w_bits:
-            for a in self.a_bits:
-                for g in self.granularity:
-                    for s in self.symmetric:
-                        for m in self.act_mode:
-                            gs = self.group_size if g == "per_group" else None
-                            c = LayerChoice(
-                                w_bits=w,
-                                a_bits=a,
-                                granularity=g,
-                                group_size=gs,
-                                symmetric=s,
-                                act_mode=m,
-                            )
-                            out.append(c)
+        for values in itertools.product(*(getattr(self, n) for n in names)):
+            pick = dict(zip(names, values, strict=True))
+            out.append(LayerChoice(**pick, group_size=self.group_size_for(pick["granularity"])))
         return tuple(out)
+
+    def group_size_for(self, granularity: str) -> int | None:
+        """``group_size`` goes with ``per_group`` only."""
+        return self.group_size if granularity == "per_group" else None
+
+    def first(self, **picks: Any) -> LayerChoice:
+        """The choice with the first option of every dimension, except those in ``picks``."""
+        pick = {d.name: getattr(self, d.name)[0] for d in DIMENSIONS} | picks
+        return LayerChoice(**pick, group_size=self.group_size_for(pick["granularity"]))
 
     @property
     def is_fixed(self) -> bool:
         return len(self.choices()) == 1
 
 
-class Override(BaseModel):
-    """Options for the layers whose name equals ``match`` or matches it as a glob."""
-
+class _OverrideBase(BaseModel):
     model_config = _FROZEN
     match: str = Field(..., description="a layer name, or a glob such as 'memory_gru.*'")
-    w_bits: tuple[int, ...] | None = None
-    a_bits: tuple[int, ...] | None = None
-    granularity: tuple[Granularity, ...] | None = None
-    group_size: int | None = None
-    symmetric: tuple[bool, ...] | None = None
-    act_mode: tuple[ActMode, ...] | None = None
 
     def apply(self, base: LayerOptions) -> LayerOptions:
         changes = self.model_dump(exclude={"match"}, exclude_none=True)
         return LayerOptions(**{**base.model_dump(), **changes})
+
+
+# Options for the layers whose name equals ``match`` or matches it as a glob: any subset of
+# ``LayerOptions``' fields (None = from the defaults), made from them so the two cannot drift.
+Override = create_model(  # type: ignore[call-overload]
+    "Override",
+    __base__=_OverrideBase,
+    __doc__="Options for the layers whose name equals ``match`` or matches it as a glob.",
+    **{
+        name: (f.annotation | None, Field(None, description=f.description))
+        for name, f in LayerOptions.model_fields.items()
+    },
+)
 
 
 def _is_glob(pattern: str) -> bool:

@@ -83,7 +83,7 @@ def build_model() -> SmallCNN:
 @torch.inference_mode()
 def accuracy_task(model: nn.Module, budget: int) -> dict[str, float]:
     """Accuracy on ``budget`` held-out images (seed 1, never used for training)."""
-    from mpq.evaluators.task import wilson_interval
+    from mpq.evaluators.stats import wilson_interval
 
     x, y = make_images(budget, seed=1)
     correct = int((model(x).argmax(-1) == y).sum())

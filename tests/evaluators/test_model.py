@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mpq.evaluators.callables import load_callable
 from mpq.evaluators.model import build_model, load_state_dict
-from mpq.evaluators.task import load_callable, run_task, wilson_interval
+from mpq.evaluators.stats import wilson_interval
+from mpq.evaluators.task import run_task
 from tests.models import ConvNet
 
 

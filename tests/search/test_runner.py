@@ -95,7 +95,7 @@ def test_worker_killed_mid_trial(ray_local: None, tmp_path: Path) -> None:
         ray={"max_retries": 1},
     )
     study = _run(cfg).study
-    killed = [t for t in study.trials if t.params.get("fc/w_bits") == 2]
+    killed = [t for t in study.trials if t.user_attrs["config"]["layers"]["fc"]["w_bits"] == 2]
     assert killed
     assert all(t.state == TrialState.FAIL for t in killed)
     assert all("worker died" in t.user_attrs["fail_reason"] for t in killed)
@@ -132,7 +132,7 @@ def test_duplicates_are_not_evaluated_twice(ray_local: None, tmp_path: Path) -> 
 
 
 def test_a_ray_address_that_does_not_answer(tmp_path: Path) -> None:
-    from mpq.search.runner import init_ray
+    from mpq.search.cluster import init_ray
     from tests.mlflow_server import free_port
 
     cfg = conv_config(tmp_path, ray={"address": f"127.0.0.1:{free_port()}"})
@@ -150,7 +150,7 @@ def test_memory_limit_fails_the_trial(ray_local: None, tmp_path: Path) -> None:
         sensitivity={"uniform_bits": [2, 8], "budgets": []},  # 2-bit seed first
     )
     study = _run(cfg).study
-    hungry = [t for t in study.trials if t.params.get("fc/w_bits") == 2]
+    hungry = [t for t in study.trials if t.user_attrs["config"]["layers"]["fc"]["w_bits"] == 2]
     assert hungry and all(t.state == TrialState.FAIL for t in hungry)
     assert all(t.user_attrs["fail_reason"].startswith("out of memory") for t in hungry)
     assert any(t.state == TrialState.COMPLETE for t in study.trials)  # the worker lives on
@@ -180,7 +180,7 @@ def test_predicted_screening_measures_only_what_passes(ray_local: None, tmp_path
 
 
 def test_a_trial_killed_before_its_first_heartbeat_is_failed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """A kill between ``ask`` and the first heartbeat leaves a RUNNING trial that Optuna's stale
     check never fails (it skips trials without a heartbeat); the runner does."""
@@ -188,14 +188,15 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed(
 
     import optuna
 
-    from mpq.search import study as study_mod
+    from mpq.search import hygiene
 
     runner = Runner(conv_config(tmp_path))
     orphan = runner.study.ask()  # what the killed process left: RUNNING, no heartbeat
-    monkeypatch.setattr(study_mod, "GRACE_PERIOD_S", 0.2)
     time.sleep(0.3)
     optuna.storages.fail_stale_trials(runner.study)
     assert runner.study.trials[orphan.number].state == TrialState.RUNNING  # Optuna skips it
-    runner._fail_orphans(force=True)
+    failed: list[int] = []
+    hygiene.fail_orphans(runner.study, (), lambda t: failed.append(t.number), 0.2)
+    assert failed == [orphan.number]
     t = runner.study.trials[orphan.number]
     assert t.state == TrialState.FAIL and t.user_attrs["fail_reason"] == "killed before it started"

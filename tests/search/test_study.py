@@ -4,8 +4,9 @@ import re
 from pathlib import Path
 
 import pytest
-from optuna.distributions import CategoricalDistribution
+from optuna.distributions import CategoricalDistribution, IntDistribution
 
+from mpq.search import rules
 from mpq.search import study as study_mod
 from mpq.search.config import SearchConfig, load_search_config
 from mpq.spaces.discover import discover_layers
@@ -24,22 +25,46 @@ def _resolved():  # type: ignore[no-untyped-def]
     return space.resolve(LAYERS)
 
 
-def test_fixed_dimensions_are_not_searched() -> None:
+def test_fixed_dimensions_are_not_searched_and_bits_are_ordered() -> None:
     dists = study_mod.distributions(_resolved())
-    assert "fc/w_bits" not in dists and "fc/a_bits" not in dists
-    assert dists["conv1/w_bits"] == CategoricalDistribution([4, 8, 32])
+    assert "fc.w_bits_rank" not in dists and "fc.a_bits_rank" not in dists
+    assert dists["conv1.w_bits_rank"] == IntDistribution(0, 2)  # ranks of (4, 8, 32)
     assert set(dists) == {
-        f"{n}/{d}" for n in ("conv1", "conv2", "conv1d") for d in ("w_bits", "a_bits")
+        f"{n}.{d}_rank" for n in ("conv1", "conv2", "conv1d") for d in ("w_bits", "a_bits")
     }
+
+
+def test_unordered_dimensions_are_categories() -> None:
+    space = SearchSpace(defaults=LayerOptions(w_bits=(8,), symmetric=(True, False)))
+    dists = study_mod.distributions(space.resolve(LAYERS))
+    assert dists["conv1.symmetric"] == CategoricalDistribution([True, False])
 
 
 def test_params_and_config_round_trip() -> None:
     resolved = _resolved()
-    params = {k: d.choices[-1] for k, d in study_mod.distributions(resolved).items()}
+    params = {k: d.high for k, d in study_mod.distributions(resolved).items()}
     config = study_mod.config_from_params(resolved, params)
     config.check(LAYERS)
     assert config.layers["fc"].w_bits == 8 and config.layers["conv1"].w_bits == 32
+    assert config.layers["conv1"].a_bits == 32
     assert study_mod.params_from_config(resolved, config) == params
+    low = study_mod.config_from_params(resolved, {k: 0 for k in params})
+    assert low.layers["conv1"].w_bits == 4 and low.layers["conv1"].a_bits == 8
+
+
+def test_a_seed_outside_the_space_is_refused() -> None:
+    resolved = _resolved()
+    config = study_mod.config_from_params(resolved, {})
+    bad = config.model_copy(
+        update={
+            "layers": {
+                **config.layers,
+                "conv1": config.layers["conv1"].model_copy(update={"w_bits": 6}),
+            }
+        }
+    )
+    with pytest.raises(ValueError, match=r"layers\['conv1'\].w_bits=6 not in the space"):
+        study_mod.params_from_config(resolved, bad)
 
 
 def test_constraints_are_named_and_signed() -> None:
@@ -56,7 +81,7 @@ def test_constraints_are_named_and_signed() -> None:
             },
         }
     )
-    values = study_mod.constraint_values(
+    values = rules.constraint_values(
         cfg, {"success": 0.9, "size_bytes": 1200, "latency_ms": 1.0}, 1.0
     )
     assert values == pytest.approx(

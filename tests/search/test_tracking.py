@@ -63,10 +63,12 @@ def test_runs_match_optuna_storage(
             assert r.data.metrics["success"] == pytest.approx(t.values[0])
             assert r.data.metrics["size_bytes"] == pytest.approx(t.values[1])
             assert r.data.metrics["latency_ms"] == pytest.approx(t.values[2])
-            assert "compression_ratio" in r.data.metrics and "speedup" in r.data.metrics
+            assert "compression" in r.data.metrics and "speedup" in r.data.metrics
             assert r.data.params["fc.w_bits"] == str(
                 t.user_attrs["config"]["layers"]["fc"]["w_bits"]
             )
+            ran = t.user_attrs.get("ran_config", t.user_attrs["config"])
+            assert r.data.params["ran.fc.w_bits"] == str(ran["layers"]["fc"]["w_bits"])
             names = {a.path for a in client.list_artifacts(r.info.run_id)}
             assert {"config.yaml", "config.json", "kernels.json"} <= names
     parent_artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}

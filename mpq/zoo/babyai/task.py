@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mpq.evaluators import timing_slot
-from mpq.evaluators.task import wilson_interval
+from mpq.evaluators.stats import wilson_interval
 from mpq.zoo.babyai.demos import EVAL_SEED_BASE, level_seed, make_env, quiet_reset
 from mpq.zoo.babyai.policy import LEVELS, tokenize
 

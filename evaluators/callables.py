@@ -1,0 +1,36 @@
+"""A user's code named in a config: ``"package.module:function"`` -> the function."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+
+def load_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
+    """Import ``"package.module:function"`` and return the function.
+
+    Modules next to where mpq runs are importable where the CLI (and Ray's workers, through
+    their ``PYTHONPATH``) put the current directory on the path, as ``python -m`` does.
+
+    Raises:
+        ValueError: one line naming the spec, when it is malformed, does not import, or does
+            not name a callable.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{what} {spec!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"{what} {spec!r}: module {module_name!r} does not import ({exc})"
+        ) from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{what} {spec!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{what} {spec!r}: {attr!r} is not callable")
+    return obj  # type: ignore[no-any-return]

@@ -1,0 +1,31 @@
+"""Process-wide settings of a command-line run, made once where the CLI starts.
+
+Libraries do not set log levels, warning filters or ``sys.path`` at import; ``configure()``
+does, for the ``mpq`` command (and for ``search.session.run_search``, which scripts call).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+
+def configure() -> None:
+    """Quiet libraries' chatter; make modules next to the current directory importable.
+
+    - like ``python -m`` and uvicorn, a user's ``module:function`` next to where mpq runs
+      imports (Ray's workers get the same through their ``PYTHONPATH``);
+    - Optuna's per-trial INFO lines and MLflow's INFO logs would drown the progress bar;
+    - heartbeats are marked experimental and "meant for Study.optimize": the runner records
+      them itself for its ask/tell trials, which is what makes stale trials detectable.
+    """
+    import optuna
+
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")

@@ -1,0 +1,77 @@
+"""Study hygiene: heartbeats, and trials that a killed process left RUNNING.
+
+Optuna fails a RUNNING trial whose heartbeat is stale (``fail_stale_trials``); a trial killed
+between ``ask`` and its first heartbeat has none, so Optuna skips it: ``fail_orphans`` fails it
+once its grace period is over.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Collection
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mpq.search.record import TrialAttr
+
+HEARTBEAT_INTERVAL_S = 2
+GRACE_PERIOD_S = 8
+
+
+def record_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Mark ``trial`` alive now.
+
+    NOTE: Optuna records heartbeats itself only inside ``Study.optimize``; an ask/tell loop has
+    no public call for it, so this reaches the storage (``_storage``, ``_trial_id``) here only.
+    """
+    study._storage.record_heartbeat(trial._trial_id)  # noqa: SLF001
+
+
+def _fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> FrozenTrial:
+    """Fail a trial this process never asked for (so it holds no ``optuna.Trial``).
+
+    NOTE: the public ``Study.tell`` takes a trial number but cannot record why the trial
+    failed first; the two storage calls do both, and are this module's only other private use.
+    """
+    storage = study._storage  # noqa: SLF001
+    trial_id = trial._trial_id  # noqa: SLF001
+    storage.set_trial_user_attr(trial_id, TrialAttr.FAIL_REASON, reason)
+    storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    return storage.get_trial(trial_id)
+
+
+def fail_orphans(
+    study: optuna.Study,
+    ours: Collection[int],
+    on_fail: Callable[[FrozenTrial], None],
+    grace_period_s: float | None = None,
+) -> None:
+    """Fail RUNNING trials that never got a heartbeat (a kill between ``ask`` and the first
+    heartbeat), other than ``ours``.
+
+    A trial of this or another live search gets its heartbeat and ``config_key`` within
+    milliseconds of ``ask``, so one without ``config_key`` past the grace period is dead.
+    """
+    grace = GRACE_PERIOD_S if grace_period_s is None else grace_period_s
+    wall = datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number in ours or TrialAttr.CONFIG_KEY in t.user_attrs or not t.datetime_start:
+            continue
+        if (wall - t.datetime_start).total_seconds() > grace:
+            on_fail(_fail_trial(study, t, "killed before it started"))
+
+
+def settle(study: optuna.Study, on_fail: Callable[[FrozenTrial], None]) -> None:
+    """At the end: trials another (killed) process left RUNNING are failed once their grace
+    period is over, rather than left RUNNING; a live search's trials keep their heartbeat
+    and are waited for at most one grace period."""
+    deadline = time.monotonic() + GRACE_PERIOD_S + HEARTBEAT_INTERVAL_S
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        fail_orphans(study, (), on_fail)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running or time.monotonic() > deadline:
+            return
+        time.sleep(0.5)

@@ -1,0 +1,86 @@
+"""Pure rules of the search, over plain numbers: objectives, constraints, screening.
+
+Multi-fidelity screening: a trial first runs the cheap stage (size, latency, proxy and
+``screen_budget`` episodes); it gets the full ``task_budget`` only if, with the upper end of its
+95% success interval (optimistic), it can still meet the success constraint and no finished
+feasible trial dominates it. Otherwise it is pruned with the screening figures kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mpq.evaluators.stats import wilson_interval
+from mpq.search.config import SearchConfig
+from mpq.search.pareto import dominated
+
+
+def objective_values(cfg: SearchConfig, metrics: Mapping[str, Any]) -> list[float]:
+    """The objectives' values in the config's order (Optuna's ``values``)."""
+    return [float(metrics[o]) for o in cfg.objectives]
+
+
+def constraint_values(
+    cfg: SearchConfig, metrics: Mapping[str, Any], float_success: float
+) -> dict[str, float]:
+    """Named constraint values; <= 0 is satisfied (Optuna's ``Trial.set_constraint``).
+
+    ``success_drop = float_success - max_success_drop - success``,
+    ``size_budget = size_bytes - max_size_bytes``,
+    ``latency_budget = latency_ms - max_latency_ms``.
+    """
+    c = cfg.constraints
+    out = {}
+    if c.max_success_drop is not None:
+        out["success_drop"] = float(float_success - c.max_success_drop - metrics["success"])
+    if c.max_size_bytes is not None:
+        out["size_budget"] = float(metrics["size_bytes"] - c.max_size_bytes)
+    if c.max_latency_ms is not None and "latency_ms" in metrics:
+        out["latency_budget"] = float(metrics["latency_ms"] - c.max_latency_ms)
+    return out
+
+
+def constraint_names(cfg: SearchConfig) -> list[str]:
+    """The constraints' names, in the order their values are stored."""
+    probe = {"success": 0.0, "size_bytes": 0.0, "latency_ms": 0.0}
+    return list(constraint_values(cfg, probe, 0.0))
+
+
+def paired_latency(result: Mapping[str, Any], float_latency_ms: float | None) -> dict[str, Any]:
+    """The latency objective is the paired one: ``latency_ms = float_latency_ms / speedup``,
+    the float latency of the study over the speed-up measured against float in the same slot,
+    so ``float latency_ms / latency_ms`` is the trial's ``speedup`` wherever it is shown (the
+    raw median stays in ``latency_measured_ms``)."""
+    if "speedup" not in result or not float_latency_ms:
+        return dict(result)
+    return {**result, "latency_ms": float(float_latency_ms) / float(result["speedup"])}
+
+
+def success_upper(result: Mapping[str, Any], episodes: int) -> float:
+    """Upper end of the 95% success interval: the task's own (``success_hi``), else Wilson's
+    over ``episodes``."""
+    if "success_hi" in result:
+        return float(result["success_hi"])
+    return wilson_interval(round(float(result["success"]) * episodes), episodes)[1]
+
+
+def cannot_be_feasible(cfg: SearchConfig, success_hi: float, float_success: float) -> bool:
+    """Even ``success_hi`` misses the success constraint ``float_success - max_success_drop``."""
+    drop = cfg.constraints.max_success_drop
+    return drop is not None and success_hi < float_success - drop
+
+
+def prune_after_screen(
+    cfg: SearchConfig,
+    screen: Mapping[str, Any],
+    float_success: float,
+    finished: Sequence[Sequence[float]],
+) -> bool:
+    """Prune a screened trial: its optimistic figures (success at the upper end of its
+    interval) cannot meet the success constraint, or are dominated by a ``finished`` feasible
+    trial's objective values."""
+    optimistic = {**screen, "success": success_upper(screen, cfg.screen_budget)}
+    if cannot_be_feasible(cfg, optimistic["success"], float_success):
+        return True
+    return dominated(objective_values(cfg, optimistic), finished, cfg.directions)

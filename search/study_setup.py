@@ -1,0 +1,112 @@
+"""What a study measures once, before its trials: the float reference, the seed trials of the
+one-shot allocators (uniform, greedy on sensitivity) and the latency table of the target."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from mpq.evaluators.measure import Evaluator
+from mpq.evaluators.size import config_size
+from mpq.search import sensitivity as sens
+from mpq.search.config import SearchConfig
+from mpq.search.record import StudyAttr, TrialAttr, jsonable
+from mpq.search.study import params_from_config
+from mpq.spaces.space import LayerOptions, QuantConfig
+
+
+def float_reference(
+    study: optuna.Study,
+    cfg: SearchConfig,
+    evaluator: Evaluator,
+    resolved: dict[str, LayerOptions],
+) -> dict[str, Any]:
+    """The float model's figures, measured once per study (with the seed trials enqueued then);
+    a resumed study reads them back."""
+    ref = study.user_attrs.get(StudyAttr.FLOAT_REFERENCE)
+    if ref is None:
+        ref = jsonable(evaluator.float_reference(cfg.task_budget))
+        study.set_user_attr(StudyAttr.FLOAT_REFERENCE, ref)
+        study.set_user_attr(StudyAttr.LAYERS, [la.name for la in evaluator.layers])
+        enqueue_seeds(study, cfg, evaluator, resolved)
+    return dict(ref)
+
+
+def seed_configs(
+    cfg: SearchConfig, evaluator: Evaluator, resolved: dict[str, LayerOptions]
+) -> tuple[list[tuple[str, QuantConfig]], sens.Sensitivity]:
+    """The one-shot allocations, labelled by who proposes them: uniform at each of
+    ``sensitivity.uniform_bits``, greedy at each fraction of the uniform 8-bit size."""
+    seeds = [
+        (f"uniform-{bits}bit", sens.uniform_config(resolved, bits))
+        for bits in cfg.sensitivity.uniform_bits
+    ]
+    s = sens.measure_sensitivity(evaluator, resolved, Path(cfg.output_dir))
+    uniform8 = sens.uniform_config(resolved, 8)
+    size8 = config_size(evaluator.model, evaluator.layers, uniform8).total_bytes
+    for frac in cfg.sensitivity.budgets:
+        config = sens.greedy_allocation(evaluator, resolved, s, int(size8 * frac))
+        seeds.append((f"greedy-{int(frac * 100)}pct", config))
+    return seeds, s
+
+
+def enqueue_seeds(
+    study: optuna.Study,
+    cfg: SearchConfig,
+    evaluator: Evaluator,
+    resolved: dict[str, LayerOptions],
+) -> None:
+    """Enqueue each distinct seed configuration once, labelled ``proposed_by``."""
+    if not cfg.sensitivity.enabled:
+        return
+    seeds, s = seed_configs(cfg, evaluator, resolved)
+    study.set_user_attr(
+        StudyAttr.SENSITIVITY, {k: {str(b): v for b, v in d.items()} for k, d in s.items()}
+    )
+    enqueue_configs(study, resolved, seeds)
+
+
+def enqueue_configs(
+    study: optuna.Study,
+    resolved: dict[str, LayerOptions],
+    configs: Sequence[tuple[str, QuantConfig]],
+) -> None:
+    """Enqueue each distinct ``(proposed_by, config)`` once, to run before the sampler's.
+
+    Raises:
+        ValueError: a configuration is outside the space.
+    """
+    done: set[str] = set()
+    for label, config in configs:
+        if config.key() in done:
+            continue
+        done.add(config.key())
+        params = params_from_config(resolved, config)
+        study.enqueue_trial(params, user_attrs={TrialAttr.PROPOSED_BY: label})
+
+
+def latency_table(
+    study: optuna.Study,
+    cfg: SearchConfig,
+    resolved: dict[str, LayerOptions],
+    build: Any,
+) -> str | None:
+    """The study's latency table (JSON) for predicted screening, from ``build(options_json,
+    cached_json)`` run where the trials run (the target); kept in the study and in
+    ``output_dir/latency_table.json``, reused on resume when the target and space match."""
+    lat = cfg.latency
+    if not (lat.enabled and lat.predict_screen and cfg.screen_budget > 0):
+        return None
+    cached = study.user_attrs.get(StudyAttr.LATENCY_TABLE)
+    options = {n: o.model_dump(mode="json") for n, o in resolved.items()}
+    cached_json = json.dumps(cached) if cached is not None else None
+    table = json.loads(build(json.dumps(options), cached_json))
+    if table != cached:  # new, or the cached one was of another target or a smaller space
+        study.set_user_attr(StudyAttr.LATENCY_TABLE, table)
+        path = Path(cfg.output_dir) / "latency_table.json"
+        path.write_text(json.dumps(table, indent=1, sort_keys=True))
+    return json.dumps(table)

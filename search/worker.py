@@ -1,0 +1,112 @@
+"""What runs on a worker for one trial: measure one configuration. No Ray here.
+
+The cluster module (``search/cluster.py``) sends these functions to Ray workers; they take and
+return plain data (JSON strings, dicts), so they run the same in a test without Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from enum import StrEnum
+from typing import Any
+
+from mpq.evaluators.latency_table import LatencyTable, reuse_or_build
+from mpq.evaluators.measure import EvalSpec, finite_or_error, get_evaluator
+from mpq.search.config import SearchConfig
+from mpq.spaces.space import LayerOptions, QuantConfig
+from mpq.zoo import resolve_model
+
+
+class ArtifactFigures(StrEnum):
+    """How a trial's size, proxy and latency are obtained in one worker call."""
+
+    MEASURED = "measured"  # lowered to the backend's kernels: the deployable artifact
+    PREDICTED = "predicted"  # formula size, simulation, latency from the latency table
+    NONE = "none"  # not in this call (the task episodes only)
+
+
+def eval_spec(cfg: SearchConfig) -> EvalSpec:
+    """The evaluator's settings out of a search config (plain data, sent to workers)."""
+    return EvalSpec(
+        model=resolve_model(cfg.model),
+        task=cfg.task,
+        calibration=cfg.calibration,
+        checkpoint=cfg.checkpoint,
+        example_inputs=cfg.example_inputs,
+        backend=cfg.latency.backend,
+        observer=cfg.observer,
+        latency_threads=cfg.latency.threads,
+        latency_warmup=cfg.latency.warmup,
+        latency_runs=cfg.latency.runs,
+        latency_visits=cfg.latency.visits,
+        measure_latency=cfg.latency.enabled,
+        allow_fallback=cfg.latency.allow_fallback,
+    )
+
+
+def evaluate_trial(
+    spec: EvalSpec,
+    config_json: str,
+    artifact: ArtifactFigures,
+    episodes: int,
+    memory_mb: int | None = None,
+    latency_table: str | None = None,
+) -> dict[str, Any]:
+    """One worker call of a trial: its artifact figures (``artifact``), then ``episodes`` of
+    the task (success with its interval).
+
+    With ``memory_mb``, the worker may grow its address space by at most that much during the
+    call (``RLIMIT_AS``, restored after): an allocation past it raises instead of taking the
+    machine down.
+
+    Raises:
+        ValueError: a measurement came back non-finite (the trial fails with that reason).
+    """
+    start = time.perf_counter()
+    table = LatencyTable.from_json(latency_table) if latency_table else None
+    with _memory_limit(memory_mb):
+        evaluator = get_evaluator(spec)
+        config = QuantConfig.model_validate_json(config_json)
+        out: dict[str, Any] = {}
+        if artifact == ArtifactFigures.PREDICTED:
+            out.update(evaluator.screen(config, table))
+        elif artifact == ArtifactFigures.MEASURED:
+            out.update(evaluator.screen(config))
+        if episodes > 0:
+            out.update(evaluator.success(config, episodes))
+            out["episodes"] = episodes
+    out["eval_s"] = time.perf_counter() - start
+    finite_or_error(out, ("success",) if episodes > 0 else ("size_bytes",))
+    return out
+
+
+def build_table(spec: EvalSpec, options_json: str, cached_json: str | None = None) -> str:
+    """The latency table (JSON), built where the trials run (the target); ``cached_json`` is
+    kept when it was built on this target for this space."""
+    evaluator = get_evaluator(spec)
+    raw = json.loads(options_json)
+    options = {name: LayerOptions.model_validate(o) for name, o in raw.items()}
+    return reuse_or_build(cached_json, evaluator, options).to_json()
+
+
+@contextlib.contextmanager
+def _memory_limit(memory_mb: int | None) -> Iterator[None]:
+    if not memory_mb:
+        yield
+        return
+    import resource
+
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as f:
+        vm_kb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmSize:"))
+    limit = vm_kb * 1024 + memory_mb * 1024 * 1024
+    if old[1] != resource.RLIM_INFINITY:
+        limit = min(limit, old[1])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, old)
