@@ -142,7 +142,7 @@ class Evaluator:
                 f"layer {name!r}: backend {s.backend!r} cannot run it as asked ({reason}) and "
                 "latency.allow_fallback is false"
             )
-        device = getattr(self.backend, "device", "cpu")
+        device = self.backend.device
         with timing_slot.compute(), torch.inference_mode():  # first calls compile (torch)
             self._float_lowered.run()
             lowered.run()

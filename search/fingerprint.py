@@ -24,9 +24,13 @@ from torch import nn
 from mpq.evaluators.cpu_isa import isa_summary
 from mpq.evaluators.latency import cpu_model
 from mpq.search.config import SearchConfig
+from mpq.search.record import StudyAttr
 
 FIGURES_VERSION = 2
-ATTR = "fingerprint"
+# 2: ordered dimensions (bits) are integer ranks ``<layer>.<dim>_rank``; 1 (no key):
+# categorical ``<layer>/<dim>``. A sampler cannot resume a study across encodings.
+PARAMS_ENCODING = 2
+ATTR = StudyAttr.FINGERPRINT
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -55,6 +59,7 @@ def fingerprint(cfg: SearchConfig, model: nn.Module) -> dict[str, Any]:
         target = f"cluster resources {json.dumps(cfg.ray.resources_per_trial, sort_keys=True)}"
     return {
         "figures_version": FIGURES_VERSION,
+        "params_encoding": PARAMS_ENCODING,
         "model": cfg.model,
         "weights_sha256": weights_sha256(model),
         "task": cfg.task,
@@ -137,7 +142,7 @@ def check_stored(cfg: SearchConfig, model: nn.Module) -> None:
 
 def _measured(study: Any) -> int:
     """Trials, plus one for a float reference measured before any trial."""
-    return len(study.get_trials(deepcopy=False)) + ("float_reference" in study.user_attrs)
+    return len(study.get_trials(deepcopy=False)) + (StudyAttr.FLOAT_REFERENCE in study.user_attrs)
 
 
 def new_study_config(cfg: SearchConfig, model: nn.Module) -> SearchConfig:

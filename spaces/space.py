@@ -115,6 +115,17 @@ class LayerChoice(BaseModel):
     def weight_is_int(self) -> bool:
         return self.w_bits <= INT_BITS_MAX
 
+    def describe(self) -> str:
+        """``w4 per_group32 asym a16``: the choice in a few words (what computes differs)."""
+        parts = [f"w{self.w_bits}"]
+        if self.weight_is_int:
+            gran = self.granularity + (str(self.group_size) if self.group_size else "")
+            parts += [gran, "sym" if self.symmetric else "asym"]
+        parts.append(f"a{self.a_bits}")
+        if self.a_bits <= INT_BITS_MAX:
+            parts += [self.act_mode, self.act_granularity]
+        return " ".join(parts)
+
 
 def check_choice(layer: LayerInfo, choice: LayerChoice) -> str | None:
     """Why ``layer`` cannot take ``choice`` (one phrase), or None when it can."""

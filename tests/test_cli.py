@@ -76,7 +76,8 @@ def test_search_with_fallback_disabled_and_a_choice_without_kernel(tmp_path: Pat
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1, result.output
     assert (
-        f"{p}: space: layer 'fc' w:int3 a:float: backend 'onnxruntime' cannot run it as asked "
+        f"{p}: space: layer 'fc' w3 per_channel sym a32: backend 'onnxruntime' cannot run it "
+        "as asked "
         "(w3 per_channel -> int4 per_channel) and latency.allow_fallback is false" in lines[0]
     )
     assert not (tmp_path / "out").exists()  # nothing written

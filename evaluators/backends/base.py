@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from torch import nn
@@ -11,21 +12,86 @@ from torch import nn
 from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import LayerChoice, QuantConfig
 
+RECURRENT_KINDS = ("gru", "lstm", "rnn")
+
+
+def inside_attention(model: nn.Module, module_name: str) -> bool:
+    """Whether ``module_name`` is a child of ``nn.MultiheadAttention``, which reads its
+    ``out_proj.weight`` directly: a kernel swapped in for that Linear would never be called."""
+    parent = module_name.rpartition(".")[0]
+    return isinstance(model.get_submodule(parent), nn.MultiheadAttention)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerPlan:
+    """What one layer runs on a backend: the kernel, the choice that runs (its simulated model
+    equals the kernel's output: the contract suite), and why that differs from the asked
+    choice (None: it runs as asked)."""
+
+    kernel: str
+    ran: LayerChoice
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per layer, what runs: a backend's plan for one configuration, before anything runs."""
+
+    layers: dict[str, LayerPlan]
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        return {name: p.kernel for name, p in self.layers.items()}
+
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        return {name: p.reason for name, p in self.layers.items() if p.reason is not None}
+
+    @property
+    def ran_config(self) -> QuantConfig:
+        return QuantConfig(layers={name: p.ran for name, p in self.layers.items()})
+
+    def replace(self, name: str, plan: LayerPlan) -> Plan:
+        return Plan({**self.layers, name: plan})
+
+
+def module_fallbacks(
+    model: nn.Module,
+    layers: tuple[LayerInfo, ...],
+    plan: Plan,
+    config: QuantConfig,
+    float_plan: Callable[[LayerInfo, LayerChoice, str], LayerPlan],
+) -> Plan:
+    """What only the model tells, on a plan made from the layers' kinds: a Linear inside
+    ``nn.MultiheadAttention`` (its weight read directly) and a recurrent module whose weights
+    would run on different kernels (it is quantized whole) run on ``float_plan`` instead."""
+    by_module: dict[str, list[LayerInfo]] = {}
+    for la in layers:
+        by_module.setdefault(la.module, []).append(la)
+    floats = {float_plan(la, config.layers[la.name], "").kernel for la in layers}
+    for module_name, group in by_module.items():
+        why = None
+        if group[0].kind == "linear" and inside_attention(model, module_name):
+            why = "nn.MultiheadAttention reads out_proj.weight directly"
+        elif group[0].kind in RECURRENT_KINDS:
+            if len({plan.layers[la.name].kernel for la in group}) > 1:
+                why = "a recurrent module quantizes whole; a sibling weight stays float"
+        if why is None:
+            continue
+        for la in group:
+            if plan.layers[la.name].kernel not in floats:
+                plan = plan.replace(la.name, float_plan(la, config.layers[la.name], why))
+    return plan
+
 
 @dataclass(frozen=True)
 class Lowered:
-    """A lowered model: ``run()`` executes it once on the example inputs.
-
-    ``kernels`` maps each layer to the kernel that really ran; ``fallbacks`` maps the layers
-    whose asked choice had no kernel to the reason and what ran instead; ``ran_config`` is what
-    ran, as a configuration, so the simulated model of it is the reference for the outputs.
-    """
+    """A lowered model: ``run()`` executes it once on the example inputs; ``plan`` says per
+    layer which kernel ran, the choice that ran and why it differs from the asked one."""
 
     run: Callable[[], Any]
     module: Any
-    kernels: dict[str, str]
-    fallbacks: dict[str, str] = field(default_factory=dict)
-    ran_config: QuantConfig | None = None  # what really ran, as a configuration
+    plan: Plan
     stored_bytes: int | None = None  # bytes of the weights the artifact stores, as it packs them
     predicted_bytes: int | None = None  # the same from the backend's packing formula
     # A new runner on a freshly created session of the same artifact (the latency protocol's
@@ -36,27 +102,44 @@ class Lowered:
     artifact: bytes | None = None
     artifact_kind: str = "measure-only"
 
+    @property
+    def kernels(self) -> dict[str, str]:
+        return self.plan.kernels
+
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        return self.plan.fallbacks
+
+    @property
+    def ran_config(self) -> QuantConfig:
+        return self.plan.ran_config
+
     def new_runner(self) -> Callable[[], Any]:
         return self.fresh() if self.fresh is not None else self.run
 
 
 class Backend(Protocol):
+    """A target's kernels: a pure plan per layer (``plan_layer``), and ``lower`` that executes
+    the plan for a whole model with kernel handlers registered by kernel name."""
+
     name: str
+    device: str  # "cpu" or "cuda": where ``lower``'s model runs and is timed
+
+    def plan_layer(self, layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
+        """What ``choice`` on ``layer`` runs, from the layer's kind and the choice alone (so a
+        space is checked before any trial); ``lower`` adds what only the model tells."""
+        ...
 
     def supported_w_bits(self, layer: LayerInfo) -> tuple[int, ...]:
         """Weight bit-widths this backend has a real kernel for on ``layer``."""
         ...
 
     def kernel_for(self, layer: LayerInfo, choice: LayerChoice) -> str:
-        """The kernel ``choice`` runs on for ``layer``, without lowering (latency tables)."""
+        """``plan_layer(...).kernel``: the latency table's key."""
         ...
 
     def fallback_reason(self, layer: LayerInfo, choice: LayerChoice) -> str | None:
-        """Why ``choice`` on ``layer`` would not run as asked (and what runs), or None.
-
-        Decided from the layer's kind and the choice alone, so a space can be checked before
-        any trial; ``lower()`` records the same reasons (plus any found only at export).
-        """
+        """``plan_layer(...).reason``: why ``choice`` would not run as asked, or None."""
         ...
 
     def lower(
@@ -77,13 +160,31 @@ class Backend(Protocol):
         ...
 
 
+class PlannedBackend:
+    """``kernel_for`` and ``fallback_reason`` read the backend's ``plan_layer``."""
+
+    name: str = ""
+    device: str = "cpu"
+
+    def plan_layer(self, layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
+        raise NotImplementedError
+
+    def kernel_for(self, layer: LayerInfo, choice: LayerChoice) -> str:
+        return self.plan_layer(layer, choice).kernel
+
+    def fallback_reason(self, layer: LayerInfo, choice: LayerChoice) -> str | None:
+        return self.plan_layer(layer, choice).reason
+
+
 BACKENDS: dict[str, Callable[[], Backend]] = {}
 
 
-def register_backend(name: str) -> Callable[[type], type]:
+def register_backend(name: str, **settings: Any) -> Callable[[type], type]:
+    """Register ``cls(name=name, **settings)`` under ``name``: one class may serve several
+    configured backends (``torch``, ``torch-cuda``, ``torch-cuda-fp8``)."""
+
     def wrap(cls: type) -> type:
-        cls.name = name  # type: ignore[attr-defined]
-        BACKENDS[name] = cls
+        BACKENDS[name] = functools.partial(cls, name=name, **settings)
         return cls
 
     return wrap
@@ -111,7 +212,7 @@ def check_no_fallback(
             reason = backend.fallback_reason(la, choice)
             if reason is not None:
                 raise FallbackError(
-                    f"{where}: layer {la.name!r} {describe(choice)}: backend {backend.name!r} "
+                    f"{where}: layer {la.name!r} {choice.describe()}: backend {backend.name!r} "
                     f"cannot run it as asked ({reason}) and latency.allow_fallback is false"
                 )
 
@@ -120,12 +221,3 @@ def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} not in {sorted(BACKENDS)}")
     return BACKENDS[name]()
-
-
-def describe(choice: LayerChoice) -> str:
-    w = (
-        "float32"
-        if choice.w_bits == 32
-        else ("float16" if choice.w_bits == 16 else f"int{choice.w_bits}")
-    )
-    return f"w:{w} a:{'float' if choice.a_bits == 32 else choice.a_bits}"

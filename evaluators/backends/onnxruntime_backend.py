@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ from onnx import helper
 from torch import nn
 
 from mpq.evaluators.apply import static_ranges
-from mpq.evaluators.backends.base import Lowered, register_backend
+from mpq.evaluators.backends.base import LayerPlan, Lowered, Plan, PlannedBackend, register_backend
 from mpq.evaluators.backends.onnx_graph import (  # noqa: F401  (re-exported for tests)
     QDQ_CONV,
     conv_nodes,
@@ -154,94 +155,105 @@ def _ran_choice(choice: LayerChoice, layer: LayerInfo) -> LayerChoice:
     )
 
 
-@register_backend("onnxruntime")
-class OnnxRuntimeBackend:
-    name = "onnxruntime"
+MATMUL_KINDS = ("linear", "attention_in_proj")
 
-    def _conv_ranges(
-        self,
-        model: nn.Module,
-        layers: tuple[LayerInfo, ...],
-        config: QuantConfig,
-        qdq: dict[str, LayerInfo],
-        nodes: dict[str, list[str]],
-        calibration: Any,
-        observer: str,
-    ) -> dict[str, tuple[float, float, float, float]]:
-        """Per static int8 conv module: (input lo, hi, output lo, hi), calibrated on the
-        simulated model of what will run -- upstream layers quantized as they will be -- so the
-        QDQ ranges are the simulated model's own."""
-        if not qdq:
-            return {}
-        plan = {}
-        for la in layers:
-            c = config.layers[la.name]
-            if la.name in qdq:
-                plan[la.name] = CONV_RAN
-            elif la.name in nodes and c.w_bits <= INT_BITS_MAX:
-                plan[la.name] = _ran_choice(c, la)
-            else:
-                plan[la.name] = LayerChoice()
-        found = static_ranges(model, QuantConfig(layers=plan), calibration, observer, layers)
-        return {
-            la.module: (*found[la.module]["input"], *found[la.module]["output"])
-            for la in qdq.values()
-        }
+
+def _float(why: str | None = None) -> LayerPlan:
+    return LayerPlan(FLOAT32, LayerChoice(), why)
+
+
+def _conv_plan(choice: LayerChoice) -> LayerPlan:
+    """Static int8 ``QLinearConv``: a8 asked; weights int8 per channel, ranges static."""
+    if choice.a_bits != 8:
+        return _float(f"w{choice.w_bits} -> float32: QLinearConv needs a_bits 8 (no weight-only)")
+    c = CONV_RAN
+    asked = (choice.w_bits, choice.granularity, choice.symmetric, choice.act_mode)
+    if asked == (c.w_bits, c.granularity, c.symmetric, c.act_mode):
+        return LayerPlan(qlinearconv_kernel(), CONV_RAN)
+    why = (
+        f"w{choice.w_bits} {choice.granularity} a8 {choice.act_mode} -> int8 per_channel a8 "
+        "static (QLinearConv)"
+    )
+    return LayerPlan(qlinearconv_kernel(), CONV_RAN, why)
+
+
+def _matmul_reason(choice: LayerChoice, ran: LayerChoice) -> str | None:
+    """Why ``MatMulNBits`` runs ``ran`` for the asked ``choice`` (None: as asked)."""
+    if (ran.w_bits, ran.granularity, ran.group_size) != (
+        choice.w_bits,
+        choice.granularity,
+        choice.group_size,
+    ):
+        layout = f"block{BLOCK}" if ran.granularity == "per_group" else ran.granularity
+        return f"w{choice.w_bits} {choice.granularity} -> int{ran.w_bits} {layout}"
+    if choice.a_bits == 8 and ran.a_bits != 8:
+        return (
+            f"a8 -> a32: MatMulNBits int{ran.w_bits} has no int8-input kernel on this CPU "
+            "(accuracy level 4 computes in float32 here)"
+        )
+    if choice.a_bits == 8 and (choice.act_mode, choice.act_granularity) != (
+        "dynamic",
+        "per_block",
+    ):
+        return (
+            f"a8 {choice.act_mode} {choice.act_granularity} -> a8 dynamic symmetric per "
+            f"block of {BLOCK} (MatMulNBits accuracy level 4)"
+        )
+    if choice.a_bits == 16:
+        return "a16 -> float32 activations"
+    return None
+
+
+@register_backend("onnxruntime")
+class OnnxRuntimeBackend(PlannedBackend):
+    """ONNX Runtime's CPU kernels on an exported graph (see the module docstring)."""
+
+    def __init__(self, name: str = "onnxruntime", device: str = "cpu") -> None:
+        self.name = name
+        self.device = device
 
     def supported_w_bits(self, layer: LayerInfo) -> tuple[int, ...]:
-        return (*NBITS, 32) if layer.kind in ("linear", "attention_in_proj") else (32,)
+        return (*NBITS, 32) if layer.kind in MATMUL_KINDS else (32,)
 
-    def kernel_for(self, layer: LayerInfo, choice: LayerChoice) -> str:
-        """The kernel ``lower()`` runs ``choice`` on (given calibration data and a found node)."""
-        if choice.w_bits <= INT_BITS_MAX and layer.kind in QDQ_CONV and choice.a_bits == 8:
-            return qlinearconv_kernel()
-        if choice.w_bits <= INT_BITS_MAX and layer.kind in ("linear", "attention_in_proj"):
-            level = 4 if _int8_input(choice) else 1
-            return f"MatMulNBits int{nbits_for(choice.w_bits)} block{BLOCK} acc{level}"
-        return FLOAT32
-
-    def fallback_reason(self, layer: LayerInfo, choice: LayerChoice) -> str | None:
+    def plan_layer(self, layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
+        """What runs, from the kind and the choice (given a node found in the export and
+        calibration data for static convs: ``plan`` checks those)."""
         if choice.w_bits == KEEP:
-            return None
+            return _float()
         if layer.kind in QDQ_CONV and choice.w_bits <= INT_BITS_MAX:
-            if choice.a_bits != 8:
-                return f"w{choice.w_bits} -> float32: QLinearConv needs a_bits 8 (no weight-only)"
-            c = CONV_RAN
-            asked = (choice.w_bits, choice.granularity, choice.symmetric, choice.act_mode)
-            if asked != (c.w_bits, c.granularity, c.symmetric, c.act_mode):
-                return (
-                    f"w{choice.w_bits} {choice.granularity} a8 {choice.act_mode} -> int8 "
-                    "per_channel a8 static (QLinearConv)"
-                )
-            return None
-        if layer.kind not in ("linear", "attention_in_proj"):
-            return f"w{choice.w_bits} -> float32: no low-bit kernel wired for {layer.kind}"
+            return _conv_plan(choice)
+        if layer.kind not in MATMUL_KINDS:
+            return _float(f"w{choice.w_bits} -> float32: no low-bit kernel wired for {layer.kind}")
         if choice.w_bits > INT_BITS_MAX:
-            return f"w{choice.w_bits} -> float32: float16 has no faster CPU kernel"
+            return _float(f"w{choice.w_bits} -> float32: float16 has no faster CPU kernel")
         ran = _ran_choice(choice, layer)
-        if (
-            ran.w_bits != choice.w_bits
-            or ran.granularity != choice.granularity
-            or (ran.group_size != choice.group_size)
-        ):
-            layout = f"block{BLOCK}" if ran.granularity == "per_group" else ran.granularity
-            return f"w{choice.w_bits} {choice.granularity} -> int{ran.w_bits} {layout}"
-        if choice.a_bits == 8 and not _int8_input(choice):
-            return (
-                f"a8 -> a32: MatMulNBits int{ran.w_bits} has no int8-input kernel on this CPU "
-                "(accuracy level 4 computes in float32 here)"
-            )
-        if choice.a_bits == 8 and (choice.act_mode, choice.act_granularity) != (
-            "dynamic",
-            "per_block",
-        ):
-            return (
-                f"a8 {choice.act_mode} {choice.act_granularity} -> a8 dynamic symmetric per "
-                f"block of {BLOCK} (MatMulNBits accuracy level 4)"
-            )
-        if choice.a_bits == 16:
-            return "a16 -> float32 activations"
-        return None
+        level = 4 if _int8_input(choice) else 1
+        kernel = f"MatMulNBits int{ran.w_bits} block{BLOCK} acc{level}"
+        return LayerPlan(kernel, ran, _matmul_reason(choice, ran))
+
+    def plan(
+        self,
+        layers: tuple[LayerInfo, ...],
+        config: QuantConfig,
+        matmuls: Collection[str],
+        convs: Collection[str],
+        calibrated: bool,
+    ) -> Plan:
+        """``plan_layer`` per layer, then what the export tells: a layer whose MatMul or Conv
+        node is not in the graph, or a static conv without calibration data, runs float."""
+        config.check(layers)
+        out = {}
+        for la in layers:
+            c = config.layers[la.name]
+            plan = self.plan_layer(la, c)
+            if plan.kernel.startswith("MatMulNBits") and la.name not in matmuls:
+                plan = _float(f"w{c.w_bits} -> float32: no MatMul node in the export")
+            elif plan.kernel.startswith("QLinearConv") and la.name not in convs:
+                plan = _float(f"w{c.w_bits} -> float32: no Conv node in the export")
+            elif plan.kernel.startswith("QLinearConv") and not calibrated:
+                plan = _float(f"w{c.w_bits} -> float32: static int8 conv needs calibration data")
+            out[la.name] = plan
+        return Plan(out)
 
     def lower(
         self,
@@ -253,105 +265,86 @@ class OnnxRuntimeBackend:
         calibration: list[tuple[Any, ...]] | None = None,
         observer: str = "minmax",
     ) -> Lowered:
-        import onnxruntime as ort
-
-        config.check(layers)
+        """Execute the plan on the exported graph: static convs as QDQ (ranges calibrated on
+        the simulated model of what will run), MatMuls as ``MatMulNBits``, then a session."""
         proto = export_onnx(model.eval(), example_inputs)
-        renamed = gemm_to_matmul(proto)
-        nodes = matmul_nodes(proto, layers, renamed)
-        kernels: dict[str, str] = {}
-        fallbacks: dict[str, str] = {}
-        nbits: dict[str, tuple[LayerChoice, int]] = {}  # MatMul node -> (ran, accuracy level)
-        ran: dict[str, LayerChoice] = {}
+        matmuls = matmul_nodes(proto, layers, gemm_to_matmul(proto))
         convs = conv_nodes(proto, layers)
-        qdq = {
-            la.name: la
-            for la in layers
-            if la.name in convs
-            and config.layers[la.name].w_bits <= INT_BITS_MAX
-            and config.layers[la.name].a_bits == 8
-            and calibration
+        plan = self.plan(layers, config, matmuls, convs, bool(calibration))
+        qdq = [la for la in layers if plan.layers[la.name].kernel.startswith("QLinearConv")]
+        if qdq:
+            ran = plan.ran_config  # upstream layers quantized as they will run
+            found = static_ranges(model, ran, calibration or [], observer, layers)
+            _replace_convs(proto, {la.name: convs[la.name] for la in qdq}, found, layers)
+        nbits = {
+            node: (p.ran, 4 if p.ran.a_bits == 8 else 1)
+            for name, p in plan.layers.items()
+            if p.kernel.startswith("MatMulNBits")
+            for node in matmuls[name]
         }
-        ranges = self._conv_ranges(model, layers, config, qdq, nodes, calibration, observer)
-        replaced = {
-            convs[name].output[0]: qdq_conv(
-                proto, convs[name], ranges[la.module], not signed_conv_exact()
-            )
-            for name, la in qdq.items()
-        }
-        if replaced:
-            new_nodes = []
-            for n in proto.graph.node:
-                new_nodes.extend(replaced.get(n.output[0], [n]) if n.op_type == "Conv" else [n])
-            del proto.graph.node[:]
-            proto.graph.node.extend(new_nodes)
-        for la in layers:
-            c = config.layers[la.name]
-            if la.name in qdq:
-                kernels[la.name] = qlinearconv_kernel()
-                ran[la.name] = CONV_RAN
-                reason = self.fallback_reason(la, c)
-                if reason is not None:
-                    fallbacks[la.name] = reason
-            elif la.name in nodes and c.w_bits <= INT_BITS_MAX:
-                ran[la.name] = _ran_choice(c, la)
-                for node_name in nodes[la.name]:
-                    nbits[node_name] = (ran[la.name], 4 if _int8_input(c) else 1)
-                kernels[la.name] = self.kernel_for(la, c)
-                reason = self.fallback_reason(la, c)
-                if reason is not None:
-                    fallbacks[la.name] = reason
-            else:
-                kernels[la.name] = FLOAT32
-                ran[la.name] = LayerChoice()
-                if c.w_bits != KEEP:
-                    fallbacks[la.name] = self.fallback_reason(la, c) or ""
-                    if la.kind in ("linear", "attention_in_proj") and la.name not in nodes:
-                        fallbacks[la.name] = (
-                            f"w{c.w_bits} -> float32: no MatMul node in the export"
-                        )
-                    elif la.kind in QDQ_CONV and la.name not in convs:
-                        fallbacks[la.name] = f"w{c.w_bits} -> float32: no Conv node in the export"
-                    elif la.kind in QDQ_CONV and c.w_bits <= INT_BITS_MAX and c.a_bits == 8:
-                        fallbacks[la.name] = (
-                            f"w{c.w_bits} -> float32: static int8 conv needs calibration data"
-                        )
         replace_matmuls(proto, nbits)
         prune_initializers(proto)  # the float weights rewrites replaced: not in what ships
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
         model_bytes = proto.SerializeToString()
-        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-        feeds = {
-            f"input_{i}": (t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
-            for i, t in enumerate(example_inputs)
-        }
-
-        def fresh() -> Any:
-            """A new session of the same model: its own packed weights, cold caches."""
-            new = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-            return lambda: new.run(None, feeds)
-
-        feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
-
-        def run() -> Any:
-            return session.run(None, feeds)
-
-        ran_config = QuantConfig(layers=ran)
-        predicted = config_size(model, layers, ran_config).other_bytes + sum(
-            packed_layer_bytes(la, kernels[la.name], ran[la.name]) for la in layers
+        run, session, fresh = _sessions(model_bytes, example_inputs, threads)
+        predicted = config_size(model, layers, plan.ran_config).other_bytes + sum(
+            packed_layer_bytes(la, plan.layers[la.name].kernel, plan.layers[la.name].ran)
+            for la in layers
         )
         return Lowered(
             run,
             session,
-            kernels,
-            fallbacks,
-            ran_config,
+            plan,
             stored_bytes(proto),
             predicted,
             fresh,
             artifact=model_bytes,
             artifact_kind="onnx",
         )
+
+
+def _replace_convs(
+    proto: onnx.ModelProto,
+    convs: dict[str, onnx.NodeProto],
+    found: dict[str, dict[str, tuple[float, float]]],
+    layers: tuple[LayerInfo, ...],
+) -> None:
+    """Each static int8 conv's ``Conv`` node becomes its QDQ form, with the calibrated input
+    and output ranges of its module."""
+    module_of = {la.name: la.module for la in layers}
+    replaced = {}
+    for name, node in convs.items():
+        r = found[module_of[name]]
+        ranges = (*r["input"], *r["output"])
+        replaced[node.output[0]] = qdq_conv(proto, node, ranges, not signed_conv_exact())
+    new_nodes = []
+    for n in proto.graph.node:
+        new_nodes.extend(replaced.get(n.output[0], [n]) if n.op_type == "Conv" else [n])
+    del proto.graph.node[:]
+    proto.graph.node.extend(new_nodes)
+
+
+def _sessions(model_bytes: bytes, example_inputs: tuple[Any, ...], threads: int) -> Any:
+    """``(run, session, fresh)``: one step on a session of ``model_bytes``, and a factory of
+    runners on new sessions (their own packed weights, cold caches: the latency visits)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    feeds = {
+        f"input_{i}": (t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
+        for i, t in enumerate(example_inputs)
+    }
+    feeds = {k: v for k, v in feeds.items() if k in names}
+
+    def fresh() -> Any:
+        new = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        return lambda: new.run(None, feeds)
+
+    def run() -> Any:
+        return session.run(None, feeds)
+
+    return run, session, fresh

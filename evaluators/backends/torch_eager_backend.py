@@ -17,6 +17,7 @@ the lowered model computes what the configuration asked, at the precision that r
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -24,47 +25,71 @@ import torch
 from torch import nn
 
 from mpq.evaluators.apply import quantize_weights_
-from mpq.evaluators.backends.base import Lowered, register_backend
+from mpq.evaluators.backends.base import (
+    RECURRENT_KINDS,
+    LayerPlan,
+    Lowered,
+    Plan,
+    PlannedBackend,
+    module_fallbacks,
+    register_backend,
+)
 from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import INT_BITS_MAX, KEEP, LayerChoice, QuantConfig
 
 INT8_DYNAMIC = "int8 dynamic (torch quantize_dynamic)"
 FLOAT32 = "float32 (torch eager)"
-_RECURRENT = ("gru", "lstm", "rnn")
 
 
-def _inside_attention(model: nn.Module, module_name: str) -> bool:
-    """MultiheadAttention reads its ``out_proj.weight`` directly, so it cannot be swapped."""
-    parent = module_name.rpartition(".")[0]
-    return isinstance(model.get_submodule(parent), nn.MultiheadAttention)
+def _int8_ran(asked: LayerChoice) -> LayerChoice:
+    """``quantize_dynamic``: int8 activations per tensor, computed on every call."""
+    return asked.model_copy(
+        update={"a_bits": 8, "act_mode": "dynamic", "act_granularity": "per_tensor"}
+    )
 
 
 @register_backend("torch-eager")
-class TorchEagerBackend:
-    name = "torch-eager"
+class TorchEagerBackend(PlannedBackend):
+    """PyTorch's own int8 kernels in eager mode (see the module docstring).
+
+    Float kernels run the simulated-quantized weights, so they compute the asked choice; int8
+    kernels add per-tensor int8 activations (and requantize the weights at int8).
+    """
+
+    def __init__(self, name: str = "torch-eager", device: str = "cpu") -> None:
+        self.name = name
+        self.device = device
 
     def supported_w_bits(self, layer: LayerInfo) -> tuple[int, ...]:
-        if layer.kind == "linear" or layer.kind in _RECURRENT:
+        if layer.kind == "linear" or layer.kind in RECURRENT_KINDS:
             return (8, 32)
         return (32,)
 
-    def kernel_for(self, layer: LayerInfo, choice: LayerChoice) -> str:
-        """The kernel ``lower()`` runs ``choice`` on (a whole recurrent module must agree)."""
-        real = layer.kind == "linear" or layer.kind in _RECURRENT
-        return INT8_DYNAMIC if real and choice.w_bits <= INT_BITS_MAX else FLOAT32
-
-    def fallback_reason(self, layer: LayerInfo, choice: LayerChoice) -> str | None:
-        # NOTE: a Linear inside nn.MultiheadAttention (out_proj) is only known at lower() time;
-        # lower() records it and, with fallback disabled, the trial fails with that reason.
+    def plan_layer(self, layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
+        # NOTE: a Linear inside nn.MultiheadAttention (out_proj) is only known from the model
+        # (``plan``); with fallback disabled the trial fails with that reason.
+        real = layer.kind == "linear" or layer.kind in RECURRENT_KINDS
         if choice.w_bits == KEEP:
-            return None
+            return LayerPlan(FLOAT32, choice)
         if choice.w_bits > INT_BITS_MAX:
-            return f"w{choice.w_bits} -> float32: no eager float16 CPU kernel"
-        if layer.kind != "linear" and layer.kind not in _RECURRENT:
-            return f"w{choice.w_bits} -> float32: no eager int kernel for {layer.kind}"
-        if choice.w_bits < 8:
-            return f"w{choice.w_bits} -> int8: no CPU kernel below 8 bits in torch"
-        return None
+            why = f"w{choice.w_bits} -> float32: no eager float16 CPU kernel"
+            return LayerPlan(FLOAT32, choice, why)
+        if not real:
+            why = f"w{choice.w_bits} -> float32: no eager int kernel for {layer.kind}"
+            return LayerPlan(FLOAT32, choice, why)
+        why = f"w{choice.w_bits} -> int8: no CPU kernel below 8 bits in torch"
+        return LayerPlan(INT8_DYNAMIC, _int8_ran(choice), why if choice.w_bits < 8 else None)
+
+    def plan(self, model: nn.Module, layers: tuple[LayerInfo, ...], config: QuantConfig) -> Plan:
+        """``plan_layer`` per layer, then MHA's ``out_proj`` and recurrent modules whose
+        weights would not all run at int8 (it quantizes whole) run in float32."""
+        config.check(layers)
+        plan = Plan({la.name: self.plan_layer(la, config.layers[la.name]) for la in layers})
+
+        def as_float(la: LayerInfo, asked: LayerChoice, why: str) -> LayerPlan:
+            return LayerPlan(FLOAT32, asked, f"w{asked.w_bits} -> float32: {why}")
+
+        return module_fallbacks(model, layers, plan, config, as_float)
 
     def lower(
         self,
@@ -76,57 +101,19 @@ class TorchEagerBackend:
         calibration: list[tuple[Any, ...]] | None = None,  # dynamic kernels only: unused
         observer: str = "minmax",  # (no static ranges here)
     ) -> Lowered:
-        import copy
-
-        config.check(layers)
+        plan = self.plan(model, layers, config)
         lowered = copy.deepcopy(model).eval()
         quantize_weights_(lowered, layers, config)
-        kernels: dict[str, str] = {}
-        fallbacks: dict[str, str] = {}
-        modules: set[str] = set()
-        by_module: dict[str, list[LayerInfo]] = {}
-        for la in layers:
-            by_module.setdefault(la.module, []).append(la)
-        for module_name, group in by_module.items():
-            wants_int = [config.layers[la.name].w_bits <= INT_BITS_MAX for la in group]
-            real = (group[0].kind == "linear" and not _inside_attention(model, module_name)) or (
-                group[0].kind in _RECURRENT
-            )
-            runs_int = real and all(wants_int)
-            if runs_int:
-                modules.add(module_name)
-            for la, want in zip(group, wants_int, strict=True):
-                bits = config.layers[la.name].w_bits
-                kernels[la.name] = INT8_DYNAMIC if runs_int else FLOAT32
-                reason = self.fallback_reason(la, config.layers[la.name])
-                if want and not runs_int and (reason is None or "-> int8" in reason):
-                    # found only here, not from the kind: it runs in float32 after all
-                    reason = f"w{bits} -> float32: " + (
-                        "a recurrent module quantizes whole; a sibling weight stays float"
-                        if real
-                        else "nn.MultiheadAttention reads out_proj.weight directly"
-                    )
-                if reason is not None:
-                    fallbacks[la.name] = reason
+        modules = {la.module for la in layers if plan.layers[la.name].kernel == INT8_DYNAMIC}
         if modules:
             qconfig = torch.ao.quantization.default_dynamic_qconfig
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # quantize_dynamic's deprecation notice
                 lowered = torch.ao.quantization.quantize_dynamic(
-                    lowered, {m: qconfig for m in modules}, dtype=torch.qint8
+                    lowered, dict.fromkeys(modules, qconfig), dtype=torch.qint8
                 )
 
         def run() -> Any:
             return lowered(*example_inputs)
 
-        # Float kernels run the simulated-quantized weights, so they compute the asked choice;
-        # int8 kernels add per-tensor int8 activations (and requantize the weights at int8).
-        ran = {}
-        for la in layers:
-            asked = config.layers[la.name]
-            if kernels[la.name] == INT8_DYNAMIC:
-                asked = asked.model_copy(
-                    update={"a_bits": 8, "act_mode": "dynamic", "act_granularity": "per_tensor"}
-                )
-            ran[la.name] = asked
-        return Lowered(run, lowered, kernels, fallbacks, QuantConfig(layers=ran))
+        return Lowered(run, lowered, plan)

@@ -203,7 +203,7 @@ def test_fallback_disabled_is_an_error_naming_the_layer() -> None:
     }
     with pytest.raises(
         FallbackError,
-        match=r"^t: layer 'conv1' w:int4 a:float: backend "
+        match=r"^t: layer 'conv1' w4 per_group32 sym a32: backend "
         r"'onnxruntime' cannot run it as asked \(w4 -> float32: QLinearConv needs "
         r"a_bits 8 \(no weight-only\)\) and latency.allow_fallback is false$",
     ):
@@ -296,7 +296,7 @@ def test_stored_bytes_are_the_packing_formula(backend: str, model_name: str) -> 
 
 def test_torch_backend_compiles_every_lowering() -> None:
     """A search lowers one model many times: each lowering gets a graph of its own (Dynamo
-    caches 8 per code object and then runs eager, silently, without ``_fresh_entry``)."""
+    caches 8 per code object and then runs eager, silently, without ``fresh_entry``)."""
     from torch._dynamo.utils import counters
 
     model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))

@@ -77,7 +77,9 @@ def test_feasibility_and_signs() -> None:
         ((0.9, 1000.5), True),  # as good in success, larger
     ],
 )
-def test_dominated_uses_the_study_directions(candidate: tuple[float, float], expected: bool) -> None:
+def test_dominated_uses_the_study_directions(
+    candidate: tuple[float, float], expected: bool
+) -> None:
     others = [(0.9, 1000.0), (0.7, 500.0)]
     assert dominated(candidate, others, ["maximize", "minimize"]) is expected
     assert dominated(candidate, [], ["maximize", "minimize"]) is False
