@@ -160,6 +160,36 @@ def log_ratio_interval(logs: list[float], confidence: float = 0.95) -> tuple[flo
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
+def _interleaved(
+    reference: Callable[[], Callable[[], Any]],
+    candidate: Callable[[], Callable[[], Any]],
+    visits: int,
+    runs: int,
+    warmup: int,
+    threads: int,
+    seed: int,
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Per visit pair, in a random order, each side's median; and every candidate time."""
+    rng = random.Random(seed)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    medians: dict[str, list[float]] = {"float": [], "candidate": []}
+    cand_times: list[float] = []
+    try:
+        with torch.inference_mode():
+            for _ in range(visits):
+                order = [("float", reference), ("candidate", candidate)]
+                rng.shuffle(order)
+                for name, factory in order:
+                    times = _visit(factory, warmup, runs)
+                    medians[name].append(statistics.median(times))
+                    if name == "candidate":
+                        cand_times += times
+    finally:
+        torch.set_num_threads(previous)
+    return medians, cand_times
+
+
 def paired_speedup(
     reference: Callable[[], Callable[[], Any]],
     candidate: Callable[[], Callable[[], Any]],
@@ -188,23 +218,7 @@ def paired_speedup(
         raise ValueError(f"latency visits={visits} must be >= 2 for an interval")
     if threads < 1:
         raise ValueError(f"latency threads={threads} must be >= 1")
-    rng = random.Random(seed)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    medians: dict[str, list[float]] = {"float": [], "candidate": []}
-    cand_times: list[float] = []
-    try:
-        with torch.inference_mode():
-            for _ in range(visits):
-                order = [("float", reference), ("candidate", candidate)]
-                rng.shuffle(order)
-                for name, factory in order:
-                    times = _visit(factory, warmup, runs)
-                    medians[name].append(statistics.median(times))
-                    if name == "candidate":
-                        cand_times += times
-    finally:
-        torch.set_num_threads(previous)
+    medians, cand_times = _interleaved(reference, candidate, visits, runs, warmup, threads, seed)
     logs = [math.log(f / c) for f, c in zip(medians["float"], medians["candidate"], strict=True)]
     speedup, lo, hi = log_ratio_interval(logs)
     q1, _, q3 = statistics.quantiles(cand_times, n=4)

@@ -3,8 +3,9 @@
     latency(config) ~= float_ms + sum over layers of delta_ms[layer][kernel_for(layer, choice)]
 
 The entries are fitted to whole models: ``build_latency_table`` lowers and times (median of
-``runs``, batch 1) the float model, each uniform kernel and random configurations of the space,
-then solves the least-squares problem above (ridge-regularised) for ``float_ms`` and the deltas.
+``latency.runs`` calls after ``latency.warmup``, batch 1, as the trials are timed) the float
+model, each uniform kernel and random configurations of the space, then solves the
+least-squares problem above (ridge-regularised) for ``float_ms`` and the deltas.
 Every timing is of the whole model, so each layer runs in the cache state a deployed model puts
 it in. NOTE: timing one layer alone in a hot cache was off by 40-190% for weights that do not fit
 in cache, and swapping one layer at a time into the float model is not additive either (a fully
@@ -40,7 +41,7 @@ def target_key(backend: str, threads: int) -> dict[str, Any]:
         "backend": backend,
         "versions": kernel_versions(),
     }
-    device = getattr(get_backend(backend), "device", "cpu")
+    device = get_backend(backend).device
     if device != "cpu":
         key["device"] = device_name(device)
     return key
@@ -95,25 +96,8 @@ class LatencyTable:
         return all(self.target.get(k) == v for k, v in target.items())
 
 
-def build_latency_table(
-    evaluator: Any,
-    options: dict[str, LayerOptions],
-    runs: int = 30,
-    warmup: int = 5,
-    samples: int | None = None,
-    seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-) -> LatencyTable:
-    """Fit the table to whole-model timings of configurations of the space ``options``.
-
-    Args:
-        evaluator: an ``evaluators.measure.Evaluator`` or anything with its ``model``,
-            ``layers``, ``backend``, ``example_inputs``, ``calibration`` and ``spec``.
-        options: the resolved space: per layer, the options that may be chosen.
-        samples: random configurations timed (default: twice the table's entries plus 8).
-    """
-    backend, layers = evaluator.backend, evaluator.layers
-    threads = evaluator.spec.latency_threads
+def _columns(backend: Any, layers: Any, options: dict[str, LayerOptions]) -> list[tuple[str, str]]:
+    """Every (layer, kernel) the space can run other than float: the table's entries."""
     float_kernel = backend.kernel_for(layers[0], LayerChoice())
     columns: list[tuple[str, str]] = []
     for la in layers:
@@ -121,29 +105,44 @@ def build_latency_table(
             key = (la.name, backend.kernel_for(la, choice))
             if key[1] != float_kernel and key not in columns:
                 columns.append(key)
-    rng = random.Random(seed)
+    return columns
+
+
+def _configs(
+    backend: Any,
+    layers: Any,
+    options: dict[str, LayerOptions],
+    kernels: set[str],
+    samples: int,
+    seed: int,
+) -> list[QuantConfig]:
+    """Float, each kernel everywhere it can run, then ``samples`` random configurations."""
     configs = [QuantConfig.uniform(layers, LayerChoice())]
-    for kernel in sorted({k for _, k in columns}):  # each kernel everywhere it can run
-        configs.append(
-            QuantConfig(
-                layers={
-                    la.name: next(
-                        (
-                            c
-                            for c in options[la.name].choices()
-                            if backend.kernel_for(la, c) == kernel
-                        ),
-                        options[la.name].choices()[0],
-                    )
-                    for la in layers
-                }
-            )
-        )
-    n_samples = samples if samples is not None else 2 * len(columns) + 8
-    for _ in range(n_samples):
-        configs.append(
-            QuantConfig(layers={la.name: rng.choice(options[la.name].choices()) for la in layers})
-        )
+    for kernel in sorted(kernels):
+        pick = {}
+        for la in layers:
+            choices = options[la.name].choices()
+            fits = [c for c in choices if backend.kernel_for(la, c) == kernel]
+            pick[la.name] = fits[0] if fits else choices[0]
+        configs.append(QuantConfig(layers=pick))
+    rng = random.Random(seed)
+    for _ in range(samples):
+        pick = {la.name: rng.choice(options[la.name].choices()) for la in layers}
+        configs.append(QuantConfig(layers=pick))
+    return configs
+
+
+def _timed_design(
+    evaluator: Any,
+    configs: list[QuantConfig],
+    columns: list[tuple[str, str]],
+    runs: int,
+    warmup: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The least-squares problem: a row per configuration (1 where a layer runs a column's
+    kernel, and the intercept), and its timed median in ms."""
+    backend, layers, spec = evaluator.backend, evaluator.layers, evaluator.spec
     index = {key: i for i, key in enumerate(columns)}
     design = np.zeros((len(configs), len(columns) + 1))
     measured = np.zeros(len(configs))
@@ -158,18 +157,50 @@ def build_latency_table(
             layers,
             config,
             evaluator.example_inputs,
-            threads,
+            spec.latency_threads,
             calibration=evaluator.calibration,
         )
-        device = getattr(backend, "device", "cpu")
         with timing_slot.exclusive():  # the node to itself while timing (as trials are)
-            measured[row] = measure_latency(lowered.run, warmup, runs, threads, device).median_ms
+            timing = measure_latency(
+                lowered.run, warmup, runs, spec.latency_threads, backend.device
+            )
+        measured[row] = timing.median_ms
         if progress is not None:
             progress(row + 1, len(configs))
+    return design, measured
+
+
+def build_latency_table(
+    evaluator: Any,
+    options: dict[str, LayerOptions],
+    runs: int | None = None,
+    warmup: int | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> LatencyTable:
+    """Fit the table to whole-model timings of configurations of the space ``options``.
+
+    Args:
+        evaluator: an ``evaluators.evaluator.Evaluator`` or anything with its ``model``,
+            ``layers``, ``backend``, ``example_inputs``, ``calibration`` and ``spec``.
+        options: the resolved space: per layer, the options that may be chosen.
+        runs, warmup: timed and untimed calls per configuration (default: the spec's
+            ``latency_runs`` and ``latency_warmup``, as the trials are timed).
+        samples: random configurations timed (default: twice the table's entries plus 8).
+    """
+    backend, layers, spec = evaluator.backend, evaluator.layers, evaluator.spec
+    runs = spec.latency_runs if runs is None else runs
+    warmup = spec.latency_warmup if warmup is None else warmup
+    columns = _columns(backend, layers, options)
+    n_samples = samples if samples is not None else 2 * len(columns) + 8
+    configs = _configs(backend, layers, options, {k for _, k in columns}, n_samples, seed)
+    design, measured = _timed_design(evaluator, configs, columns, runs, warmup, progress)
     coef = _ridge(design, measured)
     delta: dict[str, dict[str, float]] = {}
     for (name, kernel), value in zip(columns, coef[:-1], strict=True):
         delta.setdefault(name, {})[kernel] = float(value)
+    float_kernel = backend.kernel_for(layers[0], LayerChoice())
     target = {**_target(evaluator), "float_kernel": float_kernel, "samples": len(configs)}
     return LatencyTable(target, float(coef[-1]), delta)
 
@@ -191,7 +222,7 @@ def _target(evaluator: Any) -> dict[str, Any]:
 
 
 def reuse_or_build(
-    cached: str | None, evaluator: Any, options: dict[str, LayerOptions], runs: int = 30
+    cached: str | None, evaluator: Any, options: dict[str, LayerOptions]
 ) -> LatencyTable:
     """``cached`` (JSON) if it was built on this target for this model and covers the space
     ``options``; otherwise a new table, measured here."""
@@ -201,4 +232,4 @@ def reuse_or_build(
             evaluator.backend.kernel_for, evaluator.layers, options
         ):
             return table
-    return build_latency_table(evaluator, options, runs=runs)
+    return build_latency_table(evaluator, options)

@@ -196,7 +196,7 @@ def export(
     try:
         cfg = load_search_config(config)
         if new_study:
-            from mpq.evaluators.measure import get_evaluator
+            from mpq.evaluators.evaluator import get_evaluator
             from mpq.search.fingerprint import new_study_config
             from mpq.search.worker import eval_spec
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from mpq.evaluators.measure import EvalSpec
+from mpq.evaluators.evaluator import EvalSpec
 from mpq.search import worker
 from mpq.search.config import SearchConfig
 

@@ -25,11 +25,12 @@ from optuna.trial import FrozenTrial, TrialState
 from mpq.evaluators.apply import apply_config
 from mpq.evaluators.artifact import pack_state, payload_bytes, unpack_state
 from mpq.evaluators.model import build_model, load_state_dict
+from mpq.files import write_atomic
 from mpq.search.config import SearchConfig
 from mpq.search.pareto import aa_speedup, format_speedup, format_success, front_trials
 from mpq.search.record import Measurements, StudyAttr, TrialAttr, TrialRecord, loss_signs
 from mpq.spaces.discover import discover_layers
-from mpq.spaces.io import dump_text, write_atomic
+from mpq.spaces.io import dump_text
 from mpq.spaces.space import QuantConfig
 from mpq.zoo import resolve_model
 
@@ -93,6 +94,14 @@ def _knee(study: optuna.Study, pool: list[FrozenTrial]) -> FrozenTrial:
     return min(zip(pool, rows, strict=True), key=lambda pr: dist(pr[1]))[0]
 
 
+_SHIPPED = {
+    "onnx": "`model.onnx` (plain onnxruntime runs it; inputs and outputs in `io.json`)",
+    "measure-only": "none: backend `{backend}` is measure-only; size is the packing formula of "
+    "what ran",
+    "none": "none: no backend measured this study; size is mpq's packing formula",
+}
+
+
 def model_card(
     cfg: SearchConfig,
     study: optuna.Study,
@@ -103,12 +112,7 @@ def model_card(
     """``MODEL_CARD.md``: what ships, its figures beside float's, how they were measured."""
     ref = dict(study.user_attrs.get(StudyAttr.FLOAT_REFERENCE, {}))
     a = t.user_attrs
-    shipped = {
-        "onnx": "`model.onnx` (plain onnxruntime runs it; inputs and outputs in `io.json`)",
-        "measure-only": f"none: backend `{cfg.latency.backend}` is measure-only; size is the "
-        "packing formula of what ran",
-        "none": "none: no backend measured this study; size is mpq's packing formula",
-    }[deployable["artifact"]]
+    shipped = _SHIPPED[deployable["artifact"]].format(backend=cfg.latency.backend)
     lines = [
         f"# {cfg.name}: trial {t.number}",
         "",
@@ -131,13 +135,7 @@ def model_card(
         "Kernels that ran, and choices lowered to what runs:",
         "",
         "```json",
-        json.dumps(
-            {
-                "kernels": a.get(TrialAttr.KERNELS, {}),
-                "fallbacks": a.get(TrialAttr.FALLBACKS, {}),
-            },
-            indent=1,
-        ),
+        json.dumps({k: a.get(k, {}) for k in (TrialAttr.KERNELS, TrialAttr.FALLBACKS)}, indent=1),
         "```",
     ]
     return "\n".join(lines) + "\n"
@@ -203,7 +201,7 @@ def export_trial(
             be written (read-only, full disk); nothing half-written is left behind, the study
             only read.
     """
-    from mpq.evaluators.measure import get_evaluator
+    from mpq.evaluators.evaluator import get_evaluator
     from mpq.search.worker import eval_spec
 
     record = TrialRecord.from_frozen(t)

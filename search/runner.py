@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mpq.evaluators.backends.base import check_no_fallback
-from mpq.evaluators.measure import get_evaluator
+from mpq.evaluators.evaluator import get_evaluator
 from mpq.search import fingerprint, hygiene, rules, study_setup
 from mpq.search.cluster import TrialTasks
 from mpq.search.config import SearchConfig

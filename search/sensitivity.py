@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from mpq.evaluators.measure import Evaluator
+from mpq.evaluators.evaluator import Evaluator
 from mpq.evaluators.proxy import output_agreement
 from mpq.evaluators.size import config_size, layer_size_bytes
-from mpq.spaces.io import write_atomic
+from mpq.files import write_atomic
 from mpq.spaces.space import INT_BITS_MAX, LayerChoice, LayerOptions, QuantConfig
 
 Sensitivity = dict[str, dict[int, float]]  # layer -> bits -> KL

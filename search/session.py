@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mpq.evaluators.measure import get_evaluator
+from mpq.evaluators.evaluator import get_evaluator
 from mpq.process import configure
 from mpq.search import fingerprint, study_setup
 from mpq.search.cluster import ray_session

@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from mpq.evaluators.measure import Evaluator
+from mpq.evaluators.evaluator import Evaluator
 from mpq.evaluators.size import config_size
 from mpq.search import sensitivity as sens
 from mpq.search.config import SearchConfig

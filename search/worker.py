@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from enum import StrEnum
 from typing import Any
 
+from mpq.evaluators.evaluator import EvalSpec, finite_or_error, get_evaluator
 from mpq.evaluators.latency_table import LatencyTable, reuse_or_build
-from mpq.evaluators.measure import EvalSpec, finite_or_error, get_evaluator
 from mpq.search.config import SearchConfig
 from mpq.spaces.space import LayerOptions, QuantConfig
 from mpq.zoo import resolve_model

@@ -7,14 +7,13 @@ Every failure is one line naming the file, the field and the value.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from mpq.files import write_atomic
 from mpq.spaces.space import QuantConfig, SearchSpace
 
 M = TypeVar("M", bound=BaseModel)
@@ -81,20 +80,6 @@ def dump_text(model: BaseModel, path: str | Path) -> str:
     if _format(Path(path)) == "json":
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write via a temporary file in the same folder and ``os.replace``: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save(model: BaseModel, path: str | Path) -> Path:

@@ -108,6 +108,20 @@ def _uint8_qparams(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
     return np.float32(qp.scale.item()), np.uint8(int(qp.zero_point.item()))
 
 
+def _conv_weight_codes(
+    w: np.ndarray, unsigned_weights: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int8 codes per output channel, symmetric (the notes' formula), their scales and zero
+    points; with ``unsigned_weights`` the same codes as uint8 around 128 (u8 x u8: no 16-bit
+    saturation)."""
+    grouped, qp = weight_qparams(torch.tensor(w), 8, "per_channel", None, symmetric=True)
+    codes = quantize(grouped, qp).reshape(w.shape).numpy()
+    s_w = qp.scale.reshape(-1).numpy().astype(np.float32)
+    if unsigned_weights:
+        return (codes + 128).astype(np.uint8), s_w, np.full(len(s_w), 128, np.uint8)
+    return codes.astype(np.int8), s_w, np.zeros(len(s_w), np.int8)
+
+
 def qdq_conv(
     model: onnx.ModelProto,
     node: onnx.NodeProto,
@@ -121,24 +135,11 @@ def qdq_conv(
     """
     graph, p = model.graph, node.name or node.output[0]
     w = numpy_helper.to_array(next(i for i in graph.initializer if i.name == node.input[1]))
-    grouped, qp = weight_qparams(torch.tensor(w), 8, "per_channel", None, symmetric=True)
-    codes = quantize(grouped, qp).reshape(w.shape).numpy()
-    s_w = qp.scale.reshape(-1).numpy().astype(np.float32)
-    if unsigned_weights:  # the same codes as uint8 around 128 (u8 x u8: no 16-bit saturation)
-        w_q, z_w = (codes + 128).astype(np.uint8), np.full(len(s_w), 128, np.uint8)
-    else:
-        w_q, z_w = codes.astype(np.int8), np.zeros(len(s_w), np.int8)
+    w_q, s_w, z_w = _conv_weight_codes(w, unsigned_weights)
     s_x, z_x = _uint8_qparams(ranges[0], ranges[1])
     s_y, z_y = _uint8_qparams(ranges[2], ranges[3])
-    for arr, name in (
-        (s_x, "sx"),
-        (z_x, "zx"),
-        (s_y, "sy"),
-        (z_y, "zy"),
-        (w_q, "wq"),
-        (s_w, "sw"),
-        (z_w, "zw"),
-    ):
+    tensors = {"sx": s_x, "zx": z_x, "sy": s_y, "zy": z_y, "wq": w_q, "sw": s_w, "zw": z_w}
+    for name, arr in tensors.items():
         graph.initializer.append(numpy_helper.from_array(np.asarray(arr), f"{p}_{name}"))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
 

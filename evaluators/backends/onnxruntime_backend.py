@@ -276,7 +276,7 @@ class OnnxRuntimeBackend(PlannedBackend):
             ran = plan.ran_config  # upstream layers quantized as they will run
             found = static_ranges(model, ran, calibration or [], observer, layers)
             _replace_convs(proto, {la.name: convs[la.name] for la in qdq}, found, layers)
-        nbits = {
+        nbits = {  # MatMul node -> (what runs, accuracy level: 4 = int8 input)
             node: (p.ran, 4 if p.ran.a_bits == 8 else 1)
             for name, p in plan.layers.items()
             if p.kernel.startswith("MatMulNBits")
@@ -286,20 +286,19 @@ class OnnxRuntimeBackend(PlannedBackend):
         prune_initializers(proto)  # the float weights rewrites replaced: not in what ships
         model_bytes = proto.SerializeToString()
         run, session, fresh = _sessions(model_bytes, example_inputs, threads)
-        predicted = config_size(model, layers, plan.ran_config).other_bytes + sum(
-            packed_layer_bytes(la, plan.layers[la.name].kernel, plan.layers[la.name].ran)
-            for la in layers
-        )
+        predicted = _predicted_bytes(model, layers, plan)
         return Lowered(
-            run,
-            session,
-            plan,
-            stored_bytes(proto),
-            predicted,
-            fresh,
-            artifact=model_bytes,
-            artifact_kind="onnx",
+            run, session, plan, stored_bytes(proto), predicted, fresh, model_bytes, "onnx"
         )
+
+
+def _predicted_bytes(model: nn.Module, layers: tuple[LayerInfo, ...], plan: Plan) -> int:
+    """The packing formula of what runs: ``packed_layer_bytes`` per layer, the rest float."""
+    rest = config_size(model, layers, plan.ran_config).other_bytes
+    return rest + sum(
+        packed_layer_bytes(la, plan.layers[la.name].kernel, plan.layers[la.name].ran)
+        for la in layers
+    )
 
 
 def _replace_convs(

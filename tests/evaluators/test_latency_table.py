@@ -30,7 +30,12 @@ def _evaluator():  # type: ignore[no-untyped-def]
         example_inputs=x,
         calibration=[x],
         spec=SimpleNamespace(
-            backend="onnxruntime", latency_threads=1, model="tiny", checkpoint=None
+            backend="onnxruntime",
+            latency_threads=1,
+            latency_runs=3,
+            latency_warmup=1,
+            model="tiny",
+            checkpoint=None,
         ),
     )
 
@@ -68,12 +73,31 @@ def test_a_cached_table_is_reused_only_on_its_own_target() -> None:
     ev = _evaluator()
     options = {la.name: LayerOptions(w_bits=(8, 32), a_bits=(8,)) for la in ev.layers}
     table = build_latency_table(ev, options, runs=3, warmup=1, samples=2)
-    assert reuse_or_build(table.to_json(), ev, options, runs=3) is not table
-    assert reuse_or_build(table.to_json(), ev, options, runs=3) == table  # reused as is
+    assert reuse_or_build(table.to_json(), ev, options) is not table
+    assert reuse_or_build(table.to_json(), ev, options) == table  # reused as is
     elsewhere = LatencyTable({**table.target, "cpu": "another CPU"}, 1.0, table.delta_ms)
-    rebuilt = reuse_or_build(elsewhere.to_json(), ev, options, runs=3)
+    rebuilt = reuse_or_build(elsewhere.to_json(), ev, options)
     assert rebuilt.matches(target_key("onnxruntime", 1)) and rebuilt.float_ms != 1.0
     wider = {la.name: LayerOptions(w_bits=(2, 8, 32), a_bits=(8,)) for la in ev.layers}
-    assert reuse_or_build(table.to_json(), ev, wider, runs=3).covers(
+    assert reuse_or_build(table.to_json(), ev, wider).covers(
         ev.backend.kernel_for, ev.layers, wider
     )
+
+
+def test_the_table_times_as_the_trials_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without explicit ``runs``/``warmup`` the table uses the config's ``latency.runs`` and
+    ``latency.warmup`` (it ignored them once, timing 30 runs whatever the config said)."""
+    from mpq.evaluators import latency_table as lt
+
+    ev = _evaluator()
+    options = {la.name: LayerOptions(w_bits=(8, 32), a_bits=(32,)) for la in ev.layers}
+    seen: list[tuple[int, int]] = []
+    real = lt.measure_latency
+
+    def spy(run, warmup, runs, threads, device):  # type: ignore[no-untyped-def]
+        seen.append((warmup, runs))
+        return real(run, warmup, runs, threads, device)
+
+    monkeypatch.setattr(lt, "measure_latency", spy)
+    lt.build_latency_table(ev, options, samples=1)
+    assert seen and set(seen) == {(1, 3)}

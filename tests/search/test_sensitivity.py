@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mpq.evaluators.measure import EvalSpec, Evaluator
+from mpq.evaluators.evaluator import EvalSpec, Evaluator
 from mpq.evaluators.size import config_size
 from mpq.search.sensitivity import greedy_allocation, measure_sensitivity, uniform_config
 from mpq.spaces.space import LayerOptions, SearchSpace

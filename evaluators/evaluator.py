@@ -71,7 +71,7 @@ class Evaluator:
         self.reference = reference_outputs(self.model, self.calibration)
         self.backend = get_backend(spec.backend)
         self.float_bytes = float_size_bytes(self.model)
-        self._float_lowered: Any = None
+        self._float_lowered: Lowered | None = None
         self._lowered: dict[str, Lowered] = {}
 
     def quantized(self, config: QuantConfig) -> nn.Module:
@@ -103,7 +103,7 @@ class Evaluator:
         lowered one: the contract suite), or ``config`` itself where no backend measures."""
         if not self.spec.measure_latency:
             return config
-        return self.lower(config).ran_config or config
+        return self.lower(config).ran_config
 
     def artifact(self, config: QuantConfig) -> dict[str, Any]:
         """What ships: ``size_bytes`` = the bytes of the backend's deployable artifact (ONNX
@@ -118,7 +118,7 @@ class Evaluator:
         elif lowered.predicted_bytes is not None:  # the backend's packing formula of what ran
             size, kind = int(lowered.predicted_bytes), "measure-only"
         else:
-            ran = lowered.ran_config or config
+            ran = lowered.ran_config
             size = config_size(self.model, self.layers, ran).total_bytes
             kind = "measure-only"
         return {"size_bytes": size, "asked_size_bytes": asked, "artifact": kind}
@@ -131,30 +131,25 @@ class Evaluator:
         with its 95% interval ``speedup_lo``/``speedup_hi``) is not skewed by other trials.
         """
         s = self.spec
-        if self._float_lowered is None:
-            keep = QuantConfig.uniform(self.layers, LayerChoice())
-            with timing_slot.compute():
-                self._float_lowered = self._lower_now(keep)
-        lowered = self.lower(config)
+        float_lowered, lowered = self._float(), self.lower(config)
         if not s.allow_fallback and lowered.fallbacks:
             name, reason = next(iter(lowered.fallbacks.items()))
             raise FallbackError(
                 f"layer {name!r}: backend {s.backend!r} cannot run it as asked ({reason}) and "
                 "latency.allow_fallback is false"
             )
-        device = self.backend.device
         with timing_slot.compute(), torch.inference_mode():  # first calls compile (torch)
-            self._float_lowered.run()
+            float_lowered.run()
             lowered.run()
         with timing_slot.exclusive() as wait_s:
             paired = paired_speedup(
-                self._float_lowered.new_runner,
+                float_lowered.new_runner,
                 lowered.new_runner,
                 s.latency_visits,
                 s.latency_runs,
                 s.latency_warmup,
                 s.latency_threads,
-                device,
+                self.backend.device,
             )
         out: dict[str, Any] = {
             "latency_ms": paired.latency_ms,
@@ -165,16 +160,27 @@ class Evaluator:
             "speedup_lo": paired.speedup_lo,
             "speedup_hi": paired.speedup_hi,
             "latency_info": {**paired.as_dict(), "wait_s": wait_s, "backend": s.backend},
+        }
+        return out | self._what_ran(lowered)
+
+    def _float(self) -> Lowered:
+        """The float model on the backend (lowered once): the latency protocol's reference."""
+        if self._float_lowered is None:
+            keep = QuantConfig.uniform(self.layers, LayerChoice())
+            with timing_slot.compute():
+                self._float_lowered = self._lower_now(keep)
+        return self._float_lowered
+
+    def _what_ran(self, lowered: Lowered) -> dict[str, Any]:
+        """Kernels, fallbacks, the configuration that ran and its exact size (3 -> 4 bits)."""
+        ran = lowered.ran_config
+        return {
             "kernels": lowered.kernels,
             "backend_stored_bytes": lowered.stored_bytes,
             "fallbacks": lowered.fallbacks,
+            "ran_config": ran.model_dump(mode="json", exclude_none=True),
+            "ran_size_bytes": config_size(self.model, self.layers, ran).total_bytes,
         }
-        if lowered.ran_config is not None:  # what ran, and its exact size (e.g. 3 -> 4 bits)
-            out["ran_config"] = lowered.ran_config.model_dump(mode="json", exclude_none=True)
-            out["ran_size_bytes"] = config_size(
-                self.model, self.layers, lowered.ran_config
-            ).total_bytes
-        return out
 
     def screen(self, config: QuantConfig, table: LatencyTable | None = None) -> dict[str, Any]:
         """The cheap part: size, proxy agreement with the float model and latency, all of the

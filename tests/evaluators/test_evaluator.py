@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mpq.evaluators.backends.base import FallbackError
-from mpq.evaluators.measure import EvalSpec, Evaluator
+from mpq.evaluators.evaluator import EvalSpec, Evaluator
 from mpq.evaluators.size import config_size
 from mpq.spaces.space import LayerChoice, QuantConfig
 
