@@ -14,30 +14,29 @@ from mpq.cli import app
 from mpq.evaluators.apply import apply_config
 from mpq.evaluators.model import load_state_dict
 from mpq.search.export import ARTIFACT, export_trial, load_artifact, pick_trial
-from mpq.search.runner import Runner
+from mpq.spaces.discover import discover_layers
 from mpq.spaces.io import load_config, read_data
-from mpq.spaces.space import QuantConfig
+from mpq.spaces.space import LayerChoice, QuantConfig
 from tests.models import build_convnet, convnet_calibration
-from tests.search.helpers import conv_config
+from tests.search.helpers import conv_config, measured_study
 
 
 @pytest.fixture(scope="module")
-def searched(ray_local: None, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def searched(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Trials built directly from real measurements (no Ray search): a static int8 model,
+    a 4-bit one, a 3-bit one (runs as 4 on MatMulNBits) with float activations, a mixed one."""
     tmp = tmp_path_factory.mktemp("export")
-    cfg = conv_config(
-        tmp,
-        trials=6,
-        space={
-            "defaults": {
-                "w_bits": [2, 3, 4, 8, 32],
-                "a_bits": [8, 32],
-                "act_mode": ["static", "dynamic"],
-            }
-        },
-    )
-    runner = Runner(cfg)
-    runner.prepare()
-    return cfg, runner.run().study
+    cfg = conv_config(tmp)
+    layers = discover_layers(build_convnet())
+    uniform = [
+        LayerChoice(w_bits=8, a_bits=8, act_mode="static"),
+        LayerChoice(w_bits=4, a_bits=8),
+        LayerChoice(w_bits=3),
+    ]
+    configs = [QuantConfig.uniform(layers, c) for c in uniform]
+    mixed = dict(configs[1].layers) | {"fc": LayerChoice(w_bits=2), "conv1": LayerChoice()}
+    configs.append(QuantConfig(layers=mixed))
+    return cfg, measured_study(cfg, configs)
 
 
 def test_export_round_trip(searched, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

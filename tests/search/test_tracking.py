@@ -109,3 +109,59 @@ def test_unreachable_tracking_is_an_error_only_when_required(tmp_path: Path) -> 
     relaxed = conv_config(tmp_path, tracking={"enabled": True, "uri": "http://127.0.0.1:9"})
     tracker = Tracker(relaxed)
     assert tracker.down
+
+
+def _trial(**attrs):  # type: ignore[no-untyped-def]
+    from optuna.trial import create_trial
+
+    base = {
+        "config": {"layers": {"fc": {"w_bits": 3}, "conv1": {"w_bits": 8}}},
+        "ran_config": {
+            "layers": {
+                "fc": {"w_bits": 4, "granularity": "per_group", "group_size": 32},
+                "conv1": {"w_bits": 8},
+            }
+        },
+        "success": 0.9,
+        "size_bytes": 500,
+        "latency_ms": 1.0,
+        "speedup": 1.5,
+        "constraints": [-0.1],
+        "kernels": {"fc": "MatMulNBits int4 block32 acc1"},
+        "fallbacks": {"fc": "w3 per_channel -> int4 block32"},
+        "seed": "uniform-4bit",
+    }
+    return create_trial(values=[0.9, 500, 1.0], state=TrialState.COMPLETE, user_attrs=base | attrs)
+
+
+def test_a_trial_run_holds_asked_and_ran_bits() -> None:
+    """The run's payload, built from a trial made directly: per layer the bits asked and the
+    bits that ran, every figure, who proposed it, the kernels and the ran config as files."""
+    from mpq.search.tracking import trial_run
+
+    run = trial_run("s", "parent", _trial(), {"size_bytes": 1000})
+    assert run.params["fc.w_bits"] == "3" and run.params["ran.fc.w_bits"] == "4"
+    assert run.params["ran.fc.granularity"] == "per_group"
+    assert run.params["ran.fc.group_size"] == "32" and "fc.group_size" not in run.params
+    assert run.params["proposed_by"] == "uniform-4bit"
+    assert run.metrics["compression"] == pytest.approx(2.0) and run.metrics["speedup"] == 1.5
+    assert run.tags["feasible"] == "true" and run.tags["state"] == "complete"
+    assert "w3 per_channel -> int4 block32" in run.tags["kernel_fallbacks"]
+    assert {"config.yaml", "config.json", "ran_config.yaml", "kernels.json"} <= set(run.texts)
+    assert run.status == "FINISHED"
+
+
+def test_a_bug_in_mpq_is_not_reported_as_an_outage(tmp_path: Path) -> None:
+    """Only MLflow's own calls are guarded: a trial mpq cannot read raises, it does not pass
+    for "tracking unavailable"."""
+    import optuna
+    from pydantic import ValidationError
+
+    cfg = conv_config(tmp_path, tracking={"enabled": True})
+    tracker = Tracker(cfg)
+    study = optuna.create_study(study_name="conv", directions=["maximize", "minimize", "minimize"])
+    tracker.start(study)
+    broken = _trial(config={"layers": {"fc": {"w_bits": 7}}})  # not a bit-width mpq has
+    with pytest.raises(ValidationError, match="w_bits=7"):
+        tracker.on_trial(study, broken)
+    assert not tracker.down
