@@ -155,7 +155,7 @@ class LayerOptions(BaseModel):
         ("dynamic",), description="static (calibrated) and/or dynamic activation ranges"
     )
 
-    @field_validator("w_bits", "a_bits", "granularity", "symmetric", "act_mode")
+    @field_validator(*(d.name for d in DIMENSIONS))
     @classmethod
     def _non_empty(cls, v: tuple[object, ...]) -> tuple[object, ...]:
         if not v:
