@@ -17,7 +17,8 @@ def configure() -> None:
 
     - like ``python -m`` and uvicorn, a user's ``module:function`` next to where mpq runs
       imports (Ray's workers get the same through their ``PYTHONPATH``);
-    - Optuna's per-trial INFO lines and MLflow's INFO logs would drown the progress bar;
+    - Optuna's per-trial INFO lines and MLflow's INFO logs would drown the progress bar (this
+      is the one place mpq writes ``os.environ``, besides Ray's token mode for an attach);
     - heartbeats are marked experimental and "meant for Study.optimize": the runner records
       them itself for its ask/tell trials, which is what makes stale trials detectable.
     """
@@ -26,6 +27,9 @@ def configure() -> None:
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # MLflow sets its loggers' level when it is imported (later, lazily): its own variable
+    # is the supported way to have that level be WARNING; the logger covers an earlier import
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")

@@ -28,7 +28,7 @@ from rich.console import Console
 
 from mpq.search.config import SearchConfig
 from mpq.search.pareto import front_table, front_trials, hypervolume_history
-from mpq.search.record import Measurements, StudyAttr, TrialRecord
+from mpq.search.record import Measurements, StudyAttr, TrialAttr, TrialRecord
 from mpq.spaces.space import DIMENSIONS, QuantConfig
 
 STUDY_TAG, TRIAL_TAG, KIND_TAG = "mpq_study", "mpq_trial", "mpq_kind"
@@ -65,9 +65,9 @@ def flat_params(record: TrialRecord) -> dict[str, str]:
     out.update(config_params(record.config_as_ran, prefix="ran."))
     out["proposed_by"] = record.proposed_by
     if record.duplicate_of is not None:
-        out["duplicate_of"] = str(record.duplicate_of)
+        out[TrialAttr.DUPLICATE_OF] = str(record.duplicate_of)
     if record.config is not None:
-        out["config_key"] = record.config.key()
+        out[TrialAttr.CONFIG_KEY] = record.config.key()
     return out
 
 
@@ -105,7 +105,7 @@ def trial_run(study_name: str, parent_id: str, t: FrozenTrial, ref: dict[str, An
         "on_front": "false",
     }
     if record.fail_reason:
-        tags["fail_reason"] = record.fail_reason[:5000]
+        tags[TrialAttr.FAIL_REASON] = record.fail_reason[:5000]
     if record.fallbacks:
         tags["kernel_fallbacks"] = json.dumps(record.fallbacks)[:5000]
     texts = {}
@@ -118,8 +118,8 @@ def trial_run(study_name: str, parent_id: str, t: FrozenTrial, ref: dict[str, An
         texts["ran_config.yaml"] = yaml.safe_dump(ran, sort_keys=False)
     if record.kernels:
         kernels = {
-            "kernels": dict(record.kernels),
-            "fallbacks": dict(record.fallbacks),
+            TrialAttr.KERNELS: dict(record.kernels),
+            TrialAttr.FALLBACKS: dict(record.fallbacks),
             "latency": dict(record.latency_info),
         }
         texts["kernels.json"] = json.dumps(kernels, indent=1)

@@ -175,6 +175,20 @@ class PlannedBackend:
     def fallback_reason(self, layer: LayerInfo, choice: LayerChoice) -> str | None:
         return self.plan_layer(layer, choice).reason
 
+    def float_plan(self, layer: LayerInfo, asked: LayerChoice, why: str) -> LayerPlan:
+        """What runs when the model rules the planned kernel out (``why``): float."""
+        raise NotImplementedError
+
+    def plan(self, model: nn.Module, layers: tuple[LayerInfo, ...], config: QuantConfig) -> Plan:
+        """``plan_layer`` per layer, then what only the model tells (``module_fallbacks``).
+
+        Raises:
+            ValueError: ``config`` does not cover exactly ``layers``, or a choice cannot fit.
+        """
+        config.check(layers)
+        plan = Plan({la.name: self.plan_layer(la, config.layers[la.name]) for la in layers})
+        return module_fallbacks(model, layers, plan, config, self.float_plan)
+
 
 BACKENDS: dict[str, Callable[[], Backend]] = {}
 

@@ -231,7 +231,7 @@ class OnnxRuntimeBackend(PlannedBackend):
         kernel = f"MatMulNBits int{ran.w_bits} block{BLOCK} acc{level}"
         return LayerPlan(kernel, ran, _matmul_reason(choice, ran))
 
-    def plan(
+    def plan_export(
         self,
         layers: tuple[LayerInfo, ...],
         config: QuantConfig,
@@ -270,7 +270,7 @@ class OnnxRuntimeBackend(PlannedBackend):
         proto = export_onnx(model.eval(), example_inputs)
         matmuls = matmul_nodes(proto, layers, gemm_to_matmul(proto))
         convs = conv_nodes(proto, layers)
-        plan = self.plan(layers, config, matmuls, convs, bool(calibration))
+        plan = self.plan_export(layers, config, matmuls, convs, bool(calibration))
         qdq = [la for la in layers if plan.layers[la.name].kernel.startswith("QLinearConv")]
         if qdq:
             ran = plan.ran_config  # upstream layers quantized as they will run

@@ -51,9 +51,7 @@ from mpq.evaluators.backends.base import (
     RECURRENT_KINDS,
     LayerPlan,
     Lowered,
-    Plan,
     PlannedBackend,
-    module_fallbacks,
     register_backend,
 )
 from mpq.evaluators.backends.torch_kernels import (  # noqa: F401  (kernel names: re-exported)
@@ -170,16 +168,8 @@ class TorchBackend(PlannedBackend):
             return (*((4,) if int4 else ()), 8, 16, 32)
         return (8, 32) if layer.kind in RECURRENT_KINDS and self.device == "cpu" else (32,)
 
-    def plan(self, model: nn.Module, layers: tuple[LayerInfo, ...], config: QuantConfig) -> Plan:
-        """``plan_layer`` per layer, then what only the model tells (MHA's ``out_proj``,
-        recurrent modules that quantize whole)."""
-        config.check(layers)
-        plan = Plan({la.name: self.plan_layer(la, config.layers[la.name]) for la in layers})
-
-        def as_float(la: LayerInfo, asked: LayerChoice, why: str) -> LayerPlan:
-            return LayerPlan(FLOAT32, RAN[FLOAT32], f"w{asked.w_bits} -> float32: {why}")
-
-        return module_fallbacks(model, layers, plan, config, as_float)
+    def float_plan(self, layer: LayerInfo, asked: LayerChoice, why: str) -> LayerPlan:
+        return LayerPlan(FLOAT32, RAN[FLOAT32], f"w{asked.w_bits} -> float32: {why}")
 
     def lower(
         self,

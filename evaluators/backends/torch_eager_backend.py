@@ -29,9 +29,7 @@ from mpq.evaluators.backends.base import (
     RECURRENT_KINDS,
     LayerPlan,
     Lowered,
-    Plan,
     PlannedBackend,
-    module_fallbacks,
     register_backend,
 )
 from mpq.spaces.discover import LayerInfo
@@ -80,16 +78,9 @@ class TorchEagerBackend(PlannedBackend):
         why = f"w{choice.w_bits} -> int8: no CPU kernel below 8 bits in torch"
         return LayerPlan(INT8_DYNAMIC, _int8_ran(choice), why if choice.w_bits < 8 else None)
 
-    def plan(self, model: nn.Module, layers: tuple[LayerInfo, ...], config: QuantConfig) -> Plan:
-        """``plan_layer`` per layer, then MHA's ``out_proj`` and recurrent modules whose
-        weights would not all run at int8 (it quantizes whole) run in float32."""
-        config.check(layers)
-        plan = Plan({la.name: self.plan_layer(la, config.layers[la.name]) for la in layers})
-
-        def as_float(la: LayerInfo, asked: LayerChoice, why: str) -> LayerPlan:
-            return LayerPlan(FLOAT32, asked, f"w{asked.w_bits} -> float32: {why}")
-
-        return module_fallbacks(model, layers, plan, config, as_float)
+    def float_plan(self, layer: LayerInfo, asked: LayerChoice, why: str) -> LayerPlan:
+        """Float runs the simulated-quantized weights: the asked choice."""
+        return LayerPlan(FLOAT32, asked, f"w{asked.w_bits} -> float32: {why}")
 
     def lower(
         self,
