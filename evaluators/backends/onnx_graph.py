@@ -103,6 +103,20 @@ def conv_nodes(model: onnx.ModelProto, layers: tuple[LayerInfo, ...]) -> dict[st
     }
 
 
+def gather_tables(model: onnx.ModelProto, layers: tuple[LayerInfo, ...]) -> dict[str, str]:
+    """Embedding layer name -> its table's initializer, where only ``Gather`` nodes (axis 0)
+    read it (a table also read by a ``MatMul``, e.g. tied with an output layer, is left out)."""
+    by_weight = {f"{la.module}.{la.param}": la.name for la in layers if la.kind == "embedding"}
+    readers: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            if i in by_weight:
+                axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+                ok = n.op_type == "Gather" and n.input[0] == i and axis == 0
+                readers.setdefault(i, set()).add("gather" if ok else n.op_type)
+    return {by_weight[w]: w for w, kinds in readers.items() if kinds == {"gather"}}
+
+
 def _uint8_qparams(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
     qp = choose_qparams(torch.tensor(lo), torch.tensor(hi), 8, symmetric=False)
     return np.float32(qp.scale.item()), np.uint8(int(qp.zero_point.item()))

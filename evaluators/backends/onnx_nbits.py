@@ -21,6 +21,7 @@ so ``(B_q - z) * s`` is the notes' ``x' = (Q(x) - z) * s`` bit for bit.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import onnx
@@ -28,6 +29,8 @@ import torch
 from onnx import helper, numpy_helper
 
 from mpq.evaluators.quantize import quantize, weight_qparams
+from mpq.evaluators.size import layer_size_bytes
+from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import LayerChoice
 
 BLOCK = 32
@@ -113,6 +116,72 @@ def replace_matmuls(model: onnx.ModelProto, choices: dict[str, tuple[LayerChoice
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
+def gather_tensors(w: np.ndarray, ran: LayerChoice, name: str) -> list[onnx.TensorProto]:
+    """``GatherBlockQuantized``'s initializers of an embedding table ``w`` (V rows, D)::
+
+        data:         uint8 [V, D * b / 8]   each row's codes, packed low bits first
+        scales:       float32 [V, D / g]     per block of g = ``ran.group_size`` along D
+        zero_points:  uint8 [V, ceil(D / g * b / 8)]  asymmetric only, packed the same way;
+                                             symmetric: the kernel's default 2^(b-1), codes
+                                             stored as q + 2^(b-1)
+
+    so ``(data - z) * s`` is the notes' ``x' = (Q(x) - z) * s`` of the row, bit for bit.
+    """
+    v, d = w.shape
+    bits = ran.w_bits
+    grouped, qp = weight_qparams(
+        torch.tensor(w), bits, ran.granularity, ran.group_size, ran.symmetric
+    )
+    codes = quantize(grouped, qp).reshape(v, d).numpy()
+    scale = qp.scale.reshape(v, -1).numpy().astype(np.float32)
+    zero = qp.zero_point.reshape(v, -1).numpy()
+    if ran.symmetric:
+        codes = codes + 2 ** (bits - 1)
+    out = [
+        numpy_helper.from_array(_pack(codes.astype(np.uint8), bits), f"{name}_gbq_data"),
+        numpy_helper.from_array(scale, f"{name}_gbq_scales"),
+    ]
+    if not ran.symmetric:
+        zp = _pack(zero.astype(np.uint8), bits)
+        out.append(numpy_helper.from_array(zp, f"{name}_gbq_zero_points"))
+    return out
+
+
+def replace_gathers(model: onnx.ModelProto, choices: dict[str, LayerChoice]) -> None:
+    """In place: each ``Gather`` of an embedding table named in ``choices`` (initializer name
+    -> the choice that runs: per group along D) becomes ``GatherBlockQuantized`` (domain
+    ``com.microsoft``), so the file stores the table at its bits; the float table goes."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        table = node.input[0] if node.op_type == "Gather" else None
+        if table not in choices:
+            nodes.append(node)
+            continue
+        ran = choices[table]
+        w = numpy_helper.to_array(inits[table]).astype(np.float32)
+        tensors = gather_tensors(w, ran, node.name or node.output[0])
+        graph.initializer.extend(tensors)
+        nodes.append(
+            helper.make_node(
+                "GatherBlockQuantized",
+                [tensors[0].name, node.input[1], *(t.name for t in tensors[1:])],
+                list(node.output),
+                name=f"{node.name}_Q{ran.w_bits}",
+                domain="com.microsoft",
+                gather_axis=0,
+                quantize_axis=1,
+                block_size=ran.group_size,
+                bits=ran.w_bits,
+            )
+        )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
 def prune_initializers(model: onnx.ModelProto) -> None:
     """In place: drop every initializer no node (nor a subgraph's node) reads and no graph
     output names -- the float weights a rewrite replaced -- so the file's bytes are what runs."""
@@ -130,6 +199,54 @@ def prune_initializers(model: onnx.ModelProto) -> None:
     keep = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
+
+
+# Bytes of what ships: the initializers the graph uses, and the packing formula per kernel.
+
+
+def stored_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers the graph uses: the weights as this backend stores them.
+
+    ``MatMulNBits`` packs ``b``-bit weights in bytes with one float32 scale per block of 32 (and
+    packed zero points when asymmetric), which is ``evaluators.size`` for the configuration that
+    ran; a static int8 conv adds its input and output scale and zero point (2 x 5 bytes).
+    """
+    used = {name for node in model.graph.node for name in node.input}
+    return sum(  # from shape and dtype: no copy of the tensors
+        math.prod(init.dims) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        for init in model.graph.initializer
+        if init.name in used
+    )
+
+
+def packed_layer_bytes(layer: LayerInfo, kernel: str, ran: LayerChoice) -> int:
+    """Bytes this backend stores for one layer, in its own layout.
+
+    ``MatMulNBits`` (N output rows, K inputs, ``nb = ceil(K / 32)`` blocks per row: K is padded
+    to whole blocks, zero points are packed per row)::
+
+        N * nb * 32 * b / 8  +  4 * N * nb  +  (asymmetric) N * ceil(nb * b / 8)
+
+    ``QLinearConv``: 8-bit weights, a float32 scale and an 8-bit zero point per output channel,
+    and the input and output activation scale (float32) and zero point (uint8):
+    ``n + 5 * C_out + 2 * (4 + 1)``.
+    ``GatherBlockQuantized`` (V rows, D, ``g`` per block): ``V * ceil(D b / 8) + 4 * V * D / g
+    + (asymmetric) V * ceil(D / g * b / 8)``.
+    Layers in float: ``evaluators.size``.
+    """
+    if kernel.startswith("MatMulNBits"):
+        k = layer.reduction_size
+        n_rows, blocks, b = layer.num_params // k, math.ceil(k / BLOCK), ran.w_bits
+        zero = 0 if ran.symmetric else n_rows * math.ceil(blocks * b / 8)
+        return n_rows * blocks * BLOCK * b // 8 + 4 * n_rows * blocks + zero
+    if kernel.startswith("QLinearConv"):
+        return layer.num_params + 5 * layer.shape[0] + 2 * (4 + 1)
+    if kernel.startswith("GatherBlockQuantized"):
+        v, d, b = layer.shape[0], layer.reduction_size, ran.w_bits
+        blocks = d // (ran.group_size or d)
+        zero = 0 if ran.symmetric else v * math.ceil(blocks * b / 8)
+        return v * math.ceil(d * b / 8) + 4 * v * blocks + zero
+    return layer_size_bytes(layer, ran)
 
 
 @functools.cache

@@ -17,7 +17,11 @@ Lowering that is recorded per layer, never hidden:
   int8 symmetric per output channel), which ONNX Runtime fuses into ``QLinearConv``. Narrower
   weights run as int8, dynamic activation ranges as calibrated static ones (ORT's dynamic int8
   conv is slow); without calibration data the conv runs in float32. All recorded.
-- Conv3d, GRU/LSTM/RNN and Embedding run in float32 here (no low-bit kernel wired for them).
+- Embedding with ``w_bits`` <= 8: ``GatherBlockQuantized`` (com.microsoft) with the notes'
+  codes at 2, 4 or 8 bits per block of 32 (16 where the embedding dimension is no multiple of
+  32) along the embedding dimension, so the file stores the table at its bits (size, not
+  speed: a gather is cheap either way); a table tied to an output layer stays float32.
+- Conv3d and GRU/LSTM/RNN run in float32 here (no low-bit kernel wired for them).
 - NOTE: the exporter emits ``Gemm`` for a Linear on 2-D input, which ``MatMulNBits`` skips; such
   nodes are rewritten to ``MatMul`` + ``Add`` first.
 """
@@ -25,7 +29,6 @@ Lowering that is recorded per layer, never hidden:
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from collections.abc import Collection
 from typing import Any
@@ -33,7 +36,6 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import helper
 from torch import nn
 
 from mpq.evaluators.apply import static_ranges
@@ -41,6 +43,7 @@ from mpq.evaluators.backends.base import LayerPlan, Lowered, Plan, PlannedBacken
 from mpq.evaluators.backends.onnx_graph import (  # noqa: F401  (re-exported for tests)
     QDQ_CONV,
     conv_nodes,
+    gather_tables,
     gemm_to_matmul,
     matmul_nodes,
     qdq_conv,
@@ -49,10 +52,13 @@ from mpq.evaluators.backends.onnx_graph import (  # noqa: F401  (re-exported for
 from mpq.evaluators.backends.onnx_nbits import (
     BLOCK,
     int8_input_runs,
+    packed_layer_bytes,
     prune_initializers,
+    replace_gathers,
     replace_matmuls,
+    stored_bytes,
 )
-from mpq.evaluators.size import config_size, layer_size_bytes
+from mpq.evaluators.size import config_size
 from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import INT_BITS_MAX, KEEP, LayerChoice, QuantConfig
 
@@ -94,44 +100,6 @@ FLOAT32 = "float32 (onnxruntime)"
 CONV_RAN = LayerChoice(
     w_bits=8, a_bits=8, granularity="per_channel", act_mode="static", out_bits=8
 )
-
-
-def stored_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers the graph uses: the weights as this backend stores them.
-
-    ``MatMulNBits`` packs ``b``-bit weights in bytes with one float32 scale per block of 32 (and
-    packed zero points when asymmetric), which is ``evaluators.size`` for the configuration that
-    ran; a static int8 conv adds its input and output scale and zero point (2 x 5 bytes).
-    """
-    used = {name for node in model.graph.node for name in node.input}
-    return sum(  # from shape and dtype: no copy of the tensors
-        math.prod(init.dims) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-        for init in model.graph.initializer
-        if init.name in used
-    )
-
-
-def packed_layer_bytes(layer: LayerInfo, kernel: str, ran: LayerChoice) -> int:
-    """Bytes this backend stores for one layer, in its own layout.
-
-    ``MatMulNBits`` (N output rows, K inputs, ``nb = ceil(K / 32)`` blocks per row: K is padded
-    to whole blocks, zero points are packed per row)::
-
-        N * nb * 32 * b / 8  +  4 * N * nb  +  (asymmetric) N * ceil(nb * b / 8)
-
-    ``QLinearConv``: 8-bit weights, a float32 scale and an 8-bit zero point per output channel,
-    and the input and output activation scale (float32) and zero point (uint8):
-    ``n + 5 * C_out + 2 * (4 + 1)``.
-    Layers in float: ``evaluators.size``.
-    """
-    if kernel.startswith("MatMulNBits"):
-        k = layer.reduction_size
-        n_rows, blocks, b = layer.num_params // k, math.ceil(k / BLOCK), ran.w_bits
-        zero = 0 if ran.symmetric else n_rows * math.ceil(blocks * b / 8)
-        return n_rows * blocks * BLOCK * b // 8 + 4 * n_rows * blocks + zero
-    if kernel.startswith("QLinearConv"):
-        return layer.num_params + 5 * layer.shape[0] + 2 * (4 + 1)
-    return layer_size_bytes(layer, ran)
 
 
 def _int8_input(choice: LayerChoice) -> bool:
@@ -177,15 +145,41 @@ def _conv_plan(choice: LayerChoice) -> LayerPlan:
     return LayerPlan(qlinearconv_kernel(), CONV_RAN, why)
 
 
-def _matmul_reason(choice: LayerChoice, ran: LayerChoice) -> str | None:
-    """Why ``MatMulNBits`` runs ``ran`` for the asked ``choice`` (None: as asked)."""
+def _layout_reason(choice: LayerChoice, ran: LayerChoice) -> str | None:
+    """Why the weights run at other bits or blocks than asked (None: as asked)."""
     if (ran.w_bits, ran.granularity, ran.group_size) != (
         choice.w_bits,
         choice.granularity,
         choice.group_size,
     ):
-        layout = f"block{BLOCK}" if ran.granularity == "per_group" else ran.granularity
+        layout = f"block{ran.group_size}" if ran.granularity == "per_group" else ran.granularity
         return f"w{choice.w_bits} {choice.granularity} -> int{ran.w_bits} {layout}"
+    return None
+
+
+def _gather_plan(layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
+    """``GatherBlockQuantized``: the table at 2/4/8 bits per block of 32 (or 16) along D."""
+    w, d = choice.w_bits, layer.reduction_size
+    if layer.tied:
+        return _float(
+            f"w{w} -> float32: the table is tied to {layer.tied[0]!r} (read by a MatMul)"
+        )
+    block = next((b for b in (BLOCK, 16) if d % b == 0), None)
+    if block is None:
+        why = f"w{w} -> float32: embedding dim {d} is no multiple of 16 (the smallest block)"
+        return _float(why)
+    ran = LayerChoice(
+        w_bits=nbits_for(w), granularity="per_group", group_size=block, symmetric=choice.symmetric
+    )
+    kernel = f"GatherBlockQuantized int{ran.w_bits} block{block}"
+    return LayerPlan(kernel, ran, _layout_reason(choice, ran))
+
+
+def _matmul_reason(choice: LayerChoice, ran: LayerChoice) -> str | None:
+    """Why ``MatMulNBits`` runs ``ran`` for the asked ``choice`` (None: as asked)."""
+    layout = _layout_reason(choice, ran)
+    if layout is not None:
+        return layout
     if choice.a_bits == 8 and ran.a_bits != 8:
         return (
             f"a8 -> a32: MatMulNBits int{ran.w_bits} has no int8-input kernel on this CPU "
@@ -213,7 +207,7 @@ class OnnxRuntimeBackend(PlannedBackend):
         self.device = device
 
     def supported_w_bits(self, layer: LayerInfo) -> tuple[int, ...]:
-        return (*NBITS, 32) if layer.kind in MATMUL_KINDS else (32,)
+        return (*NBITS, 32) if layer.kind in (*MATMUL_KINDS, "embedding") else (32,)
 
     def plan_layer(self, layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
         """What runs, from the kind and the choice (given a node found in the export and
@@ -222,6 +216,8 @@ class OnnxRuntimeBackend(PlannedBackend):
             return _float()
         if layer.kind in QDQ_CONV and choice.w_bits <= INT_BITS_MAX:
             return _conv_plan(choice)
+        if layer.kind == "embedding" and choice.w_bits <= INT_BITS_MAX:
+            return _gather_plan(layer, choice)
         if layer.kind not in MATMUL_KINDS:
             return _float(f"w{choice.w_bits} -> float32: no low-bit kernel wired for {layer.kind}")
         if choice.w_bits > INT_BITS_MAX:
@@ -238,9 +234,11 @@ class OnnxRuntimeBackend(PlannedBackend):
         matmuls: Collection[str],
         convs: Collection[str],
         calibrated: bool,
+        tables: Collection[str] = (),
     ) -> Plan:
-        """``plan_layer`` per layer, then what the export tells: a layer whose MatMul or Conv
-        node is not in the graph, or a static conv without calibration data, runs float."""
+        """``plan_layer`` per layer, then what the export tells: a layer whose MatMul, Conv or
+        Gather node is not in the graph, or a static conv without calibration data, runs
+        float."""
         config.check(layers)
         out = {}
         for la in layers:
@@ -252,6 +250,8 @@ class OnnxRuntimeBackend(PlannedBackend):
                 plan = _float(f"w{c.w_bits} -> float32: no Conv node in the export")
             elif plan.kernel.startswith("QLinearConv") and not calibrated:
                 plan = _float(f"w{c.w_bits} -> float32: static int8 conv needs calibration data")
+            elif plan.kernel.startswith("GatherBlockQuantized") and la.name not in tables:
+                plan = _float(f"w{c.w_bits} -> float32: no Gather alone reads its table")
             out[la.name] = plan
         return Plan(out)
 
@@ -270,7 +270,8 @@ class OnnxRuntimeBackend(PlannedBackend):
         proto = export_onnx(model.eval(), example_inputs)
         matmuls = matmul_nodes(proto, layers, gemm_to_matmul(proto))
         convs = conv_nodes(proto, layers)
-        plan = self.plan_export(layers, config, matmuls, convs, bool(calibration))
+        tables = gather_tables(proto, layers)
+        plan = self.plan_export(layers, config, matmuls, convs, bool(calibration), tables)
         qdq = [la for la in layers if plan.layers[la.name].kernel.startswith("QLinearConv")]
         if qdq:
             ran = plan.ran_config  # upstream layers quantized as they will run
@@ -283,6 +284,7 @@ class OnnxRuntimeBackend(PlannedBackend):
             for node in matmuls[name]
         }
         replace_matmuls(proto, nbits)
+        replace_gathers(proto, {tables[n]: p.ran for n, p in _planned(plan, "GatherBlock")})
         prune_initializers(proto)  # the float weights rewrites replaced: not in what ships
         model_bytes = proto.SerializeToString()
         run, session, fresh = _sessions(model_bytes, example_inputs, threads)
@@ -290,6 +292,11 @@ class OnnxRuntimeBackend(PlannedBackend):
         return Lowered(
             run, session, plan, stored_bytes(proto), predicted, fresh, model_bytes, "onnx"
         )
+
+
+def _planned(plan: Plan, prefix: str) -> list[tuple[str, LayerPlan]]:
+    """The layers whose kernel name starts with ``prefix``."""
+    return [(name, p) for name, p in plan.layers.items() if p.kernel.startswith(prefix)]
 
 
 def _predicted_bytes(model: nn.Module, layers: tuple[LayerInfo, ...], plan: Plan) -> int:

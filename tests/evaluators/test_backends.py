@@ -21,6 +21,7 @@ from tests.models import (
     ConvNet,
     RecurrentPolicy,
     Stacked,
+    TiedLM,
     TinyTransformer,
     WideInput,
     example_inputs,
@@ -392,3 +393,41 @@ def test_the_onnx_file_holds_only_what_runs(model_name: str) -> None:
     used = {name for node in proto.graph.node for name in node.input}
     assert {i.name for i in proto.graph.initializer} <= used
     assert len(lowered.artifact) - lowered.stored_bytes < 64 * 1024  # the graph, not weights
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_embedding_ships_at_its_bits(bits: int, symmetric: bool) -> None:
+    """ONNX Runtime: an embedding table at <= 8 bits is ``GatherBlockQuantized`` with the
+    notes' codes (3 runs as 4), so the file stores it at its bits and the lowered model equals
+    the simulated one; the float table is not in the file."""
+    model = RecurrentPolicy().eval()  # Embedding(20, 16): one block of 16 per row
+    x = example_inputs(model, batch=1)
+    layers = discover_layers(model)
+    keep = {la.name: LayerChoice() for la in layers}
+    asked = LayerChoice(w_bits=bits, granularity="per_group", group_size=16, symmetric=symmetric)
+    config = QuantConfig(layers=keep | {"embed": asked})
+    lowered = get_backend("onnxruntime").lower(model, layers, config, x)
+    ran_bits = 4 if bits == 3 else bits
+    assert lowered.kernels["embed"] == f"GatherBlockQuantized int{ran_bits} block16"
+    assert lowered.ran_config.layers["embed"].group_size == 16
+    assert ("embed" in lowered.fallbacks) == (bits == 3)
+    assert lowered.stored_bytes == lowered.predicted_bytes
+    float_bytes = get_backend("onnxruntime").lower(model, layers, QuantConfig(layers=keep), x)
+    saved = float_bytes.stored_bytes - lowered.stored_bytes
+    assert saved == 20 * 16 * 4 - (20 * 16 * ran_bits // 8 + 20 * 4 + (0 if symmetric else 20))
+    with torch.inference_mode():
+        sim = first_tensor(apply_config(model, lowered.ran_config, [x], layers=layers)(*x))
+    assert float((_numpy(lowered.run()) - sim).abs().max()) <= 1e-5 * float(sim.abs().max())
+
+
+def test_embedding_tables_that_cannot_ship_quantized_say_why() -> None:
+    backend = get_backend("onnxruntime")
+    tied = next(la for la in discover_layers(TiedLM()) if la.name == "embed")
+    assert backend.fallback_reason(tied, LayerChoice(w_bits=4)) == (
+        "w4 -> float32: the table is tied to 'out.weight' (read by a MatMul)"
+    )
+    (odd,) = discover_layers(torch.nn.Sequential(torch.nn.Embedding(10, 24)))
+    assert backend.fallback_reason(odd, LayerChoice(w_bits=4)) == (
+        "w4 -> float32: embedding dim 24 is no multiple of 16 (the smallest block)"
+    )
