@@ -1,6 +1,6 @@
 """An independent rollout of an exported BabyAI policy: ``model.onnx`` on plain onnxruntime.
 
-    python benchmarks/rollout_onnx.py mpq-runs/babyai-vla-v2/best [--episodes 100]
+    python benchmarks/rollout_onnx.py mpq-runs/babyai-vla-v3/best [--episodes 100]
 
 Plays each level's evaluation episodes (the search's own seeds) one at a time at batch 1, as a
 robot runs the policy -- the instruction tokenised once, the memory carried from step to step

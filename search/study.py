@@ -79,6 +79,8 @@ def params_from_config(resolved: dict[str, LayerOptions], config: QuantConfig) -
             value = getattr(config.layers[name], dim.name)
             if len(values) < 2:
                 continue
+            if value is None:  # not applicable to this choice (a group size without groups)
+                value = values[0]
             if value not in values:
                 raise ValueError(
                     f"seed config: layers[{name!r}].{dim.name}={value} not in the space"

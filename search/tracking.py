@@ -40,16 +40,16 @@ T = TypeVar("T")
 
 
 def config_params(config: QuantConfig | None, prefix: str = "") -> dict[str, str]:
-    """``<prefix><layer>.<dim>`` for every searched dimension (``spaces.space.DIMENSIONS``)
-    and group size, plus ``mean_w_bits`` and ``layers_at_w<b>``."""
+    """``<prefix><layer>.<dim>`` for every dimension (``spaces.space.DIMENSIONS``) that
+    applies to the layer's choice, plus ``mean_w_bits`` and ``layers_at_w<b>``."""
     if config is None:
         return {}
     out: dict[str, str] = {}
     for name, choice in config.layers.items():
         for dim in DIMENSIONS:
-            out[f"{prefix}{name}.{dim.name}"] = str(getattr(choice, dim.name))
-        if choice.group_size is not None:
-            out[f"{prefix}{name}.group_size"] = str(choice.group_size)
+            value = getattr(choice, dim.name)
+            if value is not None:  # None: not applicable (a group size without groups)
+                out[f"{prefix}{name}.{dim.name}"] = str(value)
     bits = [c.w_bits for c in config.layers.values()]
     if bits:
         out[f"{prefix}mean_w_bits"] = f"{sum(bits) / len(bits):.3f}"

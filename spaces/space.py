@@ -51,6 +51,7 @@ DIMENSIONS: tuple[Dimension, ...] = (
     Dimension("w_bits", ordered=True),
     Dimension("a_bits", ordered=True),
     Dimension("granularity", ordered=False),
+    Dimension("group_size", ordered=True),  # with per_group only (else None in a choice)
     Dimension("symmetric", ordered=False),
     Dimension("act_mode", ordered=False),
 )
@@ -149,11 +150,20 @@ class LayerOptions(BaseModel):
     granularity: tuple[Granularity, ...] = Field(
         ("per_channel",), description="per_tensor, per_channel, per_group"
     )
-    group_size: int = Field(32, description="group size when per_group (must divide the layer)")
+    group_size: tuple[int, ...] = Field(
+        (32,),
+        description="group (block) sizes to choose from when per_group, each dividing the "
+        "layer's reduction axis (a larger group: fewer scales, fewer bytes)",
+    )
     symmetric: tuple[bool, ...] = Field((True,), description="symmetric (z=0) and/or asymmetric")
     act_mode: tuple[ActMode, ...] = Field(
         ("dynamic",), description="static (calibrated) and/or dynamic activation ranges"
     )
+
+    @field_validator("group_size", mode="before")
+    @classmethod
+    def _one_size(cls, v: object) -> object:
+        return (v,) if isinstance(v, int) else v  # ``group_size: 32`` is one option
 
     @field_validator(*(d.name for d in DIMENSIONS))
     @classmethod
@@ -171,27 +181,26 @@ class LayerOptions(BaseModel):
             LayerChoice(w_bits=b)
         for b in self.a_bits:
             LayerChoice(a_bits=b)
-        if self.group_size < 2:
-            raise ValueError(f"group_size={self.group_size} must be >= 2")
+        for g in self.group_size:
+            if g < 2:
+                raise ValueError(f"group_size={g} must be >= 2")
         return self
 
     def choices(self) -> tuple[LayerChoice, ...]:
-        """Every combination of the dimensions' options, in a fixed order."""
+        """Every distinct combination of the dimensions' options, in a fixed order."""
         names = [d.name for d in DIMENSIONS]
-        out = []
+        out: dict[LayerChoice, None] = {}
         for values in itertools.product(*(getattr(self, n) for n in names)):
-            pick = dict(zip(names, values, strict=True))
-            out.append(LayerChoice(**pick, group_size=self.group_size_for(pick["granularity"])))
+            out[self.first(**dict(zip(names, values, strict=True)))] = None
         return tuple(out)
 
-    def group_size_for(self, granularity: str) -> int | None:
-        """``group_size`` goes with ``per_group`` only."""
-        return self.group_size if granularity == "per_group" else None
-
     def first(self, **picks: Any) -> LayerChoice:
-        """The choice with the first option of every dimension, except those in ``picks``."""
+        """The choice with the first option of every dimension, except those in ``picks``
+        (``group_size`` goes with ``per_group`` only)."""
         pick = {d.name: getattr(self, d.name)[0] for d in DIMENSIONS} | picks
-        return LayerChoice(**pick, group_size=self.group_size_for(pick["granularity"]))
+        if pick["granularity"] != "per_group":
+            pick["group_size"] = None
+        return LayerChoice(**pick)
 
     @property
     def is_fixed(self) -> bool:
@@ -201,6 +210,13 @@ class LayerOptions(BaseModel):
 class _OverrideBase(BaseModel):
     model_config = _FROZEN
     match: str = Field(..., description="a layer name, or a glob such as 'memory_gru.*'")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("group_size"), int):
+            return {**data, "group_size": (data["group_size"],)}  # one option
+        return data
 
     def apply(self, base: LayerOptions) -> LayerOptions:
         changes = self.model_dump(exclude={"match"}, exclude_none=True)
@@ -294,19 +310,23 @@ def _narrow(
 ) -> LayerOptions:
     """Drop the options ``layer`` cannot take; an exact override that asked for them errors."""
     a_bits = options.a_bits if layer.takes_activations else (KEEP,)
-    granularity = options.granularity
-    int_weights = min(options.w_bits) <= INT_BITS_MAX
-    if layer.reduction_size % options.group_size and "per_group" in granularity and int_weights:
+    granularity, sizes = options.granularity, options.group_size
+    if min(options.w_bits) <= INT_BITS_MAX:  # float-only weights have no groups
+        sizes = tuple(g for g in options.group_size if layer.reduction_size % g == 0)
+    if not sizes and "per_group" in granularity:
         granularity = tuple(g for g in granularity if g != "per_group") or ("per_channel",)
     if a_bits != options.a_bits and "a_bits" in explicit:
         probe = LayerChoice(a_bits=min(b for b in options.a_bits if b != KEEP))
         raise ValueError(f"{source}: overrides[{layer.name!r}]: {check_choice(layer, probe)}")
     if granularity != options.granularity and explicit & {"granularity", "group_size"}:
         probe = LayerChoice(
-            w_bits=min(options.w_bits), granularity="per_group", group_size=options.group_size
+            w_bits=min(options.w_bits), granularity="per_group", group_size=options.group_size[0]
         )
         raise ValueError(f"{source}: overrides[{layer.name!r}]: {check_choice(layer, probe)}")
-    return LayerOptions(**{**options.model_dump(), "a_bits": a_bits, "granularity": granularity})
+    if "per_group" not in granularity or not sizes:  # a group size without groups is no choice
+        sizes = options.group_size[:1]
+    changes = {"a_bits": a_bits, "granularity": granularity, "group_size": sizes}
+    return LayerOptions(**{**options.model_dump(), **changes})
 
 
 class QuantConfig(BaseModel):

@@ -33,7 +33,14 @@ from mpq.evaluators.size import layer_size_bytes
 from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import LayerChoice
 
-BLOCK = 32
+BLOCK = 32  # the default block; per_group choices of BLOCKS run at their own size
+BLOCKS = (16, 32, 64, 128, 256)  # what MatMulNBits and GatherBlockQuantized accept
+
+
+def block_of(ran: LayerChoice) -> int:
+    """The kernel's block size for ``ran``: its group, or ``BLOCK`` (a per-channel choice
+    stores the row's scale in every block)."""
+    return ran.group_size if ran.granularity == "per_group" and ran.group_size else BLOCK
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -52,7 +59,8 @@ def nbits_tensors(
 ) -> tuple[list[onnx.TensorProto], int, int]:
     """The initializers of ``w`` (N rows, K) at the choice that runs; returns (them, N, K)."""
     n, k = w.shape
-    bits, nb = ran.w_bits, -(-k // BLOCK)
+    block = block_of(ran)
+    bits, nb = ran.w_bits, -(-k // block)
     grouped, qp = weight_qparams(
         torch.tensor(w), bits, ran.granularity, ran.group_size, ran.symmetric
     )
@@ -64,8 +72,8 @@ def nbits_tensors(
         codes, zero = codes + offset, np.full_like(zero, offset)
     if scale.shape[1] != nb:  # per channel: the row's scale and zero point in every block
         scale, zero = np.repeat(scale, nb, 1), np.repeat(zero, nb, 1)
-    padded = np.concatenate([codes, np.repeat(zero[:, -1:], nb * BLOCK - k, 1)], 1)
-    blocks = padded.reshape(n, nb, BLOCK).astype(np.uint8)
+    padded = np.concatenate([codes, np.repeat(zero[:, -1:], nb * block - k, 1)], 1)
+    blocks = padded.reshape(n, nb, block).astype(np.uint8)
     out = [
         numpy_helper.from_array(_pack(blocks, bits), f"{name}_nbits_B"),
         numpy_helper.from_array(scale.reshape(-1), f"{name}_nbits_scales"),
@@ -102,7 +110,7 @@ def replace_matmuls(model: onnx.ModelProto, choices: dict[str, tuple[LayerChoice
                 K=k,
                 N=n,
                 bits=ran.w_bits,
-                block_size=BLOCK,
+                block_size=block_of(ran),
                 accuracy_level=level,
             )
         )
@@ -236,9 +244,10 @@ def packed_layer_bytes(layer: LayerInfo, kernel: str, ran: LayerChoice) -> int:
     """
     if kernel.startswith("MatMulNBits"):
         k = layer.reduction_size
-        n_rows, blocks, b = layer.num_params // k, math.ceil(k / BLOCK), ran.w_bits
+        block = block_of(ran)
+        n_rows, blocks, b = layer.num_params // k, math.ceil(k / block), ran.w_bits
         zero = 0 if ran.symmetric else n_rows * math.ceil(blocks * b / 8)
-        return n_rows * blocks * BLOCK * b // 8 + 4 * n_rows * blocks + zero
+        return n_rows * blocks * block * b // 8 + 4 * n_rows * blocks + zero
     if kernel.startswith("QLinearConv"):
         return layer.num_params + 5 * layer.shape[0] + 2 * (4 + 1)
     if kernel.startswith("GatherBlockQuantized"):

@@ -51,6 +51,8 @@ from mpq.evaluators.backends.onnx_graph import (  # noqa: F401  (re-exported for
 )
 from mpq.evaluators.backends.onnx_nbits import (
     BLOCK,
+    BLOCKS,
+    block_of,
     int8_input_runs,
     packed_layer_bytes,
     prune_initializers,
@@ -107,17 +109,27 @@ def _int8_input(choice: LayerChoice) -> bool:
     return choice.a_bits == 8 and int8_input_runs(nbits_for(choice.w_bits))
 
 
+def _asked_block(choice: LayerChoice, size: int) -> int | None:
+    """The asked group size where the kernels have it (``BLOCKS``) and it divides ``size``."""
+    g = choice.group_size if choice.granularity == "per_group" else None
+    return g if g in BLOCKS and size % g == 0 else None
+
+
 def _ran_choice(choice: LayerChoice, layer: LayerInfo) -> LayerChoice:
-    """What ``MatMulNBits`` runs: codes at 2/4/8 bits per block of 32 (per channel where K is
-    no multiple of 32: the row's scale in every block); accuracy level 4 quantizes its input to
-    int8 per block of 32, symmetric (``per_block``), level 1 keeps it float32."""
-    gran = "per_group" if layer.reduction_size % BLOCK == 0 else "per_channel"
+    """What ``MatMulNBits`` runs: codes at 2/4/8 bits per block along K -- the asked group size
+    where the kernel has it, else 32 (per channel where K is no multiple of 32: the row's
+    scale in every block); accuracy level 4 quantizes its input to int8 per block of 32,
+    symmetric (``per_block``; the kernel's input blocks are its weight blocks, so an int8
+    input keeps blocks of 32), level 1 keeps it float32."""
     int8_input = _int8_input(choice)
+    k = layer.reduction_size
+    block = (None if int8_input else _asked_block(choice, k)) or BLOCK
+    gran = "per_group" if k % block == 0 else "per_channel"
     return LayerChoice(
         w_bits=nbits_for(choice.w_bits),
         a_bits=8 if int8_input else 32,
         granularity=gran,
-        group_size=BLOCK if gran == "per_group" else None,
+        group_size=block if gran == "per_group" else None,
         symmetric=choice.symmetric,
         act_granularity="per_block" if int8_input else "per_tensor",
     )
@@ -153,7 +165,11 @@ def _layout_reason(choice: LayerChoice, ran: LayerChoice) -> str | None:
         choice.group_size,
     ):
         layout = f"block{ran.group_size}" if ran.granularity == "per_group" else ran.granularity
-        return f"w{choice.w_bits} {choice.granularity} -> int{ran.w_bits} {layout}"
+        asked = choice.granularity + (str(choice.group_size) if choice.group_size else "")
+        why = ""
+        if ran.a_bits == 8 and choice.group_size in BLOCKS and choice.group_size != BLOCK:
+            why = f" (the int8 input is quantized per block of {BLOCK}, the weights' block)"
+        return f"w{choice.w_bits} {asked} -> int{ran.w_bits} {layout}{why}"
     return None
 
 
@@ -164,7 +180,7 @@ def _gather_plan(layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
         return _float(
             f"w{w} -> float32: the table is tied to {layer.tied[0]!r} (read by a MatMul)"
         )
-    block = next((b for b in (BLOCK, 16) if d % b == 0), None)
+    block = _asked_block(choice, d) or next((b for b in (BLOCK, 16) if d % b == 0), None)
     if block is None:
         why = f"w{w} -> float32: embedding dim {d} is no multiple of 16 (the smallest block)"
         return _float(why)
@@ -224,7 +240,7 @@ class OnnxRuntimeBackend(PlannedBackend):
             return _float(f"w{choice.w_bits} -> float32: float16 has no faster CPU kernel")
         ran = _ran_choice(choice, layer)
         level = 4 if _int8_input(choice) else 1
-        kernel = f"MatMulNBits int{ran.w_bits} block{BLOCK} acc{level}"
+        kernel = f"MatMulNBits int{ran.w_bits} block{block_of(ran)} acc{level}"
         return LayerPlan(kernel, ran, _matmul_reason(choice, ran))
 
     def plan_export(

@@ -210,7 +210,7 @@ def test_fallback_disabled_is_an_error_naming_the_layer() -> None:
     ):
         check_no_fallback(b, layers, asked, "t")
     fc = tuple(la for la in layers if la.name == "fc")  # reduction 16: no block of 32 fits
-    with pytest.raises(FallbackError, match=r"\(w4 per_group -> int4 per_channel\)"):
+    with pytest.raises(FallbackError, match=r"\(w4 per_group32 -> int4 per_channel\)"):
         check_no_fallback(b, fc, asked, "t")
     check_no_fallback(b, fc, {"fc": (LayerChoice(w_bits=4),)}, "t")  # runs as asked
 
@@ -431,3 +431,35 @@ def test_embedding_tables_that_cannot_ship_quantized_say_why() -> None:
     assert backend.fallback_reason(odd, LayerChoice(w_bits=4)) == (
         "w4 -> float32: embedding dim 24 is no multiple of 16 (the smallest block)"
     )
+
+
+@pytest.mark.parametrize("block", [16, 64, 128, 256])
+def test_matmulnbits_runs_the_asked_block_size(block: int) -> None:
+    """A per_group choice runs at its own block size where MatMulNBits has it: fewer scales,
+    fewer bytes, the same notes' codes (exact); with an int8 input the kernel quantizes the
+    input per weight block, so a8 keeps blocks of 32 and says why."""
+    model = WideInput().eval()  # fc1: 1024 -> 36
+    x = example_inputs(model, batch=1)
+    layers = discover_layers(model)
+    keep = {la.name: LayerChoice() for la in layers}
+    asked = LayerChoice(w_bits=4, granularity="per_group", group_size=block)
+    backend = get_backend("onnxruntime")
+    lowered = backend.lower(model, layers, QuantConfig(layers=keep | {"fc1": asked}), x)
+    assert lowered.kernels["fc1"] == f"MatMulNBits int4 block{block} acc1"
+    assert "fc1" not in lowered.fallbacks and lowered.stored_bytes == lowered.predicted_bytes
+    with torch.inference_mode():
+        sim = first_tensor(apply_config(model, lowered.ran_config, [x], layers=layers)(*x))
+    assert float((_numpy(lowered.run()) - sim).abs().max()) <= 1e-5 * float(sim.abs().max())
+    at32 = QuantConfig(layers=keep | {"fc1": asked.model_copy(update={"group_size": 32})})
+    smaller = backend.lower(model, layers, at32, x).stored_bytes - lowered.stored_bytes
+    assert smaller == 36 * 4 * (1024 // 32 - 1024 // block)  # one float32 scale per block
+    if block != 32 and _int8_input_runs(4):
+        a8 = backend.plan_layer(layers[0], asked.model_copy(update={"a_bits": 8}))
+        assert a8.ran.group_size == 32 and a8.reason is not None
+        assert "the int8 input is quantized per block of 32" in a8.reason
+
+
+def _int8_input_runs(bits: int) -> bool:
+    from mpq.evaluators.backends.onnx_nbits import int8_input_runs
+
+    return int8_input_runs(bits)

@@ -139,3 +139,21 @@ def test_bad_search_configs(tmp_path: Path, yaml_text: str, message: str) -> Non
     p.write_text(yaml_text)
     with pytest.raises(ValueError, match=re.escape(message)):
         load_search_config(p)
+
+
+def test_group_sizes_are_an_ordered_dimension_where_groups_apply() -> None:
+    """``group_size: [32, 128]`` with per_group is searched by rank; sizes that do not divide
+    a layer's reduction axis are dropped for it, and without per_group it is no choice."""
+    space = SearchSpace(
+        defaults=LayerOptions(w_bits=(4, 8), granularity=("per_group",), group_size=(16, 32, 128)),
+        overrides=(Override(match="fc", granularity=("per_channel",)),),
+    )
+    resolved = space.resolve(LAYERS)
+    assert resolved["conv1d"].group_size == (16,)  # reduction 16: only 16 divides it
+    assert resolved["fc"].group_size == (16,)  # no groups, no choice
+    dists = study_mod.distributions(resolved)
+    assert "conv1d.group_size_rank" not in dists and "fc.group_size_rank" not in dists
+    config = study_mod.config_from_params(resolved, {})
+    assert config.layers["fc"].group_size is None and config.layers["conv1d"].group_size == 16
+    params = study_mod.params_from_config(resolved, config)
+    assert study_mod.config_from_params(resolved, params) == config
