@@ -35,7 +35,7 @@ def main() -> None:
     from mpq.search import study as study_mod
     from mpq.search.config import load_search_config
     from mpq.search.pareto import front_trials, hypervolume
-    from mpq.search.record import StudyAttr, TrialAttr
+    from mpq.search.record import SEARCH, StudyAttr, TrialAttr, TrialRecord
     from mpq.search.runner import preflight
     from mpq.search.session import run_search
     from mpq.spaces.space import QuantConfig
@@ -68,6 +68,8 @@ def main() -> None:
             bits = dict(zip(args.layers, combo, strict=True))
             layers = {n: o.first(w_bits=bits.get(n, o.w_bits[0])) for n, o in resolved.items()}
             grid.append(("grid", QuantConfig(layers=layers)))
+        # at most this many distinct seeds; a seed equal to another (or to a grid point) leaves
+        # a trial to the random sampler, whose draw is a grid point: answered as a duplicate
         seeds = len(cfg.sensitivity.uniform_bits) + len(cfg.sensitivity.budgets)
         cfg = cfg.model_copy(update={"trials": len(grid) + seeds})
         full = run_search(cfg, resolved=resolved, extra=grid).study
@@ -86,10 +88,9 @@ def main() -> None:
         f"{exhaustive_hv:.4f} "
         "(reference: success 0, float size, 2x float latency; normalised by the float model).\n"
     )
+    proposed = {t.number: TrialRecord.from_frozen(t).proposed_by for t in full.trials}
     seeds_of = {
-        t.user_attrs[TrialAttr.PROPOSED_BY]: t
-        for t in full.trials
-        if t.user_attrs.get(TrialAttr.PROPOSED_BY, "grid") != "grid"
+        proposed[t.number]: t for t in full.trials if proposed[t.number] not in ("grid", SEARCH)
     }
     seed_params = [t.params for label, t in sorted(seeds_of.items())]
     dists = study_mod.distributions(resolved)

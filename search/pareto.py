@@ -18,7 +18,14 @@ import pandas as pd
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from mpq.search.record import StudyAttr, TrialRecord, float_reference, loss_signs
+from mpq.search.record import (
+    StudyAttr,
+    TrialAttr,
+    TrialRecord,
+    feasible,
+    float_reference,
+    loss_signs,
+)
 
 REFERENCE = {"success": 0.0, "size_bytes": 1.0, "latency_ms": 2.0}
 
@@ -79,13 +86,13 @@ def front_trials(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(study.best_trials, key=lambda t: t.number)
 
 
-def _normalised_losses(study: optuna.Study, pool: list[TrialRecord]) -> np.ndarray:
+def _normalised_losses(study: optuna.Study, pool: list[FrozenTrial]) -> np.ndarray:
     objectives = list(study.user_attrs.get(StudyAttr.OBJECTIVES, []))
     ref = study.user_attrs.get(StudyAttr.FLOAT_REFERENCE, {})
     rows = []
     for r in pool:
         row = []
-        for name, v in zip(objectives, r.values or (), strict=True):
+        for name, v in zip(objectives, r.values or [], strict=True):
             row.append(-v if name == "success" else v / float(ref.get(name) or 1.0))
         rows.append(row)
     return np.asarray(rows, dtype=float)
@@ -94,10 +101,13 @@ def _normalised_losses(study: optuna.Study, pool: list[TrialRecord]) -> np.ndarr
 def hypervolume(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> float:
     """Hypervolume of the feasible non-dominated points among ``trials`` (default: all)."""
     objectives = list(study.user_attrs.get(StudyAttr.OBJECTIVES, []))
-    pool = [
-        r
-        for r in map(TrialRecord.from_frozen, trials or study.get_trials(deepcopy=False))
-        if r.complete and r.values is not None and r.feasible
+    candidates = trials if trials is not None else study.get_trials(deepcopy=False)
+    pool = [  # constraints read directly: no configuration parsed per trial
+        t
+        for t in candidates
+        if t.state == TrialState.COMPLETE
+        and t.values is not None
+        and feasible(t.user_attrs.get(TrialAttr.CONSTRAINTS, ()))
     ]
     if not pool or not objectives:
         return 0.0
@@ -135,7 +145,7 @@ def trial_row(study: optuna.Study, record: TrialRecord) -> dict[str, Any]:
         "speedup": m.speedup,
         "speedup_lo": m.speedup_lo,
         "speedup_hi": m.speedup_hi,
-        "mean_w_bits": record.mean_w_bits(),
+        "ran_mean_w_bits": record.mean_w_bits(),  # of what ran (asked: MLflow's mean_w_bits)
         "feasible": record.feasible,
         "proposed_by": record.proposed_by,
     }

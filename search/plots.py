@@ -71,7 +71,7 @@ def plot_front_html(df: pd.DataFrame, path: Path) -> None:
                 "success_hi",
                 "compression",
                 "speedup",
-                "mean_w_bits",
+                "ran_mean_w_bits",
                 "proposed_by",
             )
             if c in df

@@ -28,7 +28,7 @@ class TrialAttr(StrEnum):
     CONFIG = "config"  # the configuration as asked (QuantConfig, JSON)
     RAN_CONFIG = "ran_config"  # as it ran on the backend's kernels, where that differs
     CONFIG_KEY = "config_key"  # QuantConfig.key() of the asked configuration
-    PROPOSED_BY = "seed"  # the one-shot strategy that proposed a seed trial ("" = the search)
+    PROPOSED_BY = "seed"  # the one-shot strategy that proposed a seed trial (absent: SEARCH)
     STAGE = "stage"  # the last stage the trial ran: Stage
     FAIL_REASON = "fail_reason"
     CONSTRAINTS = "constraints"  # values in the config's order; <= 0 is satisfied

@@ -13,6 +13,7 @@ first and pruned or promoted by ``rules.prune_after_screen``; the full stage spe
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -30,7 +31,7 @@ from mpq.search import fingerprint, hygiene, rules, study_setup
 from mpq.search.cluster import TrialTasks
 from mpq.search.config import SearchConfig
 from mpq.search.pareto import front_trials
-from mpq.search.record import Stage, TrialAttr, TrialRecord, jsonable
+from mpq.search.record import Stage, TrialAttr, feasible, jsonable
 from mpq.search.study import config_from_params, distributions, open_study
 from mpq.search.worker import ArtifactFigures, eval_spec
 from mpq.spaces.space import LayerOptions, QuantConfig
@@ -107,7 +108,8 @@ class Runner:
         }
 
     def prepare(self) -> dict[str, Any]:
-        """Float reference and seed trials (once per study), then the latency table."""
+        """Float reference and seed trials (once per study); ``run`` builds the latency
+        table."""
         evaluator = get_evaluator(self.spec)
         self.float_reference = study_setup.float_reference(
             self.study, self.cfg, evaluator, self.resolved
@@ -133,6 +135,12 @@ class Runner:
             self._loop()
         except KeyboardInterrupt:
             self._stop = True
+        except BaseException as exc:  # a bug or a storage error: no trial left RUNNING behind
+            # NOTE: failing the trials may fail too (a storage error); the original error is
+            # what the user needs, so it is re-raised whatever happens here.
+            with contextlib.suppress(Exception):
+                self._interrupt(f"search stopped: {type(exc).__name__}: {str(exc)[:200]}")
+            raise
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -232,12 +240,11 @@ class Runner:
 
     def _feasible_values(self) -> list[tuple[float, ...]]:
         """Objective values of the finished feasible trials (what can dominate a candidate)."""
-        out = []
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            record = TrialRecord.from_frozen(t)
-            if record.feasible and record.values is not None:
-                out.append(record.values)
-        return out
+        return [
+            tuple(t.values)
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.values is not None and feasible(t.user_attrs.get(TrialAttr.CONSTRAINTS, ()))
+        ]
 
     def _tell(self, run: Running, metrics: dict[str, Any], state: TrialState) -> None:
         trial = run.trial
@@ -283,10 +290,15 @@ class Runner:
         if self.on_trial is not None:
             self.on_trial(self.study, frozen)
 
-    def _interrupt(self) -> None:
+    def _interrupt(self, reason: str = "interrupted (SIGINT)") -> None:
+        """Cancel the trials in flight and fail them with ``reason``."""
         for run in list(self.running.values()):
             self.tasks.cancel(run.ref)
-            self._fail(run, "interrupted (SIGINT)")
+            self.running.pop(run.trial.number, None)
+            run.trial.set_user_attr(TrialAttr.FAIL_REASON, reason[:500])
+            frozen = self.study.tell(run.trial, state=TrialState.FAIL)
+            if reason.startswith("interrupted"):
+                self._track(frozen)  # (after an error, tracking may be what failed)
 
     def _report(self) -> None:
         if self.progress is None:

@@ -59,7 +59,8 @@ def run_search(
     MLflow tracks it when ``cfg.tracking.enabled``, and the study is in ``cfg.storage_url()``.
 
     ``resolved``: the space as ``runner.preflight`` returned it, when the caller checked it.
-    ``extra``: ``(proposed_by, config)`` pairs to measure first, after the seed trials.
+    ``extra``: ``(proposed_by, config)`` pairs to measure first, after the seed trials
+    (enqueued on every call: a resumed study measures a repeated one as a duplicate, free).
 
     Raises:
         ValueError: a bad config, space, model, task, storage or cluster, in one line.
@@ -173,7 +174,7 @@ def print_summary(
         "compression (x)": lambda r: _fmt(r.get("compression")),
         "latency_ms": lambda r: _fmt(r.get("latency_ms")),
         "speed-up (95%)": format_speedup,
-        "mean w bits": lambda r: _fmt(r.get("mean_w_bits")),
+        "mean w bits": lambda r: _fmt(r.get("ran_mean_w_bits")),
         "proposed by": lambda r: str(r.get("proposed_by")),
     }
     for name in columns:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import optuna
 import requests
+import sqlalchemy.exc
 import yaml
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
@@ -33,8 +34,14 @@ from mpq.spaces.space import DIMENSIONS, QuantConfig
 
 STUDY_TAG, TRIAL_TAG, KIND_TAG = "mpq_study", "mpq_trial", "mpq_kind"
 _MAX_BATCH = 100
-# what an unreachable or failing tracking store raises from MlflowClient's calls
-OUTAGE_ERRORS = (MlflowException, requests.exceptions.RequestException, OSError)
+# what an unreachable or failing tracking store raises from MlflowClient's calls (a SQL store
+# raises SQLAlchemy's own errors when its database is down)
+OUTAGE_ERRORS = (
+    MlflowException,
+    requests.exceptions.RequestException,
+    sqlalchemy.exc.SQLAlchemyError,
+    OSError,
+)
 _STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}
 T = TypeVar("T")
 
@@ -59,10 +66,11 @@ def config_params(config: QuantConfig | None, prefix: str = "") -> dict[str, str
 
 
 def flat_params(record: TrialRecord) -> dict[str, str]:
-    """Per-layer choices as asked (``fuse.w_bits=4``) and as they ran on the kernels
-    (``ran.fuse.w_bits=4``), their summaries, and who proposed the trial."""
+    """Per-layer choices as asked (``fuse.w_bits=3``) and, for a trial lowered to the
+    backend's kernels, as they ran (``ran.fuse.w_bits=4``), their summaries, and who proposed
+    the trial."""
     out = config_params(record.config)
-    out.update(config_params(record.config_as_ran, prefix="ran."))
+    out.update(config_params(record.ran_config, prefix="ran."))  # only where it was lowered
     out["proposed_by"] = record.proposed_by
     if record.duplicate_of is not None:
         out[TrialAttr.DUPLICATE_OF] = str(record.duplicate_of)

@@ -200,6 +200,8 @@ class LayerOptions(BaseModel):
         pick = {d.name: getattr(self, d.name)[0] for d in DIMENSIONS} | picks
         if pick["granularity"] != "per_group":
             pick["group_size"] = None
+        elif pick["w_bits"] > INT_BITS_MAX:  # float weights: one group size stands for all
+            pick["group_size"] = self.group_size[0]
         return LayerChoice(**pick)
 
     @property
@@ -311,8 +313,10 @@ def _narrow(
     """Drop the options ``layer`` cannot take; an exact override that asked for them errors."""
     a_bits = options.a_bits if layer.takes_activations else (KEEP,)
     granularity, sizes = options.granularity, options.group_size
-    if min(options.w_bits) <= INT_BITS_MAX:  # float-only weights have no groups
+    if min(options.w_bits) <= INT_BITS_MAX:
         sizes = tuple(g for g in options.group_size if layer.reduction_size % g == 0)
+    else:  # float-only weights have no groups: one size stands for all
+        sizes = options.group_size[:1]
     if not sizes and "per_group" in granularity:
         granularity = tuple(g for g in granularity if g != "per_group") or ("per_channel",)
     if a_bits != options.a_bits and "a_bits" in explicit:

@@ -161,6 +161,7 @@ def replace_gathers(model: onnx.ModelProto, choices: dict[str, LayerChoice]) -> 
     ``com.microsoft``), so the file stores the table at its bits; the float table goes."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
+    written: dict[str, list[onnx.TensorProto]] = {}  # a table read by several Gathers: once
     nodes = []
     for node in graph.node:
         table = node.input[0] if node.op_type == "Gather" else None
@@ -168,15 +169,17 @@ def replace_gathers(model: onnx.ModelProto, choices: dict[str, LayerChoice]) -> 
             nodes.append(node)
             continue
         ran = choices[table]
-        w = numpy_helper.to_array(inits[table]).astype(np.float32)
-        tensors = gather_tensors(w, ran, node.name or node.output[0])
-        graph.initializer.extend(tensors)
+        if table not in written:
+            w = numpy_helper.to_array(inits[table]).astype(np.float32)
+            written[table] = gather_tensors(w, ran, table)
+            graph.initializer.extend(written[table])
+        tensors = written[table]
         nodes.append(
             helper.make_node(
                 "GatherBlockQuantized",
                 [tensors[0].name, node.input[1], *(t.name for t in tensors[1:])],
                 list(node.output),
-                name=f"{node.name}_Q{ran.w_bits}",
+                name=f"{node.name or node.output[0]}_Q{ran.w_bits}",
                 domain="com.microsoft",
                 gather_axis=0,
                 quantize_axis=1,
@@ -230,10 +233,11 @@ def stored_bytes(model: onnx.ModelProto) -> int:
 def packed_layer_bytes(layer: LayerInfo, kernel: str, ran: LayerChoice) -> int:
     """Bytes this backend stores for one layer, in its own layout.
 
-    ``MatMulNBits`` (N output rows, K inputs, ``nb = ceil(K / 32)`` blocks per row: K is padded
-    to whole blocks, zero points are packed per row)::
+    ``MatMulNBits`` (N output rows, K inputs, blocks of g = the choice's group or 32,
+    ``nb = ceil(K / g)`` blocks per row: K is padded to whole blocks, zero points are packed
+    per row)::
 
-        N * nb * 32 * b / 8  +  4 * N * nb  +  (asymmetric) N * ceil(nb * b / 8)
+        N * nb * g * b / 8  +  4 * N * nb  +  (asymmetric) N * ceil(nb * b / 8)
 
     ``QLinearConv``: 8-bit weights, a float32 scale and an 8-bit zero point per output channel,
     and the input and output activation scale (float32) and zero point (uint8):

@@ -1,10 +1,11 @@
 """The ``onnxruntime`` backend (default on CPU): one ONNX model with per-node precision.
 
 Export (TorchScript exporter, batch-1 example inputs), then for each Linear / attention
-projection whose weight asks for <= 8 bits, ``MatMulNBits`` at 2, 4 or 8 bits with block-32
-scales holding the design notes' codes (``onnx_nbits``: the simulated model's weights bit for
-bit), every other MatMul left alone. ``a_bits`` 8 selects ``accuracy_level=4`` (the kernel
-quantizes its input to int8, symmetric per block of 32: recorded as ``per_block``, which the
+projection whose weight asks for <= 8 bits, ``MatMulNBits`` at 2, 4 or 8 bits with a scale
+per block (the choice's group size where the kernel has it: 16 to 256; else 32) holding the
+design notes' codes (``onnx_nbits``: the simulated model's weights bit for bit), every other
+MatMul left alone. ``a_bits`` 8 selects ``accuracy_level=4`` (the kernel quantizes its input to
+int8, symmetric per weight block, so blocks of 32 there: recorded as ``per_block``, which the
 simulated model of what ran reproduces), ``a_bits`` 32 keeps float activations (level 1).
 
 Lowering that is recorded per layer, never hidden:
@@ -177,9 +178,7 @@ def _gather_plan(layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
     """``GatherBlockQuantized``: the table at 2/4/8 bits per block of 32 (or 16) along D."""
     w, d = choice.w_bits, layer.reduction_size
     if layer.tied:
-        return _float(
-            f"w{w} -> float32: the table is tied to {layer.tied[0]!r} (read by a MatMul)"
-        )
+        return _float(f"w{w} -> float32: the table is shared with {layer.tied[0]!r}")
     block = _asked_block(choice, d) or next((b for b in (BLOCK, 16) if d % b == 0), None)
     if block is None:
         why = f"w{w} -> float32: embedding dim {d} is no multiple of 16 (the smallest block)"
@@ -224,6 +223,9 @@ class OnnxRuntimeBackend(PlannedBackend):
 
     def supported_w_bits(self, layer: LayerInfo) -> tuple[int, ...]:
         return (*NBITS, 32) if layer.kind in (*MATMUL_KINDS, "embedding") else (32,)
+
+    def float_plan(self, layer: LayerInfo, asked: LayerChoice, why: str) -> LayerPlan:
+        return _float(f"w{asked.w_bits} -> float32: {why}")
 
     def plan_layer(self, layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
         """What runs, from the kind and the choice (given a node found in the export and

@@ -184,7 +184,7 @@ class TorchBackend(PlannedBackend):
         """Execute the plan: each layer's module swapped by its kernel's handler, then
         ``torch.compile`` with freezing on a fresh code object."""
         plan = self.plan(model, layers, config)
-        ctx = LowerContext(self._device(), self.float8)
+        ctx = LowerContext(self._device())
         lowered = copy.deepcopy(model).eval().to(ctx.device)
         for la in layers:
             HANDLERS[plan.layers[la.name].kernel](lowered, la, ctx)

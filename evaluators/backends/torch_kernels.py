@@ -227,7 +227,6 @@ class LowerContext:
     ``quantize_dynamic`` converts in one pass after the per-layer handlers."""
 
     device: torch.device
-    float8: bool = False
     rnn_modules: set[str] = field(default_factory=set)
 
     @property

@@ -425,7 +425,7 @@ def test_embedding_tables_that_cannot_ship_quantized_say_why() -> None:
     backend = get_backend("onnxruntime")
     tied = next(la for la in discover_layers(TiedLM()) if la.name == "embed")
     assert backend.fallback_reason(tied, LayerChoice(w_bits=4)) == (
-        "w4 -> float32: the table is tied to 'out.weight' (read by a MatMul)"
+        "w4 -> float32: the table is shared with 'out.weight'"
     )
     (odd,) = discover_layers(torch.nn.Sequential(torch.nn.Embedding(10, 24)))
     assert backend.fallback_reason(odd, LayerChoice(w_bits=4)) == (
@@ -463,3 +463,22 @@ def _int8_input_runs(bits: int) -> bool:
     from mpq.evaluators.backends.onnx_nbits import int8_input_runs
 
     return int8_input_runs(bits)
+
+
+def test_a_table_read_by_two_gathers_is_stored_once() -> None:
+    class TwoLookups(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(20, 32)
+            self.head = torch.nn.Linear(32, 4)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(a) + self.embed(b))
+
+    model = TwoLookups().eval()
+    x = (torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5, 6]]))
+    layers = discover_layers(model)
+    config = QuantConfig(layers={"embed": LayerChoice(w_bits=4), "head": LayerChoice()})
+    lowered = get_backend("onnxruntime").lower(model, layers, config, x)
+    assert lowered.kernels["embed"].startswith("GatherBlockQuantized")
+    assert lowered.stored_bytes == lowered.predicted_bytes

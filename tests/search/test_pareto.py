@@ -99,3 +99,9 @@ def test_one_way_to_write_success_and_speedup() -> None:
         "1.209x [0.971, 1.507]"
     )
     assert format_speedup({"speedup": None}) == "n/a"
+
+
+def test_hypervolume_of_no_trials_is_zero() -> None:
+    """An empty selection (a seed label no trial carries) is no front, not the whole study."""
+    study = _study([(0.9, 500, 1.0, -1)])
+    assert hypervolume(study, []) == 0.0 and hypervolume(study) > 0.0

@@ -200,3 +200,22 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed(
     assert failed == [orphan.number]
     t = runner.study.trials[orphan.number]
     assert t.state == TrialState.FAIL and t.user_attrs["fail_reason"] == "killed before it started"
+
+
+def test_an_error_in_the_loop_leaves_no_trial_running(ray_local: None, tmp_path: Path) -> None:
+    """A bug (here in the tracking callback) stops the search with that error; the trials in
+    flight are failed with it rather than left RUNNING."""
+    calls = []
+
+    def broken(study, trial):  # type: ignore[no-untyped-def]
+        calls.append(trial.number)
+        raise RuntimeError("bug in a callback")
+
+    runner = Runner(conv_config(tmp_path, trials=6), on_trial=broken)
+    runner.prepare()
+    with pytest.raises(RuntimeError, match="bug in a callback"):
+        runner.run()
+    states = [t.state for t in runner.study.trials]
+    assert TrialState.RUNNING not in states and calls
+    reasons = [t.user_attrs.get("fail_reason", "") for t in runner.study.trials]
+    assert any(r.startswith("search stopped: RuntimeError: bug in a callback") for r in reasons)

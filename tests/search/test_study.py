@@ -157,3 +157,13 @@ def test_group_sizes_are_an_ordered_dimension_where_groups_apply() -> None:
     assert config.layers["fc"].group_size is None and config.layers["conv1d"].group_size == 16
     params = study_mod.params_from_config(resolved, config)
     assert study_mod.config_from_params(resolved, params) == config
+
+
+def test_float_weights_do_not_multiply_by_group_sizes() -> None:
+    """A float (w32) choice under per_group is one choice whatever the group sizes: no two
+    keys, no second evaluation, for the same model."""
+    options = LayerOptions(w_bits=(4, 32), granularity=("per_group",), group_size=(16, 32))
+    keys = {c.key() if hasattr(c, "key") else c for c in options.choices()}
+    assert len(options.choices()) == 3  # w4 g16, w4 g32, w32
+    assert len(keys) == 3
+    assert options.first(w_bits=32, group_size=32) == options.first(w_bits=32)

@@ -149,6 +149,8 @@ def test_a_trial_run_holds_asked_and_ran_bits() -> None:
     assert "w3 per_channel -> int4 block32" in run.tags["kernel_fallbacks"]
     assert {"config.yaml", "config.json", "ran_config.yaml", "kernels.json"} <= set(run.texts)
     assert run.status == "FINISHED"
+    unlowered = trial_run("s", "parent", _trial(ran_config=None), {"size_bytes": 1000})
+    assert "ran.fc.w_bits" not in unlowered.params  # never claim what did not run
 
 
 def test_a_bug_in_mpq_is_not_reported_as_an_outage(tmp_path: Path) -> None:
