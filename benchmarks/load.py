@@ -62,7 +62,7 @@ def main() -> None:
                 if "eval_s" in t.user_attrs and TrialAttr.DUPLICATE_OF not in t.user_attrs
             ]
             tracker = Tracker(cfg)  # the runs MLflow holds for the study's trials
-            tracker.load_runs(study)
+            tracker.load_runs(study.study_name)
             runs = tracker.runs
             per_trial = wall * workers / len(finished)
             overhead = per_trial - statistics.mean(evaluated)

@@ -9,7 +9,7 @@ than the float model and at most twice its latency.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,6 +67,18 @@ def dominated(
     return not bool(_is_pareto_front(losses)[-1])
 
 
+def feasible_complete(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
+    """Complete trials with values whose constraints all hold (read directly: no
+    configuration parsed per trial)."""
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE
+        and t.values is not None
+        and feasible(t.user_attrs.get(TrialAttr.CONSTRAINTS, ()))
+    ]
+
+
 def records(
     study: optuna.Study, states: tuple[TrialState, ...] | None = None
 ) -> list[TrialRecord]:
@@ -90,9 +102,9 @@ def _normalised_losses(study: optuna.Study, pool: list[FrozenTrial]) -> np.ndarr
     objectives = list(study.user_attrs.get(StudyAttr.OBJECTIVES, []))
     ref = study.user_attrs.get(StudyAttr.FLOAT_REFERENCE, {})
     rows = []
-    for r in pool:
+    for t in pool:
         row = []
-        for name, v in zip(objectives, r.values or [], strict=True):
+        for name, v in zip(objectives, t.values or [], strict=True):
             row.append(-v if name == "success" else v / float(ref.get(name) or 1.0))
         rows.append(row)
     return np.asarray(rows, dtype=float)
@@ -101,14 +113,7 @@ def _normalised_losses(study: optuna.Study, pool: list[FrozenTrial]) -> np.ndarr
 def hypervolume(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> float:
     """Hypervolume of the feasible non-dominated points among ``trials`` (default: all)."""
     objectives = list(study.user_attrs.get(StudyAttr.OBJECTIVES, []))
-    candidates = trials if trials is not None else study.get_trials(deepcopy=False)
-    pool = [  # constraints read directly: no configuration parsed per trial
-        t
-        for t in candidates
-        if t.state == TrialState.COMPLETE
-        and t.values is not None
-        and feasible(t.user_attrs.get(TrialAttr.CONSTRAINTS, ()))
-    ]
+    pool = feasible_complete(trials if trials is not None else study.get_trials(deepcopy=False))
     if not pool or not objectives:
         return 0.0
     losses = _normalised_losses(study, pool)

@@ -84,6 +84,9 @@ def _number(v: Any) -> float | None:
     return float(v)
 
 
+_COUNTS = ("size_bytes", "asked_size_bytes", "episodes")  # whole numbers
+
+
 @dataclass(frozen=True, slots=True)
 class Measurements:
     """A trial's figures, with units in their names; ``extra``: every other numeric figure
@@ -109,9 +112,7 @@ class Measurements:
         for name in named:
             v = _number(attrs.get(name))
             if v is not None:
-                values[name] = int(v) if name in ("size_bytes", "asked_size_bytes") else v
-        if "episodes" in values:
-            values["episodes"] = int(values["episodes"])
+                values[name] = int(v) if name in _COUNTS else v
         extra = {
             k: n
             for k, v in attrs.items()
@@ -197,10 +198,7 @@ class TrialRecord:
     def mean_w_bits(self, ran: bool = True) -> float | None:
         """Mean weight bit-width over the layers, of what ran (or of what was asked)."""
         config = self.config_as_ran if ran else self.config
-        if config is None or not config.layers:
-            return None
-        bits = [c.w_bits for c in config.layers.values()]
-        return sum(bits) / len(bits)
+        return config.mean_w_bits if config is not None else None
 
 
 def float_reference(study_attrs: Mapping[str, Any]) -> Measurements:

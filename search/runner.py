@@ -30,8 +30,8 @@ from mpq.evaluators.evaluator import get_evaluator
 from mpq.search import fingerprint, hygiene, rules, study_setup
 from mpq.search.cluster import TrialTasks
 from mpq.search.config import SearchConfig
-from mpq.search.pareto import front_trials
-from mpq.search.record import Stage, TrialAttr, feasible, jsonable
+from mpq.search.pareto import feasible_complete, front_trials
+from mpq.search.record import Stage, TrialAttr, jsonable
 from mpq.search.study import config_from_params, distributions, open_study
 from mpq.search.worker import ArtifactFigures, eval_spec
 from mpq.spaces.space import LayerOptions, QuantConfig
@@ -138,8 +138,10 @@ class Runner:
         except BaseException as exc:  # a bug or a storage error: no trial left RUNNING behind
             # NOTE: failing the trials may fail too (a storage error); the original error is
             # what the user needs, so it is re-raised whatever happens here.
+            # Not tracked: tracking may be what failed.
             with contextlib.suppress(Exception):
-                self._interrupt(f"search stopped: {type(exc).__name__}: {str(exc)[:200]}")
+                reason = f"search stopped: {type(exc).__name__}: {str(exc)[:200]}"
+                self._interrupt(reason, track=False)
             raise
         finally:
             if previous is not None:
@@ -240,11 +242,8 @@ class Runner:
 
     def _feasible_values(self) -> list[tuple[float, ...]]:
         """Objective values of the finished feasible trials (what can dominate a candidate)."""
-        return [
-            tuple(t.values)
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.values is not None and feasible(t.user_attrs.get(TrialAttr.CONSTRAINTS, ()))
-        ]
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return [tuple(t.values) for t in feasible_complete(complete)]
 
     def _tell(self, run: Running, metrics: dict[str, Any], state: TrialState) -> None:
         trial = run.trial
@@ -280,25 +279,22 @@ class Runner:
         trial.set_user_attr("episodes", 0)
         self._track(self.study.tell(trial, list(first.values or [])))
 
-    def _fail(self, run: Running, reason: str) -> None:
+    def _fail(self, run: Running, reason: str, track: bool = True) -> None:
         run.trial.set_user_attr(TrialAttr.FAIL_REASON, reason[:500])
         frozen = self.study.tell(run.trial, state=TrialState.FAIL)
         self.running.pop(run.trial.number, None)
-        self._track(frozen)
+        if track:
+            self._track(frozen)
 
     def _track(self, frozen: FrozenTrial) -> None:
         if self.on_trial is not None:
             self.on_trial(self.study, frozen)
 
-    def _interrupt(self, reason: str = "interrupted (SIGINT)") -> None:
+    def _interrupt(self, reason: str = "interrupted (SIGINT)", track: bool = True) -> None:
         """Cancel the trials in flight and fail them with ``reason``."""
         for run in list(self.running.values()):
             self.tasks.cancel(run.ref)
-            self.running.pop(run.trial.number, None)
-            run.trial.set_user_attr(TrialAttr.FAIL_REASON, reason[:500])
-            frozen = self.study.tell(run.trial, state=TrialState.FAIL)
-            if reason.startswith("interrupted"):
-                self._track(frozen)  # (after an error, tracking may be what failed)
+            self._fail(run, reason, track)
 
     def _report(self) -> None:
         if self.progress is None:

@@ -57,11 +57,10 @@ def config_params(config: QuantConfig | None, prefix: str = "") -> dict[str, str
             value = getattr(choice, dim.name)
             if value is not None:  # None: not applicable (a group size without groups)
                 out[f"{prefix}{name}.{dim.name}"] = str(value)
-    bits = [c.w_bits for c in config.layers.values()]
-    if bits:
-        out[f"{prefix}mean_w_bits"] = f"{sum(bits) / len(bits):.3f}"
-        for b, n in sorted(Counter(bits).items()):
-            out[f"{prefix}layers_at_w{b}"] = str(n)
+    if config.mean_w_bits is not None:
+        out[f"{prefix}mean_w_bits"] = f"{config.mean_w_bits:.3f}"
+    for b, n in sorted(Counter(c.w_bits for c in config.layers.values()).items()):
+        out[f"{prefix}layers_at_w{b}"] = str(n)
     return out
 
 
@@ -154,11 +153,8 @@ def study_params(cfg: SearchConfig, ref: dict[str, Any]) -> dict[str, str]:
 
 def study_metrics(ref: dict[str, Any]) -> dict[str, float]:
     """The float reference's figures, as ``float.<name>``."""
-    return {
-        f"float.{k.replace('/', '.')}": float(v)
-        for k, v in ref.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
+    metrics = Measurements.from_attrs(ref).as_metrics()
+    return {f"float.{k.replace('/', '.')}": v for k, v in metrics.items()}
 
 
 class Tracker:
@@ -219,10 +215,6 @@ class Tracker:
         return self.experiment_id
 
     # -- study --------------------------------------------------------------------------------
-    def load_runs(self, study: optuna.Study) -> None:
-        """Find the study's parent run and the trials that already have runs."""
-        self._load_runs_of(study.study_name)
-
     def start(self, study: optuna.Study) -> None:
         """Find or create the study's parent run, then back-fill every finished trial."""
         ref = dict(study.user_attrs.get(StudyAttr.FLOAT_REFERENCE, {}))
@@ -231,7 +223,7 @@ class Tracker:
         self._backfill(study)
 
     def _parent(self, study_name: str, params: dict[str, str], metrics: dict[str, float]) -> None:
-        self._load_runs_of(study_name)
+        self.load_runs(study_name)
         if self.parent_id is None:
             run = self.client.create_run(
                 self._experiment_id(),
@@ -241,7 +233,8 @@ class Tracker:
             self.parent_id = run.info.run_id
             self._log(self.parent_id, params, metrics)
 
-    def _load_runs_of(self, study_name: str) -> None:
+    def load_runs(self, study_name: str) -> None:
+        """Find the study's parent run and the trials that already have runs."""
         query = f"tags.{STUDY_TAG} = '{study_name}'"
         for r in self.client.search_runs([self._experiment_id()], query, max_results=50000):
             if r.data.tags.get(KIND_TAG) == "study":
@@ -316,16 +309,13 @@ class Tracker:
 
     def confirm(self, study: optuna.Study, number: int, metrics: dict[str, float]) -> None:
         """Log an exported trial's held-out confirmation on its run (``confirm_*`` metrics)."""
-        values = {
-            f"confirm_{k}".replace("/", "."): float(v)
-            for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }
+        measured = Measurements.from_attrs(metrics).as_metrics()
+        values = {f"confirm_{k}".replace("/", "."): v for k, v in measured.items()}
         self._guard(self._confirm, study.study_name, number, values)
 
     def _confirm(self, study_name: str, number: int, values: dict[str, float]) -> None:
         if number not in self.runs:
-            self._load_runs_of(study_name)
+            self.load_runs(study_name)
         rid = self.runs.get(number)
         if rid is None:
             return
@@ -342,7 +332,7 @@ def _line(exc: BaseException) -> str:
 def sync(cfg: SearchConfig, study: optuna.Study, console: Console | None = None) -> int:
     """Back-fill every finished trial that has no MLflow run; returns how many were added."""
     tracker = Tracker(cfg, console)
-    tracker._guard(tracker.load_runs, study)
+    tracker._guard(tracker.load_runs, study.study_name)
     before = len(tracker.runs)
     tracker.finish(study)
     if tracker.down:

@@ -343,6 +343,13 @@ class QuantConfig(BaseModel):
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
+    @property
+    def mean_w_bits(self) -> float | None:
+        """Mean weight bit-width over the layers (None for no layer)."""
+        if not self.layers:
+            return None
+        return sum(c.w_bits for c in self.layers.values()) / len(self.layers)
+
     def key(self) -> str:
         """Canonical hash (sha256 of the sorted JSON, 16 hex digits): equal configs, equal keys."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]

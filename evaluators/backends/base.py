@@ -68,7 +68,6 @@ def module_fallbacks(
     by_module: dict[str, list[LayerInfo]] = {}
     for la in layers:
         by_module.setdefault(la.module, []).append(la)
-    floats = {float_plan(la, config.layers[la.name], "").kernel for la in layers}
     for module_name, group in by_module.items():
         why = None
         if group[0].kind == "linear" and inside_attention(model, module_name):
@@ -79,8 +78,9 @@ def module_fallbacks(
         if why is None:
             continue
         for la in group:
-            if plan.layers[la.name].kernel not in floats:
-                plan = plan.replace(la.name, float_plan(la, config.layers[la.name], why))
+            fallback = float_plan(la, config.layers[la.name], why)
+            if plan.layers[la.name].kernel != fallback.kernel:
+                plan = plan.replace(la.name, fallback)
     return plan
 
 

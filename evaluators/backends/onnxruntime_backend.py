@@ -241,7 +241,7 @@ class OnnxRuntimeBackend(PlannedBackend):
         if choice.w_bits > INT_BITS_MAX:
             return _float(f"w{choice.w_bits} -> float32: float16 has no faster CPU kernel")
         ran = _ran_choice(choice, layer)
-        level = 4 if _int8_input(choice) else 1
+        level = 4 if ran.a_bits == 8 else 1  # int8 input: accuracy level 4
         kernel = f"MatMulNBits int{ran.w_bits} block{block_of(ran)} acc{level}"
         return LayerPlan(kernel, ran, _matmul_reason(choice, ran))
 

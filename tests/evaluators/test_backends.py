@@ -453,16 +453,12 @@ def test_matmulnbits_runs_the_asked_block_size(block: int) -> None:
     at32 = QuantConfig(layers=keep | {"fc1": asked.model_copy(update={"group_size": 32})})
     smaller = backend.lower(model, layers, at32, x).stored_bytes - lowered.stored_bytes
     assert smaller == 36 * 4 * (1024 // 32 - 1024 // block)  # one float32 scale per block
-    if block != 32 and _int8_input_runs(4):
+    from mpq.evaluators.backends.onnx_nbits import int8_input_runs
+
+    if block != 32 and int8_input_runs(4):
         a8 = backend.plan_layer(layers[0], asked.model_copy(update={"a_bits": 8}))
         assert a8.ran.group_size == 32 and a8.reason is not None
         assert "the int8 input is quantized per block of 32" in a8.reason
-
-
-def _int8_input_runs(bits: int) -> bool:
-    from mpq.evaluators.backends.onnx_nbits import int8_input_runs
-
-    return int8_input_runs(bits)
 
 
 def test_a_table_read_by_two_gathers_is_stored_once() -> None:
