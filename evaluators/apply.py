@@ -6,9 +6,12 @@ quantize-dequantized by a forward pre-hook: with a range calibrated once over ca
 batches (``static``) or computed on every call (``dynamic``); at 16 they round through float16.
 Activations are asymmetric (unsigned 8-bit, as ONNX Runtime's and PyTorch's int8 kernels take).
 
-Which input a layer's activation is: a Linear/Conv's input; a recurrent layer's ``weight_ih``
-multiplies the sequence input, its ``weight_hh`` the state passed in (exact for a policy run one
-control step at a time, as robots run them); ``in_proj_weight`` multiplies query, key and value.
+Which input a layer's activation is: a Linear/Conv's input; ``in_proj_weight`` multiplies
+query, key and value. A single-layer, one-direction recurrent module with a quantized activation
+runs as its two products (``evaluators.recurrent``, equal to the module in float), so ``weight_ih``
+quantizes the step's input and ``weight_hh`` the state of every step, and only where the product
+reads them (the gates blend the float state), as a low-bit kernel per product computes; any
+other recurrent module quantizes the sequence input and the state passed in.
 This simulated model is the reference the real kernels (``evaluators.backends``) are checked
 against.
 
@@ -40,6 +43,7 @@ from mpq.evaluators.quantize import (
     fake_quantize_blocks,
     fake_quantize_weight,
 )
+from mpq.evaluators.recurrent import StepwiseRecurrent, rewritable
 from mpq.spaces.discover import LayerInfo, discover_layers
 from mpq.spaces.space import ACT_BLOCK, KEEP, QuantConfig
 
@@ -219,6 +223,7 @@ def _instrument(
     qmodel = copy.deepcopy(model).eval()
     if quantize_weights:
         quantize_weights_(qmodel, layers, config)
+    qmodel, products = _recurrent_products(qmodel, layers, config)
     hooks: dict[str, _InputQuantizer] = {}
     outs: dict[str, _OutputQuantizer] = {}
     for layer in layers:
@@ -227,10 +232,11 @@ def _instrument(
             outs[layer.module] = _OutputQuantizer(c.out_bits, make_observer(observer, c.out_bits))
         if c.a_bits == KEEP:
             continue
-        hook = hooks.setdefault(layer.module, _InputQuantizer())
+        module = products.get(layer.name, layer.module)
+        hook = hooks.setdefault(module, _InputQuantizer())
         static = c.a_bits <= 8 and c.act_mode == "static"
         per_token, per_block = c.act_granularity == "per_token", c.act_granularity == "per_block"
-        for i in _arg_indices(layer):
+        for i in (0,) if layer.name in products else _arg_indices(layer):
             obs = make_observer(observer, c.a_bits) if static else None
             hook.specs.append(
                 _InputSpec(i, c.a_bits, not static, per_token, obs, per_block=per_block)
@@ -241,6 +247,30 @@ def _instrument(
     for module_name, out in outs.items():
         qmodel.get_submodule(module_name).register_forward_hook(out)
     return _Instrumented(qmodel, hooks, outs)
+
+
+def _recurrent_products(
+    qmodel: nn.Module, layers: tuple[LayerInfo, ...], config: QuantConfig
+) -> tuple[nn.Module, dict[str, str]]:
+    """Each rewritable recurrent module with a quantized activation becomes a
+    ``StepwiseRecurrent`` (its weights as quantized; in place, or the model itself where it is
+    one). Returns the model and, per such layer, the product module whose input is that
+    layer's activation: its own name (``memory_gru.weight_hh_l0``)."""
+    modules = {
+        la.module
+        for la in layers
+        if la.kind in ("gru", "lstm", "rnn")
+        and config.layers[la.name].a_bits != KEEP
+        and rewritable(qmodel.get_submodule(la.module)) is None
+    }
+    for name in sorted(modules):
+        if not name:  # the model is the recurrent module
+            qmodel = StepwiseRecurrent(qmodel)  # type: ignore[arg-type]
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
+        setattr(parent, child, StepwiseRecurrent(getattr(parent, child)))
+    return qmodel, {la.name: la.name for la in layers if la.module in modules}
 
 
 def _calibrate(
@@ -328,7 +358,7 @@ def _check_hooks_ran(hooks: dict[str, _InputQuantizer], layers: tuple[LayerInfo,
     """Raise ``ValueError`` for a layer whose activation hook never ran on calibration data."""
     for name, hook in hooks.items():
         if hook.calls == 0:
-            layer = next(la.name for la in layers if la.module == name)
+            layer = next(la.name for la in layers if name in (la.module, la.name))
             raise ValueError(
                 f"layer {layer!r}: its module is never called through forward on the "
                 "calibration data (its parent reads the weight directly, or the branch is "

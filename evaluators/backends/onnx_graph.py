@@ -75,6 +75,9 @@ def matmul_nodes(
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     out: dict[str, list[str]] = {}
     by_module = {la.module: la for la in layers if la.kind in ("linear", "attention_in_proj")}
+    # a recurrent module exported as its products (``recurrent.StepwiseRecurrent``): each
+    # product's scope is the layer's own name (``memory_gru.weight_ih_l0``)
+    by_module |= {la.name: la for la in layers if la.kind in ("gru", "lstm", "rnn")}
     for la in layers:
         wname = f"{la.module}.{la.param}"
         if wname in renamed:

@@ -22,7 +22,12 @@ Lowering that is recorded per layer, never hidden:
   codes at 2, 4 or 8 bits per block of 32 (16 where the embedding dimension is no multiple of
   32) along the embedding dimension, so the file stores the table at its bits (size, not
   speed: a gather is cheap either way); a table tied to an output layer stays float32.
-- Conv3d and GRU/LSTM/RNN run in float32 here (no low-bit kernel wired for them).
+- GRU/LSTM/RNN (single layer, one direction) that the example inputs run one step per call (a
+  policy's memory at T = 1): rewritten as their two products plus gates (``recurrent``: exact in
+  float), so ``weight_ih``/``weight_hh`` run on ``MatMulNBits`` like a Linear's weight. A
+  recurrent module run over several steps per call stays ONNX Runtime's fused float node (an
+  unrolled sequence is slower than it), said per layer.
+- Conv3d runs in float32 here (no low-bit kernel wired for it).
 - NOTE: the exporter emits ``Gemm`` for a Linear on 2-D input, which ``MatMulNBits`` skips; such
   nodes are rewritten to ``MatMul`` + ``Add`` first.
 """
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -40,7 +45,14 @@ import torch
 from torch import nn
 
 from mpq.evaluators.apply import static_ranges
-from mpq.evaluators.backends.base import LayerPlan, Lowered, Plan, PlannedBackend, register_backend
+from mpq.evaluators.backends.base import (
+    RECURRENT_KINDS,
+    LayerPlan,
+    Lowered,
+    Plan,
+    PlannedBackend,
+    register_backend,
+)
 from mpq.evaluators.backends.onnx_graph import (  # noqa: F401  (re-exported for tests)
     QDQ_CONV,
     conv_nodes,
@@ -61,6 +73,7 @@ from mpq.evaluators.backends.onnx_nbits import (
     replace_matmuls,
     stored_bytes,
 )
+from mpq.evaluators.recurrent import rewritable, sequence_lengths, with_stepwise
 from mpq.evaluators.size import config_size
 from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import INT_BITS_MAX, KEEP, LayerChoice, QuantConfig
@@ -137,6 +150,8 @@ def _ran_choice(choice: LayerChoice, layer: LayerInfo) -> LayerChoice:
 
 
 MATMUL_KINDS = ("linear", "attention_in_proj")
+# the weights of a single-layer, one-direction recurrent module: they can run as MatMuls
+STEPWISE_PARAMS = ("weight_ih_l0", "weight_hh_l0")
 
 
 def _float(why: str | None = None) -> LayerPlan:
@@ -222,7 +237,8 @@ class OnnxRuntimeBackend(PlannedBackend):
         self.device = device
 
     def supported_w_bits(self, layer: LayerInfo) -> tuple[int, ...]:
-        return (*NBITS, 32) if layer.kind in (*MATMUL_KINDS, "embedding") else (32,)
+        kinds = (*MATMUL_KINDS, *RECURRENT_KINDS, "embedding")
+        return (*NBITS, 32) if layer.kind in kinds else (32,)
 
     def float_plan(self, layer: LayerInfo, asked: LayerChoice, why: str) -> LayerPlan:
         return _float(f"w{asked.w_bits} -> float32: {why}")
@@ -236,7 +252,10 @@ class OnnxRuntimeBackend(PlannedBackend):
             return _conv_plan(choice)
         if layer.kind == "embedding" and choice.w_bits <= INT_BITS_MAX:
             return _gather_plan(layer, choice)
-        if layer.kind not in MATMUL_KINDS:
+        if layer.kind in RECURRENT_KINDS and layer.param not in STEPWISE_PARAMS:
+            why = "only a single-layer, one-direction recurrent module runs as MatMuls"
+            return _float(f"w{choice.w_bits} -> float32: {why}")
+        if layer.kind not in (*MATMUL_KINDS, *RECURRENT_KINDS):
             return _float(f"w{choice.w_bits} -> float32: no low-bit kernel wired for {layer.kind}")
         if choice.w_bits > INT_BITS_MAX:
             return _float(f"w{choice.w_bits} -> float32: float16 has no faster CPU kernel")
@@ -253,16 +272,24 @@ class OnnxRuntimeBackend(PlannedBackend):
         convs: Collection[str],
         calibrated: bool,
         tables: Collection[str] = (),
+        steps: Mapping[str, int] | None = None,
     ) -> Plan:
         """``plan_layer`` per layer, then what the export tells: a layer whose MatMul, Conv or
         Gather node is not in the graph, or a static conv without calibration data, runs
-        float."""
+        float; ``steps`` (recurrent module -> steps per call on the example inputs) says why a
+        recurrent layer has no MatMul."""
         config.check(layers)
         out = {}
         for la in layers:
             c = config.layers[la.name]
             plan = self.plan_layer(la, c)
-            if plan.kernel.startswith("MatMulNBits") and la.name not in matmuls:
+            t = (steps or {}).get(la.module, 1)
+            if plan.kernel.startswith("MatMulNBits") and la.kind in RECURRENT_KINDS and t != 1:
+                plan = _float(
+                    f"w{c.w_bits} -> float32: the {la.kind} runs {t} steps per call here; as "
+                    "MatMuls they would unroll (slower than the fused float node)"
+                )
+            elif plan.kernel.startswith("MatMulNBits") and la.name not in matmuls:
                 plan = _float(f"w{c.w_bits} -> float32: no MatMul node in the export")
             elif plan.kernel.startswith("QLinearConv") and la.name not in convs:
                 plan = _float(f"w{c.w_bits} -> float32: no Conv node in the export")
@@ -285,11 +312,14 @@ class OnnxRuntimeBackend(PlannedBackend):
     ) -> Lowered:
         """Execute the plan on the exported graph: static convs as QDQ (ranges calibrated on
         the simulated model of what will run), MatMuls as ``MatMulNBits``, then a session."""
-        proto = export_onnx(model.eval(), example_inputs)
+        steps = sequence_lengths(model, example_inputs)
+        stepwise = self._stepwise(model, layers, config, steps)
+        exported = with_stepwise(model, stepwise) if stepwise else model
+        proto = export_onnx(exported.eval(), example_inputs)
         matmuls = matmul_nodes(proto, layers, gemm_to_matmul(proto))
         convs = conv_nodes(proto, layers)
         tables = gather_tables(proto, layers)
-        plan = self.plan_export(layers, config, matmuls, convs, bool(calibration), tables)
+        plan = self.plan_export(layers, config, matmuls, convs, bool(calibration), tables, steps)
         qdq = [la for la in layers if plan.layers[la.name].kernel.startswith("QLinearConv")]
         if qdq:
             ran = plan.ran_config  # upstream layers quantized as they will run
@@ -310,6 +340,24 @@ class OnnxRuntimeBackend(PlannedBackend):
         return Lowered(
             run, session, plan, stored_bytes(proto), predicted, fresh, model_bytes, "onnx"
         )
+
+    def _stepwise(
+        self,
+        model: nn.Module,
+        layers: tuple[LayerInfo, ...],
+        config: QuantConfig,
+        steps: Mapping[str, int],
+    ) -> set[str]:
+        """Recurrent modules to export as their products: one step per call, rewritable, and
+        a weight of theirs asked on ``MatMulNBits``."""
+        return {
+            la.module
+            for la in layers
+            if la.kind in RECURRENT_KINDS
+            and steps.get(la.module) == 1
+            and rewritable(model.get_submodule(la.module)) is None
+            and self.plan_layer(la, config.layers[la.name]).kernel.startswith("MatMulNBits")
+        }
 
 
 def _planned(plan: Plan, prefix: str) -> list[tuple[str, LayerPlan]]:
