@@ -9,7 +9,9 @@ every field that changed, before Ray starts. ``--new-study`` starts a study of i
 ``FIGURES_VERSION`` is the version of the objectives' definitions: it changes when what a
 figure means changes (2: dynamic activation ranges per sample, as at batch 1; a study of an
 earlier version carries no fingerprint and is refused on resume; 3: ONNX Runtime stores
-embedding tables at their bits, ``GatherBlockQuantized``, so a configuration's bytes changed).
+embedding tables at their bits, ``GatherBlockQuantized``, so a configuration's bytes changed;
+4: a recurrent module run one step per call runs its products on ``MatMulNBits`` and the
+simulated model quantizes each product's own input, so latency, bytes and success changed).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mpq.evaluators.latency import cpu_model
 from mpq.search.config import SearchConfig
 from mpq.search.record import StudyAttr
 
-FIGURES_VERSION = 3
+FIGURES_VERSION = 4
 # 2: ordered dimensions (bits) are integer ranks ``<layer>.<dim>_rank``; 1 (no key):
 # categorical ``<layer>/<dim>``. A sampler cannot resume a study across encodings.
 PARAMS_ENCODING = 2
