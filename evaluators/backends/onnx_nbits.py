@@ -124,6 +124,127 @@ def replace_matmuls(model: onnx.ModelProto, choices: dict[str, tuple[LayerChoice
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
+DEQUANT = "MatMul float32 (int{bits} weights, dequantized at load)"
+
+
+def container_bits(bits: int) -> int:
+    """The packing width of ``bits``-bit codes in the dequantized-at-load layout (2, 4 or 8)."""
+    return next(c for c in (2, 4, 8) if c >= bits)
+
+
+def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
+    """A ``Constant`` node: graph structure (shapes, shifts), not a stored weight."""
+    return helper.make_node(
+        "Constant", [], [name], name=name, value=numpy_helper.from_array(value, name)
+    )
+
+
+def dequant_graph(
+    w: np.ndarray, ran: LayerChoice, name: str
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
+    """A weight-only layer stored at its bits and dequantized by the graph: (initializers,
+    nodes, the output holding ``W^T`` (K, N) float32) for ``w`` (N rows, K).
+
+    Stored: the notes' codes of ``group_view(w)`` (symmetric: ``q + 2^(b-1)``) packed
+    ``container_bits(b)`` to a byte, low bits first; a float32 scale per group; asymmetric, a
+    uint8 zero point per group. The nodes unpack (``BitShift``, ``Mod``), ``Cast``, subtract
+    the zero point, multiply by the scale -- ``x' = (Q(x) - z) * s`` in the simulated model's
+    operation order, so bit for bit -- and transpose. Every input is a constant, so ONNX
+    Runtime folds the chain into one float32 weight when the session loads: the step runs
+    ONNX Runtime's float MatMul, while the file ships the low-bit codes.
+    """
+    grouped, qp = weight_qparams(
+        torch.tensor(w), ran.w_bits, ran.granularity, ran.group_size, ran.symmetric
+    )
+    codes = quantize(grouped, qp).reshape(-1).numpy().astype(np.int64)
+    offset = 2 ** (ran.w_bits - 1) if ran.symmetric else 0
+    c = container_bits(ran.w_bits)
+    per_byte = 8 // c
+    packed = _pack((codes + offset).astype(np.uint8)[None, :], c).reshape(-1)
+    inits = [
+        numpy_helper.from_array(packed, f"{name}_dq_codes"),
+        numpy_helper.from_array(qp.scale.numpy().astype(np.float32), f"{name}_dq_scales"),
+    ]
+    p = f"{name}_dq"
+    nodes = []
+    if per_byte == 1:
+        flat = inits[0].name
+    else:
+        parts = []
+        for j in range(per_byte):
+            nodes += [
+                _const(f"{p}_shift{j}", np.array([j * c], np.uint8)),
+                helper.make_node(
+                    "BitShift", [inits[0].name, f"{p}_shift{j}"], [f"{p}_s{j}"], direction="RIGHT"
+                ),
+                _const(f"{p}_mod{j}", np.array([2**c], np.uint8)),
+                helper.make_node("Mod", [f"{p}_s{j}", f"{p}_mod{j}"], [f"{p}_m{j}"]),
+                _const(f"{p}_axes{j}", np.array([1], np.int64)),
+                helper.make_node("Unsqueeze", [f"{p}_m{j}", f"{p}_axes{j}"], [f"{p}_u{j}"]),
+            ]
+            parts.append(f"{p}_u{j}")
+        nodes += [
+            helper.make_node("Concat", parts, [f"{p}_cat"], axis=1),
+            _const(f"{p}_flat_shape", np.array([-1], np.int64)),
+            helper.make_node("Reshape", [f"{p}_cat", f"{p}_flat_shape"], [f"{p}_padded"]),
+            _const(f"{p}_start", np.array([0], np.int64)),
+            _const(f"{p}_end", np.array([codes.size], np.int64)),
+            helper.make_node("Slice", [f"{p}_padded", f"{p}_start", f"{p}_end"], [f"{p}_flat"]),
+        ]
+        flat = f"{p}_flat"
+    nodes += [
+        helper.make_node("Cast", [flat], [f"{p}_f"], to=onnx.TensorProto.FLOAT),
+        _const(f"{p}_grouped_shape", np.array(grouped.shape, np.int64)),
+        helper.make_node("Reshape", [f"{p}_f", f"{p}_grouped_shape"], [f"{p}_g"]),
+    ]
+    if ran.symmetric:
+        nodes.append(_const(f"{p}_offset", np.array(offset, np.float32)))
+        zero = f"{p}_offset"
+    else:
+        zp = qp.zero_point.numpy().astype(np.uint8)
+        inits.append(numpy_helper.from_array(zp, f"{name}_dq_zero_points"))
+        nodes.append(helper.make_node("Cast", [inits[-1].name], [f"{p}_z"], to=1))
+        zero = f"{p}_z"
+    n, k = w.shape
+    nodes += [
+        helper.make_node("Sub", [f"{p}_g", zero], [f"{p}_centred"]),
+        helper.make_node("Mul", [f"{p}_centred", inits[1].name], [f"{p}_w"]),
+        _const(f"{p}_shape", np.array([n, k], np.int64)),
+        helper.make_node("Reshape", [f"{p}_w", f"{p}_shape"], [f"{p}_rows"]),
+        helper.make_node("Transpose", [f"{p}_rows"], [f"{p}_wt"], perm=[1, 0]),
+    ]
+    return inits, nodes, f"{p}_wt"
+
+
+def replace_with_dequant(model: onnx.ModelProto, choices: dict[str, LayerChoice]) -> None:
+    """In place: the weight of each ``MatMul`` named in ``choices`` (node name -> the choice
+    that runs, weight-only) is stored at its bits and dequantized by the graph
+    (``dequant_graph``); the float weight goes."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    dropped: set[str] = set()
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.name not in choices:
+            nodes.append(node)
+            continue
+        w_t = numpy_helper.to_array(inits[node.input[1]])  # (K, N)
+        w = np.ascontiguousarray(w_t.T, np.float32)
+        tensors, dq_nodes, weight = dequant_graph(w, choices[node.name], node.name)
+        graph.initializer.extend(tensors)
+        dropped.add(node.input[1])
+        nodes += [
+            *dq_nodes,
+            helper.make_node("MatMul", [node.input[0], weight], list(node.output), name=node.name),
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    still_used = {i for node in graph.node for i in node.input}
+    keep = [i for i in graph.initializer if i.name not in dropped or i.name in still_used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
 def gather_tensors(w: np.ndarray, ran: LayerChoice, name: str) -> list[onnx.TensorProto]:
     """``GatherBlockQuantized``'s initializers of an embedding table ``w`` (V rows, D)::
 
@@ -244,6 +365,8 @@ def packed_layer_bytes(layer: LayerInfo, kernel: str, ran: LayerChoice) -> int:
     ``n + 5 * C_out + 2 * (4 + 1)``.
     ``GatherBlockQuantized`` (V rows, D, ``g`` per block): ``V * ceil(D b / 8) + 4 * V * D / g
     + (asymmetric) V * ceil(D / g * b / 8)``.
+    ``DEQUANT`` (weight-only, dequantized at load; G groups of the choice, c =
+    ``container_bits(b)``): ``ceil(n * c / 8) + 4 * G + (asymmetric) G``.
     Layers in float: ``evaluators.size``.
     """
     if kernel.startswith("MatMulNBits"):
@@ -252,6 +375,12 @@ def packed_layer_bytes(layer: LayerInfo, kernel: str, ran: LayerChoice) -> int:
         n_rows, blocks, b = layer.num_params // k, math.ceil(k / block), ran.w_bits
         zero = 0 if ran.symmetric else n_rows * math.ceil(blocks * b / 8)
         return n_rows * blocks * block * b // 8 + 4 * n_rows * blocks + zero
+    if kernel.startswith("MatMul float32 (int"):  # DEQUANT
+        groups = 1 if ran.granularity == "per_tensor" else layer.shape[0]
+        if ran.granularity == "per_group":
+            groups *= layer.reduction_size // (ran.group_size or layer.reduction_size)
+        codes = math.ceil(layer.num_params * container_bits(ran.w_bits) / 8)
+        return codes + 4 * groups + (0 if ran.symmetric else groups)
     if kernel.startswith("QLinearConv"):
         return layer.num_params + 5 * layer.shape[0] + 2 * (4 + 1)
     if kernel.startswith("GatherBlockQuantized"):

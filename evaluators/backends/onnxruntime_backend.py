@@ -1,17 +1,24 @@
 """The ``onnxruntime`` backend (default on CPU): one ONNX model with per-node precision.
 
 Export (TorchScript exporter, batch-1 example inputs), then for each Linear / attention
-projection whose weight asks for <= 8 bits, ``MatMulNBits`` at 2, 4 or 8 bits with a scale
-per block (the choice's group size where the kernel has it: 16 to 256; else 32) holding the
-design notes' codes (``onnx_nbits``: the simulated model's weights bit for bit), every other
-MatMul left alone. ``a_bits`` 8 selects ``accuracy_level=4`` (the kernel quantizes its input to
-int8, symmetric per weight block, so blocks of 32 there: recorded as ``per_block``, which the
-simulated model of what ran reproduces), ``a_bits`` 32 keeps float activations (level 1).
+projection whose weight asks for <= 8 bits with ``a_bits`` 8, ``MatMulNBits`` at 2, 4 or 8 bits
+with ``accuracy_level=4`` (the kernel quantizes its input to int8, symmetric per block of 32:
+recorded as ``per_block``, which the simulated model of what ran reproduces) and a scale per
+block, holding the design notes' codes (``onnx_nbits``: the simulated model's weights bit for
+bit); every other MatMul left alone.
+
+Weight-only (``a_bits`` 32, or 8 where this CPU's ``MatMulNBits`` has no int8-input kernel):
+the weights ship at their bits and the graph dequantizes them (``onnx_nbits.dequant_graph``),
+which ONNX Runtime folds into a float32 weight when the session loads, so the layer runs the
+float MatMul: exactly the asked codes (any bits, granularity, group, symmetry), float speed,
+low-bit bytes. NOTE: ``MatMulNBits`` at accuracy level 1 (its weight-only mode) ran 4-8x
+slower than float on an AVX2 CPU (uniform W8A32 0.25x end to end), so it is not used.
 
 Lowering that is recorded per layer, never hidden:
 
-- 3 bits runs as 4, 5 and 6 bits as 8 (the kernel has 2, 4 and 8); per-tensor scales run as
-  block-32 scales (finer, the kernel's only layout), per-channel ones too where 32 divides K.
+- On ``MatMulNBits``: 3 bits runs as 4, 5 and 6 bits as 8 (the kernel has 2, 4 and 8);
+  per-tensor scales run as block-32 scales (finer, the kernel's only layout), per-channel ones
+  too where 32 divides K.
 - Conv1d/Conv2d with ``w_bits`` <= 8 and ``a_bits`` 8: static QDQ int8 -- ``QuantizeLinear``/
   ``DequantizeLinear`` around the ``Conv`` (input and output ranges calibrated on the project's
   calibration batches with the notes' min-max formula, uint8 asymmetric per tensor; weights
@@ -65,12 +72,14 @@ from mpq.evaluators.backends.onnx_graph import (  # noqa: F401  (re-exported for
 from mpq.evaluators.backends.onnx_nbits import (
     BLOCK,
     BLOCKS,
+    DEQUANT,
     block_of,
     int8_input_runs,
     packed_layer_bytes,
     prune_initializers,
     replace_gathers,
     replace_matmuls,
+    replace_with_dequant,
     stored_bytes,
 )
 from mpq.evaluators.recurrent import rewritable, sequence_lengths, with_stepwise
@@ -205,16 +214,35 @@ def _gather_plan(layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
     return LayerPlan(kernel, ran, _layout_reason(choice, ran))
 
 
+def _dequant_plan(layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
+    """Weight-only (``DEQUANT``): the asked codes, float activations; a group that does not
+    divide K runs per channel."""
+    ran = choice.model_copy(update={"a_bits": KEEP, "act_granularity": "per_tensor"})
+    g = choice.group_size if choice.granularity == "per_group" else None
+    if g and layer.reduction_size % g:
+        ran = ran.model_copy(update={"granularity": "per_channel", "group_size": None})
+    why = [_layout_reason(choice, ran)]
+    if choice.a_bits == 8:
+        why.append(
+            f"a8 -> a32: MatMulNBits int{nbits_for(choice.w_bits)} has no int8-input kernel on "
+            "this CPU (accuracy level 4 computes in float32 here)"
+        )
+    elif choice.a_bits == 16:
+        why.append("a16 -> float32 activations")
+    reason = "; ".join(w for w in why if w) or None
+    return LayerPlan(DEQUANT.format(bits=choice.w_bits), ran, reason)
+
+
+def _on_matmul(kernel: str) -> bool:
+    """Whether ``kernel`` replaces an exported MatMul (``MatMulNBits`` or ``DEQUANT``)."""
+    return kernel.startswith(("MatMulNBits", "MatMul float32 (int"))
+
+
 def _matmul_reason(choice: LayerChoice, ran: LayerChoice) -> str | None:
     """Why ``MatMulNBits`` runs ``ran`` for the asked ``choice`` (None: as asked)."""
     layout = _layout_reason(choice, ran)
     if layout is not None:
         return layout
-    if choice.a_bits == 8 and ran.a_bits != 8:
-        return (
-            f"a8 -> a32: MatMulNBits int{ran.w_bits} has no int8-input kernel on this CPU "
-            "(accuracy level 4 computes in float32 here)"
-        )
     if choice.a_bits == 8 and (choice.act_mode, choice.act_granularity) != (
         "dynamic",
         "per_block",
@@ -223,8 +251,6 @@ def _matmul_reason(choice: LayerChoice, ran: LayerChoice) -> str | None:
             f"a8 {choice.act_mode} {choice.act_granularity} -> a8 dynamic symmetric per "
             f"block of {BLOCK} (MatMulNBits accuracy level 4)"
         )
-    if choice.a_bits == 16:
-        return "a16 -> float32 activations"
     return None
 
 
@@ -259,9 +285,10 @@ class OnnxRuntimeBackend(PlannedBackend):
             return _float(f"w{choice.w_bits} -> float32: no low-bit kernel wired for {layer.kind}")
         if choice.w_bits > INT_BITS_MAX:
             return _float(f"w{choice.w_bits} -> float32: float16 has no faster CPU kernel")
+        if not _int8_input(choice):  # weight-only: the codes as asked, dequantized at load
+            return _dequant_plan(layer, choice)
         ran = _ran_choice(choice, layer)
-        level = 4 if ran.a_bits == 8 else 1  # int8 input: accuracy level 4
-        kernel = f"MatMulNBits int{ran.w_bits} block{block_of(ran)} acc{level}"
+        kernel = f"MatMulNBits int{ran.w_bits} block{block_of(ran)} acc4"
         return LayerPlan(kernel, ran, _matmul_reason(choice, ran))
 
     def plan_export(
@@ -284,12 +311,12 @@ class OnnxRuntimeBackend(PlannedBackend):
             c = config.layers[la.name]
             plan = self.plan_layer(la, c)
             t = (steps or {}).get(la.module, 1)
-            if plan.kernel.startswith("MatMulNBits") and la.kind in RECURRENT_KINDS and t != 1:
+            if _on_matmul(plan.kernel) and la.kind in RECURRENT_KINDS and t != 1:
                 plan = _float(
                     f"w{c.w_bits} -> float32: the {la.kind} runs {t} steps per call here; as "
                     "MatMuls they would unroll (slower than the fused float node)"
                 )
-            elif plan.kernel.startswith("MatMulNBits") and la.name not in matmuls:
+            elif _on_matmul(plan.kernel) and la.name not in matmuls:
                 plan = _float(f"w{c.w_bits} -> float32: no MatMul node in the export")
             elif plan.kernel.startswith("QLinearConv") and la.name not in convs:
                 plan = _float(f"w{c.w_bits} -> float32: no Conv node in the export")
@@ -325,13 +352,16 @@ class OnnxRuntimeBackend(PlannedBackend):
             ran = plan.ran_config  # upstream layers quantized as they will run
             found = static_ranges(model, ran, calibration or [], observer, layers)
             _replace_convs(proto, {la.name: convs[la.name] for la in qdq}, found, layers)
-        nbits = {  # MatMul node -> (what runs, accuracy level: 4 = int8 input)
-            node: (p.ran, 4 if p.ran.a_bits == 8 else 1)
-            for name, p in plan.layers.items()
-            if p.kernel.startswith("MatMulNBits")
-            for node in matmuls[name]
+        nbits = {  # MatMul node -> (what runs, accuracy level 4: int8 input)
+            node: (p.ran, 4) for name, p in _planned(plan, "MatMulNBits") for node in matmuls[name]
         }
         replace_matmuls(proto, nbits)
+        dequant = {
+            node: p.ran
+            for name, p in _planned(plan, "MatMul float32 (int")
+            for node in matmuls[name]
+        }
+        replace_with_dequant(proto, dequant)
         replace_gathers(proto, {tables[n]: p.ran for n, p in _planned(plan, "GatherBlock")})
         prune_initializers(proto)  # the float weights rewrites replaced: not in what ships
         model_bytes = proto.SerializeToString()
@@ -349,14 +379,14 @@ class OnnxRuntimeBackend(PlannedBackend):
         steps: Mapping[str, int],
     ) -> set[str]:
         """Recurrent modules to export as their products: one step per call, rewritable, and
-        a weight of theirs asked on ``MatMulNBits``."""
+        a weight of theirs asked on a low-bit MatMul kernel."""
         return {
             la.module
             for la in layers
             if la.kind in RECURRENT_KINDS
             and steps.get(la.module) == 1
             and rewritable(model.get_submodule(la.module)) is None
-            and self.plan_layer(la, config.layers[la.name]).kernel.startswith("MatMulNBits")
+            and _on_matmul(self.plan_layer(la, config.layers[la.name]).kernel)
         }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -437,32 +438,66 @@ def test_embedding_tables_that_cannot_ship_quantized_say_why() -> None:
     )
 
 
-@pytest.mark.parametrize("block", [16, 64, 128, 256])
-def test_matmulnbits_runs_the_asked_block_size(block: int) -> None:
-    """A per_group choice runs at its own block size where MatMulNBits has it: fewer scales,
-    fewer bytes, the same notes' codes (exact); with an int8 input the kernel quantizes the
-    input per weight block, so a8 keeps blocks of 32 and says why."""
+WEIGHT_ONLY = [
+    LayerChoice(w_bits=4, granularity="per_group", group_size=16),
+    LayerChoice(w_bits=4, granularity="per_group", group_size=128),
+    LayerChoice(w_bits=3, granularity="per_group", group_size=256, symmetric=False),
+    LayerChoice(w_bits=2, granularity="per_channel"),
+    LayerChoice(w_bits=6, granularity="per_tensor", symmetric=False),
+    LayerChoice(w_bits=8, granularity="per_group", group_size=64),
+]
+
+
+@pytest.mark.parametrize("asked", WEIGHT_ONLY, ids=lambda c: c.describe())
+def test_weight_only_ships_its_codes_and_runs_the_float_matmul(tmp_path, asked) -> None:  # type: ignore[no-untyped-def]
+    """Weight-only runs exactly as asked (any bits, group, symmetry): the file stores the
+    notes' codes at their bits, the graph dequantizes them, ONNX Runtime folds that into one
+    float weight at load (the optimized graph is the float model's), and the output is the
+    simulated model's bit for bit up to float summation order."""
+    import onnxruntime as ort
+
     model = WideInput().eval()  # fc1: 1024 -> 36
     x = example_inputs(model, batch=1)
     layers = discover_layers(model)
     keep = {la.name: LayerChoice() for la in layers}
-    asked = LayerChoice(w_bits=4, granularity="per_group", group_size=block)
     backend = get_backend("onnxruntime")
     lowered = backend.lower(model, layers, QuantConfig(layers=keep | {"fc1": asked}), x)
-    assert lowered.kernels["fc1"] == f"MatMulNBits int4 block{block} acc1"
-    assert "fc1" not in lowered.fallbacks and lowered.stored_bytes == lowered.predicted_bytes
+    assert (
+        lowered.kernels["fc1"]
+        == f"MatMul float32 (int{asked.w_bits} weights, dequantized at load)"
+    )
+    assert "fc1" not in lowered.fallbacks and lowered.ran_config.layers["fc1"] == asked
+    assert lowered.stored_bytes == lowered.predicted_bytes
     with torch.inference_mode():
         sim = first_tensor(apply_config(model, lowered.ran_config, [x], layers=layers)(*x))
     assert float((_numpy(lowered.run()) - sim).abs().max()) <= 1e-5 * float(sim.abs().max())
-    at32 = QuantConfig(layers=keep | {"fc1": asked.model_copy(update={"group_size": 32})})
-    smaller = backend.lower(model, layers, at32, x).stored_bytes - lowered.stored_bytes
-    assert smaller == 36 * 4 * (1024 // 32 - 1024 // block)  # one float32 scale per block
+    float_file = backend.lower(model, layers, QuantConfig(layers=keep), x).artifact
+    from mpq.evaluators.backends.onnx_nbits import packed_layer_bytes
+
+    packed = packed_layer_bytes(layers[0], lowered.kernels["fc1"], asked)
+    assert len(float_file) - len(lowered.artifact) >= 0.95 * (36 * 1024 * 4 - packed)
+    ops = []
+    for name, data in (("q", lowered.artifact), ("f", float_file)):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
+        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        ops.append(
+            sorted(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+        )
+    assert ops[0] == ops[1]
+
+
+def test_an_int8_input_keeps_blocks_of_32_and_says_why() -> None:
     from mpq.evaluators.backends.onnx_nbits import int8_input_runs
 
-    if block != 32 and int8_input_runs(4):
-        a8 = backend.plan_layer(layers[0], asked.model_copy(update={"a_bits": 8}))
-        assert a8.ran.group_size == 32 and a8.reason is not None
-        assert "the int8 input is quantized per block of 32" in a8.reason
+    layers = discover_layers(WideInput())
+    asked = LayerChoice(w_bits=4, a_bits=8, granularity="per_group", group_size=128)
+    a8 = get_backend("onnxruntime").plan_layer(layers[0], asked)
+    if int8_input_runs(4):
+        assert a8.kernel == "MatMulNBits int4 block32 acc4" and a8.ran.group_size == 32
+        assert "the int8 input is quantized per block of 32" in str(a8.reason)
+    else:
+        assert a8.kernel.startswith("MatMul float32") and "a8 -> a32" in str(a8.reason)
 
 
 def test_a_table_read_by_two_gathers_is_stored_once() -> None:

@@ -20,12 +20,18 @@ SPEC = EvalSpec(
 
 
 def test_latency_records_what_ran_and_its_size() -> None:
+    from mpq.evaluators.backends.onnx_nbits import int8_input_runs
+
     ev = Evaluator(SPEC)
-    config = QuantConfig.uniform(ev.layers, LayerChoice(w_bits=3))
+    config = QuantConfig.uniform(ev.layers, LayerChoice(w_bits=3, a_bits=8))
     out = ev.latency(config)
-    assert out["fallbacks"]["fc"] == "w3 per_channel -> int4 per_channel"
-    assert out["ran_config"]["layers"]["fc"]["w_bits"] == 4
-    assert out["ran_config"]["layers"]["conv1"]["w_bits"] == 32  # no conv kernel: float
+    if int8_input_runs(4):  # MatMulNBits has 2/4/8 bits: 3 runs as 4
+        assert out["fallbacks"]["fc"] == "w3 per_channel -> int4 per_channel"
+        assert out["ran_config"]["layers"]["fc"]["w_bits"] == 4
+    else:  # weight-only, dequantized at load: 3-bit codes as asked, float activations
+        assert out["fallbacks"]["fc"].startswith("a8 -> a32: MatMulNBits int4 has no int8-input")
+        assert out["ran_config"]["layers"]["fc"]["w_bits"] == 3
+    assert out["ran_config"]["layers"]["conv1"]["w_bits"] == 8  # QLinearConv int8
     asked_bytes = config_size(ev.model, ev.layers, config).total_bytes
     assert out["latency_ms"] > 0 and out["ran_size_bytes"] > asked_bytes  # 3 -> 4 bits, convs
 
