@@ -1,12 +1,13 @@
 """An independent rollout of an exported BabyAI policy: ``model.onnx`` on plain onnxruntime.
 
-    python benchmarks/rollout_onnx.py mpq-runs/babyai-vla-v3/best [--episodes 100]
+    python benchmarks/rollout_onnx.py mpq-runs/babyai-flagship-v1/best [--episodes 100]
 
 Plays each level's evaluation episodes (the search's own seeds) one at a time at batch 1, as a
-robot runs the policy -- the instruction tokenised once, the memory carried from step to step
--- through an ``onnxruntime.InferenceSession`` of the exported file, never through mpq's
-simulated model or its batched task loop, and prints success per level next to the figures
-the trial recorded (``MODEL_CARD.md``'s trial, read from the study next to the export).
+robot runs the policy -- the instruction tokenised once (the flagship's: encoded once per
+episode by its frozen float sentence encoder, which ships with the policy and is not part of
+the step's file), the memory carried from step to step -- through an
+``onnxruntime.InferenceSession`` of the exported file, never through mpq's simulated model or
+its batched task loop, and prints success per level.
 """
 
 from __future__ import annotations
@@ -22,20 +23,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def episode_context(inputs: int, mission: str) -> tuple[np.ndarray, ...]:
+    """What the step takes besides image and memory: the tiny policy's tokens (3 inputs), or
+    the flagship's encoded instruction (4 inputs: words, instr)."""
+    from mpq.zoo.babyai.policy import tokenize
+
+    if inputs == 3:
+        return (tokenize([mission]).numpy(),)
+    from mpq.zoo.babyai.flagship import shipped_encoder
+
+    return tuple(t.numpy() for t in shipped_encoder().encode([mission]))
+
+
 def rollout(session, level: str, seeds: list[int]) -> np.ndarray:  # type: ignore[no-untyped-def]
     from mpq.zoo.babyai.demos import make_env, quiet_reset
-    from mpq.zoo.babyai.policy import tokenize
 
     names = [i.name for i in session.get_inputs()]
     ok = np.zeros(len(seeds), dtype=bool)
     for n, seed in enumerate(seeds):
         env = make_env(level)
         obs, _ = quiet_reset(env, seed)
-        tokens = tokenize([obs["mission"]]).numpy()
+        context = episode_context(len(names), obs["mission"])
         memory = np.zeros((1, 1, 256), np.float32)
         while True:
             image = obs["image"][None, None].astype(np.uint8)
-            feeds = dict(zip(names, (image, tokens, memory), strict=True))
+            feeds = dict(zip(names, (image, *context, memory), strict=True))
             logits, memory = session.run(None, feeds)
             obs, reward, terminated, truncated, _ = env.step(int(logits[0, -1].argmax()))
             if terminated or truncated:

@@ -7,6 +7,8 @@ resolve a name here before anything builds the model.
 MODEL_ALIASES: dict[str, str] = {
     "babyai": "mpq.zoo.babyai:build_policy",
     "babyai-untrained": "mpq.zoo.babyai:build_untrained_policy",
+    "babyai-flagship": "mpq.zoo.babyai:build_flagship",
+    "babyai-flagship-untrained": "mpq.zoo.babyai:build_untrained_flagship",
 }
 
 

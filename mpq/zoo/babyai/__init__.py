@@ -1,12 +1,20 @@
-"""The embedded VLA policy: BabyAI (minigrid) levels, RGB image + language instruction -> action.
+"""The embedded VLA policies: BabyAI (minigrid) levels, RGB image + language instruction -> action.
 
-``build_policy`` is the model builder, ``evaluate_episodes`` the task and ``calibration_batches``
-the calibration inputs, each referenced from a search config as ``module:function`` exactly like
-a user's own model, task and data.
+Two policies: the tiny one (``build_policy``, 1.4M parameters, fits in cache: fast tests, the
+low-compute example) and the flagship (``build_flagship``, 21M parameters, memory-bound at batch 1
+like a real VLA: the main job). ``evaluate_episodes`` is the task of both, and
+``calibration_batches``/``flagship_calibration_batches`` their calibration inputs, each referenced
+from a search config as ``module:function`` exactly like a user's own model, task and data.
 """
 
 from __future__ import annotations
 
+from mpq.zoo.babyai.flagship import (
+    FLAGSHIP_CHECKPOINT_PATH,
+    BabyAIFlagshipPolicy,
+    build_flagship,
+    build_untrained_flagship,
+)
 from mpq.zoo.babyai.policy import (
     CHECKPOINT_PATH,
     LEVELS,
@@ -21,10 +29,18 @@ from mpq.zoo.babyai.task import (
     confirm_episodes,
     evaluate_episodes,
     example_inputs,
+    flagship_calibration_batches,
+    flagship_example_inputs,
 )
 
 __all__ = [
     "CHECKPOINT_PATH",
+    "FLAGSHIP_CHECKPOINT_PATH",
+    "BabyAIFlagshipPolicy",
+    "build_flagship",
+    "build_untrained_flagship",
+    "flagship_calibration_batches",
+    "flagship_example_inputs",
     "LEVELS",
     "VOCAB",
     "BabyAIVLAPolicy",

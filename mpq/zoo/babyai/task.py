@@ -7,6 +7,7 @@ configurations are compared on the same episodes (a paired comparison).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -16,6 +17,16 @@ from mpq.evaluators import timing_slot
 from mpq.evaluators.stats import wilson_interval
 from mpq.zoo.babyai.demos import EVAL_SEED_BASE, level_seed, make_env, quiet_reset
 from mpq.zoo.babyai.policy import LEVELS, tokenize
+
+MEMORY_DIM = 256  # both shipped policies' GRU memory
+
+
+def episode_context(model: nn.Module, missions: list[str]) -> tuple[torch.Tensor, ...]:
+    """The inputs computed once per episode: the model's own ``episode_context`` (the flagship's
+    frozen sentence encoder) or, for a policy that encodes the instruction every step, the
+    tokens."""
+    encode = getattr(model, "episode_context", None)
+    return tuple(encode(missions)) if encode is not None else (tokenize(missions),)
 
 
 @torch.inference_mode()
@@ -29,7 +40,7 @@ def rollout_level(
     """
     envs = [make_env(level) for _ in seeds]
     obs = [quiet_reset(env, s)[0] for env, s in zip(envs, seeds, strict=True)]
-    tokens = tokenize([o["mission"] for o in obs])
+    context = episode_context(model, [o["mission"] for o in obs])
     memory = torch.zeros(1, len(seeds), model.memory_gru.hidden_size)  # type: ignore[union-attr]
     success = np.zeros(len(seeds), dtype=bool)
     length = np.zeros(len(seeds), dtype=np.int64)
@@ -37,7 +48,7 @@ def rollout_level(
     while active.size:
         timing_slot.yield_point()  # a trial waiting to time its latency gets the node now
         image = torch.from_numpy(np.stack([obs[i]["image"] for i in active]))[:, None]
-        logits, new_memory = model(image, tokens[active], memory[:, active])
+        logits, new_memory = model(image, *(c[active] for c in context), memory[:, active])
         memory[:, active] = new_memory
         logits = logits[:, -1]
         actions = (
@@ -96,13 +107,12 @@ def confirm_episodes(model: nn.Module, budget: int) -> dict[str, float]:
     return evaluate_episodes(model, budget, seed_base=CONFIRM_SEED_BASE)
 
 
-def calibration_batches(episodes_per_level: int = 16) -> list[tuple[torch.Tensor, ...]]:
-    """Calibration inputs from held-out bot demos (never the evaluation seeds).
-
-    Whole episodes are fed as sequences from an empty memory, so every input is one the policy
-    really sees; episodes of equal length share a batch: (image (B, T, 56, 56, 3), tokens (B, L),
-    memory (1, B, 256)).
-    """
+def _demo_batches(
+    episodes_per_level: int, context: Callable[[list[str]], tuple[torch.Tensor, ...]]
+) -> list[tuple[torch.Tensor, ...]]:
+    """Held-out bot demos (never the evaluation seeds) as whole episodes from an empty memory,
+    episodes of equal length in one batch: (image (B, T, 56, 56, 3), *context(missions),
+    memory (1, B, 256))."""
     from mpq.zoo.babyai.demos import HELDOUT_SEED_BASE, collect_demos
 
     demos = collect_demos(LEVELS, episodes_per_level, HELDOUT_SEED_BASE)
@@ -113,13 +123,39 @@ def calibration_batches(episodes_per_level: int = 16) -> list[tuple[torch.Tensor
     for length in sorted(by_length):
         eps = by_length[length]
         images = torch.from_numpy(np.stack([e.images for e in eps]))
-        memory = torch.zeros(1, len(eps), 256)
-        batches.append((images, tokenize([e.mission for e in eps]), memory))
+        memory = torch.zeros(1, len(eps), MEMORY_DIM)
+        batches.append((images, *context([e.mission for e in eps]), memory))
     return batches
 
 
+def _first_step(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """One control step at batch 1 of a calibration batch, as a robot runs the policy."""
+    image, *context, _ = batch
+    return (
+        image[:1, :1].contiguous(),
+        *(c[:1].contiguous() for c in context),
+        torch.zeros(1, 1, MEMORY_DIM),
+    )
+
+
+def calibration_batches(episodes_per_level: int = 16) -> list[tuple[torch.Tensor, ...]]:
+    """The tiny policy's calibration inputs: (image, tokens (B, L), memory) per batch."""
+    return _demo_batches(episodes_per_level, lambda missions: (tokenize(missions),))
+
+
 def example_inputs() -> tuple[torch.Tensor, ...]:
-    """One control step at batch 1, as a robot runs the policy: the latency inputs."""
-    batch = calibration_batches(episodes_per_level=1)[0]
-    image, tokens, _ = batch
-    return image[:1, :1].contiguous(), tokens[:1], torch.zeros(1, 1, 256)
+    """The tiny policy's latency inputs: one control step at batch 1."""
+    return _first_step(calibration_batches(episodes_per_level=1)[0])
+
+
+def flagship_calibration_batches(episodes_per_level: int = 16) -> list[tuple[torch.Tensor, ...]]:
+    """The flagship's calibration inputs: (image, words (B, L, d), instr (B, d), memory), the
+    instruction encoded once per episode by the shipped sentence encoder."""
+    from mpq.zoo.babyai.flagship import shipped_encoder
+
+    return _demo_batches(episodes_per_level, shipped_encoder().encode)
+
+
+def flagship_example_inputs() -> tuple[torch.Tensor, ...]:
+    """The flagship's latency inputs: one control step at batch 1 (the encoder ran before)."""
+    return _first_step(flagship_calibration_batches(episodes_per_level=1)[0])
