@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -84,42 +85,57 @@ def nbits_tensors(
     return out, n, k
 
 
-def replace_matmuls(model: onnx.ModelProto, choices: dict[str, tuple[LayerChoice, int]]) -> None:
-    """In place: each ``MatMul`` node named in ``choices`` (node name -> (the choice that runs,
-    accuracy level)) becomes ``MatMulNBits`` with the notes' codes; the float weight goes."""
+def _rewrite_matmuls(
+    model: onnx.ModelProto,
+    names: set[str],
+    rewrite: Callable[[onnx.NodeProto, np.ndarray], tuple[list, list[onnx.NodeProto]]],
+) -> None:
+    """In place: each ``MatMul`` node in ``names`` becomes ``rewrite(node, W)`` (``W``: its
+    float weight, N rows x K) -> (new initializers, nodes that replace it); the float weight
+    goes unless another node still reads it."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     dropped: set[str] = set()
     nodes = []
     for node in graph.node:
-        if node.op_type != "MatMul" or node.name not in choices:
+        if node.op_type != "MatMul" or node.name not in names:
             nodes.append(node)
             continue
-        ran, level = choices[node.name]
         w_t = numpy_helper.to_array(inits[node.input[1]])  # (K, N)
-        tensors, n, k = nbits_tensors(np.ascontiguousarray(w_t.T, np.float32), ran, node.name)
+        tensors, new_nodes = rewrite(node, np.ascontiguousarray(w_t.T, np.float32))
         graph.initializer.extend(tensors)
         dropped.add(node.input[1])
-        nodes.append(
-            helper.make_node(
-                "MatMulNBits",
-                [node.input[0], *(t.name for t in tensors)],
-                list(node.output),
-                name=f"{node.name}_Q{ran.w_bits}",
-                domain="com.microsoft",
-                K=k,
-                N=n,
-                bits=ran.w_bits,
-                block_size=block_of(ran),
-                accuracy_level=level,
-            )
-        )
+        nodes += new_nodes
     del graph.node[:]
     graph.node.extend(nodes)
     still_used = {i for node in graph.node for i in node.input}
     keep = [i for i in graph.initializer if i.name not in dropped or i.name in still_used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+
+
+def replace_matmuls(model: onnx.ModelProto, choices: dict[str, tuple[LayerChoice, int]]) -> None:
+    """In place: each ``MatMul`` node named in ``choices`` (node name -> (the choice that runs,
+    accuracy level)) becomes ``MatMulNBits`` with the notes' codes; the float weight goes."""
+
+    def rewrite(node: onnx.NodeProto, w: np.ndarray) -> tuple[list, list[onnx.NodeProto]]:
+        ran, level = choices[node.name]
+        tensors, n, k = nbits_tensors(w, ran, node.name)
+        nbits = helper.make_node(
+            "MatMulNBits",
+            [node.input[0], *(t.name for t in tensors)],
+            list(node.output),
+            name=f"{node.name}_Q{ran.w_bits}",
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=ran.w_bits,
+            block_size=block_of(ran),
+            accuracy_level=level,
+        )
+        return tensors, [nbits]
+
+    _rewrite_matmuls(model, set(choices), rewrite)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
@@ -220,29 +236,15 @@ def replace_with_dequant(model: onnx.ModelProto, choices: dict[str, LayerChoice]
     """In place: the weight of each ``MatMul`` named in ``choices`` (node name -> the choice
     that runs, weight-only) is stored at its bits and dequantized by the graph
     (``dequant_graph``); the float weight goes."""
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    dropped: set[str] = set()
-    nodes = []
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.name not in choices:
-            nodes.append(node)
-            continue
-        w_t = numpy_helper.to_array(inits[node.input[1]])  # (K, N)
-        w = np.ascontiguousarray(w_t.T, np.float32)
+
+    def rewrite(node: onnx.NodeProto, w: np.ndarray) -> tuple[list, list[onnx.NodeProto]]:
         tensors, dq_nodes, weight = dequant_graph(w, choices[node.name], node.name)
-        graph.initializer.extend(tensors)
-        dropped.add(node.input[1])
-        nodes += [
-            *dq_nodes,
-            helper.make_node("MatMul", [node.input[0], weight], list(node.output), name=node.name),
-        ]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    still_used = {i for node in graph.node for i in node.input}
-    keep = [i for i in graph.initializer if i.name not in dropped or i.name in still_used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+        matmul = helper.make_node(
+            "MatMul", [node.input[0], weight], list(node.output), name=node.name
+        )
+        return tensors, [*dq_nodes, matmul]
+
+    _rewrite_matmuls(model, set(choices), rewrite)
 
 
 def gather_tensors(w: np.ndarray, ran: LayerChoice, name: str) -> list[onnx.TensorProto]:

@@ -30,7 +30,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpq.zoo.babyai.policy import IMAGE_SIZE, MAX_TOKENS, N_ACTIONS, VOCAB, FiLMConv, tokenize
+from mpq.zoo.babyai.policy import (
+    IMAGE_SIZE,
+    MAX_TOKENS,
+    N_ACTIONS,
+    VOCAB,
+    FiLMConv,
+    stem,
+    tokenize,
+)
 
 FLAGSHIP_CHECKPOINT_PATH = Path(str(resources.files("mpq.zoo.babyai") / "babyai_flagship.pt"))
 ENCODER_PREFIX = "encoder."  # checkpoint keys of the frozen sentence encoder
@@ -123,17 +131,7 @@ class BabyAIFlagshipPolicy(nn.Module):
     ) -> torch.Tensor:
         """The stem: image (B, T, 56, 56, 3) uint8 -> patch features (B, T, 49 * d)."""
         b, t = image.shape[0], image.shape[1]
-        instr = instr.repeat_interleave(t, dim=0)  # (B*T, d)
-        x = image.reshape(b * t, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 3, 1, 2).float() / 255.0
-        x = torch.relu(self.patch_embed(x))  # (B*T, d, 7, 7)
-        x = self.film2(self.film1(x, instr), instr)
-        patches = x.flatten(2).transpose(1, 2)  # (B*T, 49, d)
-        keys = words.repeat_interleave(t, dim=0)  # (B*T, L, d)
-        q = self.attn_norm(patches)
-        attended, _ = self.cross_attn(q, keys, keys, need_weights=False)
-        patches = patches + attended
-        patches = patches + self.ffn_out(torch.relu(self.ffn_in(self.ffn_norm(patches))))
-        return patches.flatten(1).reshape(b, t, -1)
+        return stem(self, image, words, instr).flatten(1).reshape(b, t, -1)
 
     def act(
         self, features: torch.Tensor, memory: torch.Tensor

@@ -96,6 +96,25 @@ class FiLMConv(nn.Module):
         return torch.relu(h) + x
 
 
+def stem(
+    policy: nn.Module, image: torch.Tensor, words: torch.Tensor, instr: torch.Tensor
+) -> torch.Tensor:
+    """The image stem both shipped policies share: image (B, T, 56, 56, 3) uint8, words
+    (B, L, d), instr (B, d) -> patch tokens (B*T, 49, d) -- patch conv, two FiLM convs, cross-
+    attention from patches to words, FFN (``policy``'s modules of those names)."""
+    b, t = image.shape[0], image.shape[1]
+    instr = instr.repeat_interleave(t, dim=0)  # (B*T, d)
+    x = image.reshape(b * t, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.relu(policy.patch_embed(x))  # (B*T, d, 7, 7)
+    x = policy.film2(policy.film1(x, instr), instr)
+    patches = x.flatten(2).transpose(1, 2)  # (B*T, 49, d)
+    keys = words.repeat_interleave(t, dim=0)  # (B*T, L, d)
+    q = policy.attn_norm(patches)
+    attended, _ = policy.cross_attn(q, keys, keys, need_weights=False)
+    patches = patches + attended
+    return patches + policy.ffn_out(torch.relu(policy.ffn_in(policy.ffn_norm(patches))))
+
+
 class BabyAIVLAPolicy(nn.Module):
     """RGB image + instruction tokens + memory -> action logits and new memory."""
 
@@ -129,16 +148,7 @@ class BabyAIVLAPolicy(nn.Module):
         """
         b, t = image.shape[0], image.shape[1]
         words, instr_h = self.instruction_gru(self.word_embedding(tokens))  # (B, L, d), (1, B, d)
-        instr = instr_h[0].repeat_interleave(t, dim=0)  # (B*T, d)
-        x = image.reshape(b * t, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 3, 1, 2).float() / 255.0
-        x = torch.relu(self.patch_embed(x))  # (B*T, d, 7, 7)
-        x = self.film2(self.film1(x, instr), instr)
-        patches = x.flatten(2).transpose(1, 2)  # (B*T, 49, d)
-        keys = words.repeat_interleave(t, dim=0)  # (B*T, L, d)
-        q = self.attn_norm(patches)
-        attended, _ = self.cross_attn(q, keys, keys, need_weights=False)
-        patches = patches + attended
-        patches = patches + self.ffn_out(torch.relu(self.ffn_in(self.ffn_norm(patches))))
+        patches = stem(self, image, words, instr_h[0])  # (B*T, 49, d)
         fused = torch.relu(self.fuse(patches.flatten(1))).reshape(b, t, self.memory_dim)
         out, memory = self.memory_gru(fused, memory)  # (B, T, M), (1, B, M)
         return self.action_head(out), memory
