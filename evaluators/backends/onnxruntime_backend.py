@@ -60,6 +60,7 @@ from mpq.evaluators.backends.base import (
     PlannedBackend,
     register_backend,
 )
+from mpq.evaluators.backends.onnx_dequant import replace_with_dequant
 from mpq.evaluators.backends.onnx_graph import (  # noqa: F401  (re-exported for tests)
     QDQ_CONV,
     conv_nodes,
@@ -70,29 +71,36 @@ from mpq.evaluators.backends.onnx_graph import (  # noqa: F401  (re-exported for
     signed_conv_exact,
 )
 from mpq.evaluators.backends.onnx_nbits import (
-    BLOCK,
-    BLOCKS,
-    DEQUANT,
     block_of,
-    int8_input_runs,
     packed_layer_bytes,
     prune_initializers,
     replace_gathers,
     replace_matmuls,
-    replace_with_dequant,
     stored_bytes,
+)
+from mpq.evaluators.backends.onnx_plan import (  # noqa: F401  (re-exported for tests)
+    CONV_RAN,
+    FLOAT32,
+    MATMUL_KINDS,
+    NBITS,
+    QLINEARCONV,
+    QLINEARCONV_U8,
+    STEPWISE_PARAMS,
+    conv_plan,
+    dequant_plan,
+    gather_plan,
+    int8_input,
+    keep_float,
+    matmul_reason,
+    nbits_for,
+    on_matmul,
+    qlinearconv_kernel,
+    ran_choice,
 )
 from mpq.evaluators.recurrent import rewritable, sequence_lengths, with_stepwise
 from mpq.evaluators.size import config_size
 from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import INT_BITS_MAX, KEEP, LayerChoice, QuantConfig
-
-NBITS = (2, 4, 8)
-
-
-def nbits_for(w_bits: int) -> int:
-    """The narrowest MatMulNBits width that holds ``w_bits`` (3 -> 4, 5 and 6 -> 8)."""
-    return next(b for b in NBITS if b >= w_bits)
 
 
 def export_onnx(model: nn.Module, example_inputs: tuple[Any, ...]) -> onnx.ModelProto:
@@ -112,148 +120,6 @@ def export_onnx(model: nn.Module, example_inputs: tuple[Any, ...]) -> onnx.Model
     return onnx.load_from_string(buf.getvalue())
 
 
-QLINEARCONV = "QLinearConv int8 (static QDQ)"
-QLINEARCONV_U8 = "QLinearConv u8 x u8 (static QDQ; u8 x s8 inexact here)"
-
-
-def qlinearconv_kernel() -> str:
-    """The static int8 conv kernel that is exact on this CPU (``signed_conv_exact``)."""
-    return QLINEARCONV if signed_conv_exact() else QLINEARCONV_U8
-
-
-FLOAT32 = "float32 (onnxruntime)"
-CONV_RAN = LayerChoice(
-    w_bits=8, a_bits=8, granularity="per_channel", act_mode="static", out_bits=8
-)
-
-
-def _int8_input(choice: LayerChoice) -> bool:
-    """a8 asked, and this CPU's MatMulNBits at that width really has the int8-input kernel."""
-    return choice.a_bits == 8 and int8_input_runs(nbits_for(choice.w_bits))
-
-
-def _asked_block(choice: LayerChoice, size: int) -> int | None:
-    """The asked group size where the kernels have it (``BLOCKS``) and it divides ``size``."""
-    g = choice.group_size if choice.granularity == "per_group" else None
-    return g if g in BLOCKS and size % g == 0 else None
-
-
-def _ran_choice(choice: LayerChoice, layer: LayerInfo) -> LayerChoice:
-    """What ``MatMulNBits`` runs: codes at 2/4/8 bits per block along K -- the asked group size
-    where the kernel has it, else 32 (per channel where K is no multiple of 32: the row's
-    scale in every block); accuracy level 4 quantizes its input to int8 per block of 32,
-    symmetric (``per_block``; the kernel's input blocks are its weight blocks, so an int8
-    input keeps blocks of 32), level 1 keeps it float32."""
-    int8_input = _int8_input(choice)
-    k = layer.reduction_size
-    block = (None if int8_input else _asked_block(choice, k)) or BLOCK
-    gran = "per_group" if k % block == 0 else "per_channel"
-    return LayerChoice(
-        w_bits=nbits_for(choice.w_bits),
-        a_bits=8 if int8_input else 32,
-        granularity=gran,
-        group_size=block if gran == "per_group" else None,
-        symmetric=choice.symmetric,
-        act_granularity="per_block" if int8_input else "per_tensor",
-    )
-
-
-MATMUL_KINDS = ("linear", "attention_in_proj")
-# the weights of a single-layer, one-direction recurrent module: they can run as MatMuls
-STEPWISE_PARAMS = ("weight_ih_l0", "weight_hh_l0")
-
-
-def _float(why: str | None = None) -> LayerPlan:
-    return LayerPlan(FLOAT32, LayerChoice(), why)
-
-
-def _conv_plan(choice: LayerChoice) -> LayerPlan:
-    """Static int8 ``QLinearConv``: a8 asked; weights int8 per channel, ranges static."""
-    if choice.a_bits != 8:
-        return _float(f"w{choice.w_bits} -> float32: QLinearConv needs a_bits 8 (no weight-only)")
-    c = CONV_RAN
-    asked = (choice.w_bits, choice.granularity, choice.symmetric, choice.act_mode)
-    if asked == (c.w_bits, c.granularity, c.symmetric, c.act_mode):
-        return LayerPlan(qlinearconv_kernel(), CONV_RAN)
-    why = (
-        f"w{choice.w_bits} {choice.granularity} a8 {choice.act_mode} -> int8 per_channel a8 "
-        "static (QLinearConv)"
-    )
-    return LayerPlan(qlinearconv_kernel(), CONV_RAN, why)
-
-
-def _layout_reason(choice: LayerChoice, ran: LayerChoice) -> str | None:
-    """Why the weights run at other bits or blocks than asked (None: as asked)."""
-    if (ran.w_bits, ran.granularity, ran.group_size) != (
-        choice.w_bits,
-        choice.granularity,
-        choice.group_size,
-    ):
-        layout = f"block{ran.group_size}" if ran.granularity == "per_group" else ran.granularity
-        asked = choice.granularity + (str(choice.group_size) if choice.group_size else "")
-        why = ""
-        if ran.a_bits == 8 and choice.group_size in BLOCKS and choice.group_size != BLOCK:
-            why = f" (the int8 input is quantized per block of {BLOCK}, the weights' block)"
-        return f"w{choice.w_bits} {asked} -> int{ran.w_bits} {layout}{why}"
-    return None
-
-
-def _gather_plan(layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
-    """``GatherBlockQuantized``: the table at 2/4/8 bits per block of 32 (or 16) along D."""
-    w, d = choice.w_bits, layer.reduction_size
-    if layer.tied:
-        return _float(f"w{w} -> float32: the table is shared with {layer.tied[0]!r}")
-    block = _asked_block(choice, d) or next((b for b in (BLOCK, 16) if d % b == 0), None)
-    if block is None:
-        why = f"w{w} -> float32: embedding dim {d} is no multiple of 16 (the smallest block)"
-        return _float(why)
-    ran = LayerChoice(
-        w_bits=nbits_for(w), granularity="per_group", group_size=block, symmetric=choice.symmetric
-    )
-    kernel = f"GatherBlockQuantized int{ran.w_bits} block{block}"
-    return LayerPlan(kernel, ran, _layout_reason(choice, ran))
-
-
-def _dequant_plan(layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
-    """Weight-only (``DEQUANT``): the asked codes, float activations; a group that does not
-    divide K runs per channel."""
-    ran = choice.model_copy(update={"a_bits": KEEP, "act_granularity": "per_tensor"})
-    g = choice.group_size if choice.granularity == "per_group" else None
-    if g and layer.reduction_size % g:
-        ran = ran.model_copy(update={"granularity": "per_channel", "group_size": None})
-    why = [_layout_reason(choice, ran)]
-    if choice.a_bits == 8:
-        why.append(
-            f"a8 -> a32: MatMulNBits int{nbits_for(choice.w_bits)} has no int8-input kernel on "
-            "this CPU (accuracy level 4 computes in float32 here)"
-        )
-    elif choice.a_bits == 16:
-        why.append("a16 -> float32 activations")
-    reason = "; ".join(w for w in why if w) or None
-    return LayerPlan(DEQUANT.format(bits=choice.w_bits), ran, reason)
-
-
-def _on_matmul(kernel: str) -> bool:
-    """Whether ``kernel`` replaces an exported MatMul (``MatMulNBits`` or ``DEQUANT``)."""
-    return kernel.startswith(("MatMulNBits", "MatMul float32 (int"))
-
-
-def _matmul_reason(choice: LayerChoice, ran: LayerChoice) -> str | None:
-    """Why ``MatMulNBits`` runs ``ran`` for the asked ``choice`` (None: as asked)."""
-    layout = _layout_reason(choice, ran)
-    if layout is not None:
-        return layout
-    if choice.a_bits == 8 and (choice.act_mode, choice.act_granularity) != (
-        "dynamic",
-        "per_block",
-    ):
-        return (
-            f"a8 {choice.act_mode} {choice.act_granularity} -> a8 dynamic symmetric per "
-            f"block of {BLOCK} (MatMulNBits accuracy level 4)"
-        )
-    return None
-
-
 @register_backend("onnxruntime")
 class OnnxRuntimeBackend(PlannedBackend):
     """ONNX Runtime's CPU kernels on an exported graph (see the module docstring)."""
@@ -267,29 +133,31 @@ class OnnxRuntimeBackend(PlannedBackend):
         return (*NBITS, 32) if layer.kind in kinds else (32,)
 
     def float_plan(self, layer: LayerInfo, asked: LayerChoice, why: str) -> LayerPlan:
-        return _float(f"w{asked.w_bits} -> float32: {why}")
+        return keep_float(f"w{asked.w_bits} -> float32: {why}")
 
     def plan_layer(self, layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
         """What runs, from the kind and the choice (given a node found in the export and
         calibration data for static convs: ``plan`` checks those)."""
         if choice.w_bits == KEEP:
-            return _float()
+            return keep_float()
         if layer.kind in QDQ_CONV and choice.w_bits <= INT_BITS_MAX:
-            return _conv_plan(choice)
+            return conv_plan(choice)
         if layer.kind == "embedding" and choice.w_bits <= INT_BITS_MAX:
-            return _gather_plan(layer, choice)
+            return gather_plan(layer, choice)
         if layer.kind in RECURRENT_KINDS and layer.param not in STEPWISE_PARAMS:
             why = "only a single-layer, one-direction recurrent module runs as MatMuls"
-            return _float(f"w{choice.w_bits} -> float32: {why}")
+            return keep_float(f"w{choice.w_bits} -> float32: {why}")
         if layer.kind not in (*MATMUL_KINDS, *RECURRENT_KINDS):
-            return _float(f"w{choice.w_bits} -> float32: no low-bit kernel wired for {layer.kind}")
+            return keep_float(
+                f"w{choice.w_bits} -> float32: no low-bit kernel wired for {layer.kind}"
+            )
         if choice.w_bits > INT_BITS_MAX:
-            return _float(f"w{choice.w_bits} -> float32: float16 has no faster CPU kernel")
-        if not _int8_input(choice):  # weight-only: the codes as asked, dequantized at load
-            return _dequant_plan(layer, choice)
-        ran = _ran_choice(choice, layer)
+            return keep_float(f"w{choice.w_bits} -> float32: float16 has no faster CPU kernel")
+        if not int8_input(choice):  # weight-only: the codes as asked, dequantized at load
+            return dequant_plan(layer, choice)
+        ran = ran_choice(choice, layer)
         kernel = f"MatMulNBits int{ran.w_bits} block{block_of(ran)} acc4"
-        return LayerPlan(kernel, ran, _matmul_reason(choice, ran))
+        return LayerPlan(kernel, ran, matmul_reason(choice, ran))
 
     def plan_export(
         self,
@@ -311,19 +179,21 @@ class OnnxRuntimeBackend(PlannedBackend):
             c = config.layers[la.name]
             plan = self.plan_layer(la, c)
             t = (steps or {}).get(la.module, 1)
-            if _on_matmul(plan.kernel) and la.kind in RECURRENT_KINDS and t != 1:
-                plan = _float(
+            if on_matmul(plan.kernel) and la.kind in RECURRENT_KINDS and t != 1:
+                plan = keep_float(
                     f"w{c.w_bits} -> float32: the {la.kind} runs {t} steps per call here; as "
                     "MatMuls they would unroll (slower than the fused float node)"
                 )
-            elif _on_matmul(plan.kernel) and la.name not in matmuls:
-                plan = _float(f"w{c.w_bits} -> float32: no MatMul node in the export")
+            elif on_matmul(plan.kernel) and la.name not in matmuls:
+                plan = keep_float(f"w{c.w_bits} -> float32: no MatMul node in the export")
             elif plan.kernel.startswith("QLinearConv") and la.name not in convs:
-                plan = _float(f"w{c.w_bits} -> float32: no Conv node in the export")
+                plan = keep_float(f"w{c.w_bits} -> float32: no Conv node in the export")
             elif plan.kernel.startswith("QLinearConv") and not calibrated:
-                plan = _float(f"w{c.w_bits} -> float32: static int8 conv needs calibration data")
+                plan = keep_float(
+                    f"w{c.w_bits} -> float32: static int8 conv needs calibration data"
+                )
             elif plan.kernel.startswith("GatherBlockQuantized") and la.name not in tables:
-                plan = _float(f"w{c.w_bits} -> float32: no Gather alone reads its table")
+                plan = keep_float(f"w{c.w_bits} -> float32: no Gather alone reads its table")
             out[la.name] = plan
         return Plan(out)
 
@@ -386,7 +256,7 @@ class OnnxRuntimeBackend(PlannedBackend):
             if la.kind in RECURRENT_KINDS
             and steps.get(la.module) == 1
             and rewritable(model.get_submodule(la.module)) is None
-            and _on_matmul(self.plan_layer(la, config.layers[la.name]).kernel)
+            and on_matmul(self.plan_layer(la, config.layers[la.name]).kernel)
         }
 
 
