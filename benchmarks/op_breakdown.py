@@ -111,11 +111,17 @@ def profiler_overhead_us(runs: int = 200) -> float:
 
 
 def breakdown(
-    model_bytes: bytes, inputs: tuple[Any, ...], runs: int, overhead_us: float, layers: list[str]
+    model_bytes: bytes,
+    inputs: tuple[Any, ...],
+    runs: int,
+    overhead_us: float,
+    scopes: dict[str, str],
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(op type -> microseconds per step, with ``between nodes`` and ``total``; layer ->
-    microseconds per step of the nodes whose scope ends with its name, as ``matmul_nodes``
-    maps them: a node ONNX Runtime fused into another keeps the first node's name)."""
+    microseconds per step of the nodes whose scope ends with one of the layer's ``scopes``
+    (scope -> layer: its module, or its own name for a recurrent product), the longest
+    winning, as ``matmul_nodes`` maps them; a node ONNX Runtime fused into another keeps the
+    first node's name, and a fused recurrent node counts under the module's first weight)."""
     step_us, per_type, nodes, per_node = _profile(model_bytes, inputs, runs)
     out = {op: max(0.0, per_type[op] - overhead_us * nodes[op]) for op in per_type}
     scale = min(1.0, step_us / max(sum(out.values()), 1e-9))
@@ -124,37 +130,28 @@ def breakdown(
     out["total"] = step_us
     by_layer: dict[str, float] = defaultdict(float)
     for node, us in per_node.items():
-        owner = _owner(node, layers)
+        owner = _owner(node, scopes)
         if owner is not None:
             by_layer[owner] += max(0.0, us - overhead_us) * scale
     return out, by_layer
 
 
-def _owner(node: str, layers: list[str]) -> str | None:
-    """The layer whose module scope a node's name sits in (a fused node's name may carry the
+def _owner(node: str, scopes: dict[str, str]) -> str | None:
+    """The layer whose scope a node's name sits in (a fused node's name may carry the
     original node's name and a suffix: ``/fuse/MatMul/MatMulAddFusion``), or None."""
     parts = node.lstrip("/").split("/")
     for end in range(len(parts) - 1, 0, -1):
         scope = ".".join(parts[:end])
-        owners = [la for la in layers if scope == la or scope.endswith(f".{la}")]
+        owners = [k for k in scopes if scope == k or scope.endswith(f".{k}")]
         if owners:
-            return max(owners, key=len)
+            return scopes[max(owners, key=len)]
     return None
 
 
 def configs(ev: Evaluator, found: Path | None) -> dict[str, QuantConfig]:
-    int8 = {
-        la.name: LayerChoice(
-            w_bits=8,
-            a_bits=8 if la.takes_activations else 32,
-            granularity="per_group",
-            group_size=32,
-        )
-        for la in ev.layers
-    }
     out = {
         "float": QuantConfig.uniform(ev.layers, LayerChoice()),
-        "uniform int8": QuantConfig(layers=int8),
+        "uniform int8": QuantConfig.uniform(ev.layers, LayerChoice(w_bits=8, a_bits=8)),
     }
     if found is not None:
         out["found"] = QuantConfig.model_validate(yaml.safe_load(found.read_text()))
@@ -176,11 +173,15 @@ def main(argv: list[str] | None = None) -> None:
     overhead = profiler_overhead_us()
     columns, per_layer, kernels = {}, {}, {}
     names = [la.name for la in ev.layers]
+    scopes: dict[str, str] = {}
+    for la in ev.layers:  # a module's scope counts under its first weight
+        scopes.setdefault(la.module, la.name)
+    scopes |= {la.name: la.name for la in ev.layers}  # a recurrent product's own scope
     for name, config in configs(ev, found).items():
         lowered = ev.lower(config)
         assert lowered.artifact is not None, "op_breakdown needs the onnxruntime backend"
         columns[name], per_layer[name] = breakdown(
-            lowered.artifact, ev.example_inputs, args.runs, overhead, names
+            lowered.artifact, ev.example_inputs, args.runs, overhead, scopes
         )
         kernels[name] = lowered.kernels
     ops = sorted(

@@ -52,8 +52,9 @@ class StepwiseRecurrent(nn.Module):
         self.batch_first = rnn.batch_first
         self.hidden_size = rnn.hidden_size
         gates, width = rnn.weight_ih_l0.shape
-        self.weight_ih_l0 = nn.Linear(width, gates, bias=rnn.bias)
-        self.weight_hh_l0 = nn.Linear(rnn.hidden_size, gates, bias=rnn.bias)
+        like = {"device": rnn.weight_ih_l0.device, "dtype": rnn.weight_ih_l0.dtype}
+        self.weight_ih_l0 = nn.Linear(width, gates, bias=rnn.bias, **like)
+        self.weight_hh_l0 = nn.Linear(rnn.hidden_size, gates, bias=rnn.bias, **like)
         with torch.no_grad():
             self.weight_ih_l0.weight.copy_(rnn.weight_ih_l0)
             self.weight_hh_l0.weight.copy_(rnn.weight_hh_l0)
@@ -115,7 +116,10 @@ def sequence_lengths(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[
             continue
 
         def hook(mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            x = args[0]
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):  # a PackedSequence or a keyword call: unknown
+                seen[name] = max(seen.get(name, 0), 2)  # never rewritten
+                return
             steps = x.shape[0] if x.dim() == 2 else x.shape[1 if mod.batch_first else 0]
             seen[name] = max(seen.get(name, 0), int(steps))
 
@@ -133,6 +137,8 @@ def with_stepwise(model: nn.Module, names: set[str]) -> nn.Module:
     """A copy of ``model`` with the recurrent modules ``names`` replaced by ``StepwiseRecurrent``
     (the model itself is untouched)."""
     out = copy.deepcopy(model)
+    if "" in names:  # the model is the recurrent module
+        return StepwiseRecurrent(out)  # type: ignore[arg-type]
     for name in sorted(names):
         parent_name, _, child = name.rpartition(".")
         parent = out.get_submodule(parent_name)

@@ -11,7 +11,9 @@ figure means changes (2: dynamic activation ranges per sample, as at batch 1; a 
 earlier version carries no fingerprint and is refused on resume; 3: ONNX Runtime stores
 embedding tables at their bits, ``GatherBlockQuantized``, so a configuration's bytes changed;
 4: a recurrent module run one step per call runs its products on ``MatMulNBits`` and the
-simulated model quantizes each product's own input, so latency, bytes and success changed).
+simulated model quantizes each product's own input, and weight-only layers ship their codes
+dequantized at load instead of running ``MatMulNBits`` at accuracy level 1, so latency, bytes
+and success changed).
 """
 
 from __future__ import annotations

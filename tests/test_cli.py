@@ -69,15 +69,15 @@ def test_search_with_fallback_disabled_and_a_choice_without_kernel(tmp_path: Pat
         "name: strict\nmodel: tests.models:build_convnet\ntask: tests.models:convnet_task\n"
         "calibration: tests.models:convnet_calibration\n"
         f"output_dir: {tmp_path / 'out'}\nlatency: {{allow_fallback: false}}\n"
-        "space: {defaults: {w_bits: [3, 32]}, skip: ['conv*']}\n"
+        "space: {defaults: {w_bits: [16, 32]}, skip: ['conv*']}\n"
     )
     result = runner.invoke(app, ["search", str(p)])
     assert result.exit_code == 2
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1, result.output
     assert (
-        f"{p}: space: layer 'fc' w3 per_channel sym a32: backend 'onnxruntime' cannot run it "
-        "as asked "
-        "(w3 per_channel -> int4 per_channel) and latency.allow_fallback is false" in lines[0]
+        f"{p}: space: layer 'fc' w16 a32: backend 'onnxruntime' cannot run it as asked "
+        "(w16 -> float32: float16 has no faster CPU kernel) and latency.allow_fallback is false"
+        in lines[0]
     )
     assert not (tmp_path / "out").exists()  # nothing written

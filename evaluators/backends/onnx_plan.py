@@ -123,7 +123,10 @@ def dequant_plan(layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
     divide K runs per channel."""
     ran = choice.model_copy(update={"a_bits": KEEP, "act_granularity": "per_tensor"})
     g = choice.group_size if choice.granularity == "per_group" else None
-    if g and layer.reduction_size % g:
+    # a group that does not divide K, or one scale for a packed q/k/v projection that the
+    # export may split into several MatMuls (each would get its own): one scale per row
+    split = layer.kind == "attention_in_proj" and choice.granularity == "per_tensor"
+    if (g and layer.reduction_size % g) or split:
         ran = ran.model_copy(update={"granularity": "per_channel", "group_size": None})
     why = [layout_reason(choice, ran)]
     if choice.a_bits == 8:

@@ -7,8 +7,9 @@ recorded as ``per_block``, which the simulated model of what ran reproduces) and
 block, holding the design notes' codes (``onnx_nbits``: the simulated model's weights bit for
 bit); every other MatMul left alone.
 
-Weight-only (``a_bits`` 32, or 8 where this CPU's ``MatMulNBits`` has no int8-input kernel):
-the weights ship at their bits and the graph dequantizes them (``onnx_nbits.dequant_graph``),
+Weight-only (``a_bits`` 32 or 16, or 8 where this CPU's ``MatMulNBits`` has no int8-input
+kernel):
+the weights ship at their bits and the graph dequantizes them (``onnx_dequant``),
 which ONNX Runtime folds into a float32 weight when the session loads, so the layer runs the
 float MatMul: exactly the asked codes (any bits, granularity, group, symmetry), float speed,
 low-bit bytes. NOTE: ``MatMulNBits`` at accuracy level 1 (its weight-only mode) ran 4-8x

@@ -57,7 +57,8 @@ def test_a_study_without_fingerprint_is_refused_once_it_has_trials(tmp_path: Pat
     study.add_trial(optuna.trial.create_trial(value=1.0))
     with pytest.raises(
         ValueError,
-        match=r"study 'conv' has 1 trials measured before figures version 3 \(no fingerprint\)",
+        match=rf"study 'conv' has 1 trials measured before figures version "
+        rf"{fingerprint.FIGURES_VERSION} \(no fingerprint\)",
     ):
         fingerprint.guard(study, cfg, build_convnet())
     fresh = _study(tmp_path, "fresh")

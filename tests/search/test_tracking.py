@@ -127,7 +127,7 @@ def _trial(**attrs):  # type: ignore[no-untyped-def]
         "latency_ms": 1.0,
         "speedup": 1.5,
         "constraints": [-0.1],
-        "kernels": {"fc": "MatMulNBits int4 block32 acc1"},
+        "kernels": {"fc": "MatMulNBits int4 block32 acc4"},
         "fallbacks": {"fc": "w3 per_channel -> int4 block32"},
         "seed": "uniform-4bit",
     }

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--demos-per-level", type=int, default=5000)
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps in all")
+    p.add_argument("--steps", type=int, default=2400, help="optimizer steps in all")
     p.add_argument("--dagger-rounds", type=int, default=2)
     p.add_argument("--dagger-episodes", type=int, default=500, help="per level per round")
     p.add_argument("--batch-size", type=int, default=32)
