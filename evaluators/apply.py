@@ -43,7 +43,7 @@ from mpq.evaluators.quantize import (
     fake_quantize_blocks,
     fake_quantize_weight,
 )
-from mpq.evaluators.recurrent import StepwiseRecurrent, rewritable
+from mpq.evaluators.recurrent import replace_stepwise, rewritable
 from mpq.spaces.discover import LayerInfo, discover_layers
 from mpq.spaces.space import ACT_BLOCK, KEEP, QuantConfig
 
@@ -263,13 +263,7 @@ def _recurrent_products(
         and config.layers[la.name].a_bits != KEEP
         and rewritable(qmodel.get_submodule(la.module)) is None
     }
-    for name in sorted(modules):
-        if not name:  # the model is the recurrent module
-            qmodel = StepwiseRecurrent(qmodel)  # type: ignore[arg-type]
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
-        setattr(parent, child, StepwiseRecurrent(getattr(parent, child)))
+    qmodel = replace_stepwise(qmodel, modules)
     return qmodel, {la.name: la.name for la in layers if la.module in modules}
 
 

@@ -133,14 +133,19 @@ def sequence_lengths(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[
     return seen
 
 
+def replace_stepwise(model: nn.Module, names: set[str]) -> nn.Module:
+    """In place: the recurrent modules ``names`` of ``model`` become ``StepwiseRecurrent``;
+    returns the model (a new one where ``model`` itself is named, as ``""``)."""
+    if "" in names:  # the model is the recurrent module
+        return StepwiseRecurrent(model)  # type: ignore[arg-type]
+    for name in sorted(names):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, StepwiseRecurrent(getattr(parent, child)))
+    return model
+
+
 def with_stepwise(model: nn.Module, names: set[str]) -> nn.Module:
     """A copy of ``model`` with the recurrent modules ``names`` replaced by ``StepwiseRecurrent``
     (the model itself is untouched)."""
-    out = copy.deepcopy(model)
-    if "" in names:  # the model is the recurrent module
-        return StepwiseRecurrent(out)  # type: ignore[arg-type]
-    for name in sorted(names):
-        parent_name, _, child = name.rpartition(".")
-        parent = out.get_submodule(parent_name)
-        setattr(parent, child, StepwiseRecurrent(getattr(parent, child)))
-    return out
+    return replace_stepwise(copy.deepcopy(model), names)

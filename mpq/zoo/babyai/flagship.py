@@ -35,7 +35,7 @@ from mpq.zoo.babyai.policy import (
     MAX_TOKENS,
     N_ACTIONS,
     VOCAB,
-    FiLMConv,
+    add_stem,
     stem,
     tokenize,
 )
@@ -101,14 +101,7 @@ class BabyAIFlagshipPolicy(nn.Module):
     ) -> None:
         super().__init__()
         self.d, self.memory_dim = d, memory_dim
-        self.patch_embed = nn.Conv2d(3, d, kernel_size=8, stride=8)
-        self.film1 = FiLMConv(d)
-        self.film2 = FiLMConv(d)
-        self.attn_norm = nn.LayerNorm(d)
-        self.cross_attn = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.ffn_norm = nn.LayerNorm(d)
-        self.ffn_in = nn.Linear(d, 2 * d)
-        self.ffn_out = nn.Linear(2 * d, d)
+        add_stem(self, d, heads)
         n_patches = (IMAGE_SIZE // 8) ** 2
         self.fuse = nn.Linear(n_patches * d, width)
         self.trunk = nn.ModuleList(MLPBlock(width, hidden) for _ in range(blocks))

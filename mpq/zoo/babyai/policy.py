@@ -96,6 +96,18 @@ class FiLMConv(nn.Module):
         return torch.relu(h) + x
 
 
+def add_stem(policy: nn.Module, d: int, heads: int) -> None:
+    """Register on ``policy`` the modules ``stem`` runs (both shipped policies' image stem)."""
+    policy.patch_embed = nn.Conv2d(3, d, kernel_size=8, stride=8)
+    policy.film1 = FiLMConv(d)
+    policy.film2 = FiLMConv(d)
+    policy.attn_norm = nn.LayerNorm(d)
+    policy.cross_attn = nn.MultiheadAttention(d, heads, batch_first=True)
+    policy.ffn_norm = nn.LayerNorm(d)
+    policy.ffn_in = nn.Linear(d, 2 * d)
+    policy.ffn_out = nn.Linear(2 * d, d)
+
+
 def stem(
     policy: nn.Module, image: torch.Tensor, words: torch.Tensor, instr: torch.Tensor
 ) -> torch.Tensor:
@@ -123,14 +135,7 @@ class BabyAIVLAPolicy(nn.Module):
         self.d, self.memory_dim = d, memory_dim
         self.word_embedding = nn.Embedding(len(VOCAB), d, padding_idx=0)
         self.instruction_gru = nn.GRU(d, d, batch_first=True)
-        self.patch_embed = nn.Conv2d(3, d, kernel_size=8, stride=8)
-        self.film1 = FiLMConv(d)
-        self.film2 = FiLMConv(d)
-        self.attn_norm = nn.LayerNorm(d)
-        self.cross_attn = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.ffn_norm = nn.LayerNorm(d)
-        self.ffn_in = nn.Linear(d, 2 * d)
-        self.ffn_out = nn.Linear(2 * d, d)
+        add_stem(self, d, heads)
         n_patches = (IMAGE_SIZE // 8) ** 2
         self.fuse = nn.Linear(n_patches * d, memory_dim)
         self.memory_gru = nn.GRU(memory_dim, memory_dim, batch_first=True)
