@@ -6,7 +6,7 @@
     python benchmarks/kernels.py --device cuda    # torch-cuda and torch-cuda-fp8 on the GPU
 
 Models: a 4-layer MLP (1024 wide), a ~10M-parameter stack of transformer blocks, a small
-convolutional image encoder (4 Conv2d, 96x96 input) and the shipped BabyAI policy.
+convolutional image encoder (4 Conv2d, 96x96 input) and the two shipped BabyAI policies.
 Configurations: uniform W8A8, W4A8, W8 and W4 (float activations), W2A8 and a mixed one (first
 half of the layers 8-bit, second half 4-bit). Speed-up is against torch eager float and against
 ONNX Runtime float (both reported); the float model compiled by the ``torch`` backend is a row of
@@ -93,11 +93,19 @@ def models(batch: int = 1) -> dict[str, Any]:
         x = tuple(t.expand(batch, *t.shape[1:]).contiguous() for t in example_inputs())
         return build_policy(), x
 
+    def flagship() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        from mpq.zoo.babyai import build_flagship
+        from mpq.zoo.babyai.task import flagship_example_inputs
+
+        x = tuple(t.expand(batch, *t.shape[1:]).contiguous() for t in flagship_example_inputs())
+        return build_flagship(), x
+
     return {
         "mlp-4x1024": lambda: (MLP().eval(), (torch.randn(batch, 1024),)),
         "transformer-6x384": lambda: (Transformer().eval(), (torch.randn(batch, 16, 384),)),
         "conv-encoder-96px": lambda: (ConvEncoder().eval(), (torch.rand(batch, 3, 96, 96),)),
         "babyai-policy": policy,
+        "babyai-flagship": flagship,
     }
 
 

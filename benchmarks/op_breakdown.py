@@ -17,12 +17,8 @@ totals are the median unprofiled step of a fresh session.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import tempfile
-import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -34,62 +30,12 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mpq.evaluators.backends.onnx_profile import layer_scopes, owner, profile  # noqa: E402
 from mpq.evaluators.evaluator import Evaluator  # noqa: E402
 from mpq.evaluators.latency import cpu_model  # noqa: E402
 from mpq.search.config import load_search_config  # noqa: E402
 from mpq.search.worker import eval_spec  # noqa: E402
 from mpq.spaces.space import LayerChoice, QuantConfig  # noqa: E402
-
-
-def _session(model_bytes: bytes, profile_dir: str | None) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if profile_dir is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = f"{profile_dir}/p"
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
-
-def _feeds(session: Any, inputs: tuple[Any, ...]) -> dict[str, np.ndarray]:
-    names = {i.name for i in session.get_inputs()}
-    feeds = {f"input_{i}": np.asarray(t) for i, t in enumerate(inputs)}
-    return {k: v for k, v in feeds.items() if k in names}
-
-
-def _profile(
-    model_bytes: bytes, inputs: tuple[Any, ...] | dict[str, np.ndarray], runs: int
-) -> tuple[float, dict[str, float], dict[str, float], dict[str, float]]:
-    """(median unprofiled step in us, op type -> profiled node us per step, op type -> nodes
-    per step, node name -> profiled us per step)."""
-    plain = _session(model_bytes, None)
-    feeds = inputs if isinstance(inputs, dict) else _feeds(plain, inputs)
-    for _ in range(20):
-        plain.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        plain.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    del plain
-    with tempfile.TemporaryDirectory() as tmp:
-        prof = _session(model_bytes, tmp)
-        for _ in range(runs):
-            prof.run(None, feeds)
-        events = json.loads(Path(prof.end_profiling()).read_text())
-    per_type: dict[str, float] = defaultdict(float)
-    per_node: dict[str, float] = defaultdict(float)
-    nodes: Counter[str] = Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            per_type[e["args"]["op_name"]] += e["dur"] / runs
-            per_node[e["name"].removesuffix("_kernel_time")] += e["dur"] / runs
-            nodes[e["args"]["op_name"]] += 1
-    counts = {k: v / runs for k, v in nodes.items()}
-    return statistics.median(times) * 1e6, per_type, counts, per_node
 
 
 def profiler_overhead_us(runs: int = 200) -> float:
@@ -104,7 +50,7 @@ def profiler_overhead_us(runs: int = 200) -> float:
         [helper.make_tensor_value_info("t100", TensorProto.FLOAT, [1])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    _, per_type, nodes, _ = _profile(
+    _, per_type, nodes, _ = profile(
         model.SerializeToString(), {"t0": np.ones(1, np.float32)}, runs
     )
     return per_type["Neg"] / nodes["Neg"]
@@ -122,7 +68,7 @@ def breakdown(
     (scope -> layer: its module, or its own name for a recurrent product), the longest
     winning, as ``matmul_nodes`` maps them; a node ONNX Runtime fused into another keeps the
     first node's name, and a fused recurrent node counts under the module's first weight)."""
-    step_us, per_type, nodes, per_node = _profile(model_bytes, inputs, runs)
+    step_us, per_type, nodes, per_node = profile(model_bytes, inputs, runs)
     out = {op: max(0.0, per_type[op] - overhead_us * nodes[op]) for op in per_type}
     scale = min(1.0, step_us / max(sum(out.values()), 1e-9))
     out = {op: us * scale for op, us in out.items()}
@@ -130,22 +76,10 @@ def breakdown(
     out["total"] = step_us
     by_layer: dict[str, float] = defaultdict(float)
     for node, us in per_node.items():
-        owner = _owner(node, scopes)
-        if owner is not None:
-            by_layer[owner] += max(0.0, us - overhead_us) * scale
+        layer = owner(node, scopes)
+        if layer is not None:
+            by_layer[layer] += max(0.0, us - overhead_us) * scale
     return out, by_layer
-
-
-def _owner(node: str, scopes: dict[str, str]) -> str | None:
-    """The layer whose scope a node's name sits in (a fused node's name may carry the
-    original node's name and a suffix: ``/fuse/MatMul/MatMulAddFusion``), or None."""
-    parts = node.lstrip("/").split("/")
-    for end in range(len(parts) - 1, 0, -1):
-        scope = ".".join(parts[:end])
-        owners = [k for k in scopes if scope == k or scope.endswith(f".{k}")]
-        if owners:
-            return scopes[max(owners, key=len)]
-    return None
 
 
 def configs(ev: Evaluator, found: Path | None) -> dict[str, QuantConfig]:
@@ -170,13 +104,13 @@ def main(argv: list[str] | None = None) -> None:
         default = Path(cfg.output_dir) / "best" / "ran_config.yaml"
         found = default if default.is_file() else None
     ev = Evaluator(eval_spec(cfg))
+    kernel_table = Path(cfg.output_dir) / "kernel_table.json"  # the study's kernel choices
+    if kernel_table.is_file():
+        ev.use_kernels(kernel_table.read_text())
     overhead = profiler_overhead_us()
     columns, per_layer, kernels = {}, {}, {}
     names = [la.name for la in ev.layers]
-    scopes: dict[str, str] = {}
-    for la in ev.layers:  # a module's scope counts under its first weight
-        scopes.setdefault(la.module, la.name)
-    scopes |= {la.name: la.name for la in ev.layers}  # a recurrent product's own scope
+    scopes = layer_scopes(ev.layers)
     for name, config in configs(ev, found).items():
         lowered = ev.lower(config)
         assert lowered.artifact is not None, "op_breakdown needs the onnxruntime backend"

@@ -19,8 +19,9 @@ from mpq.evaluators.apply import apply_config
 from mpq.evaluators.backends import get_backend
 from mpq.evaluators.backends.base import FallbackError, Lowered
 from mpq.evaluators.callables import load_callable
+from mpq.evaluators.kernel_tune import KernelTable
 from mpq.evaluators.latency import paired_speedup
-from mpq.evaluators.latency_table import LatencyTable
+from mpq.evaluators.latency_table import LatencyTable, model_target
 from mpq.evaluators.model import build_model
 from mpq.evaluators.proxy import output_agreement, reference_outputs
 from mpq.evaluators.size import config_size, float_size_bytes
@@ -69,10 +70,25 @@ class Evaluator:
         else:
             self.example_inputs = _as_tuple(batches[0])
         self.reference = reference_outputs(self.model, self.calibration)
-        self.backend = get_backend(spec.backend)
+        self.base_backend = get_backend(spec.backend)
+        self.backend = self.base_backend  # tuned by ``use_kernels``
         self.float_bytes = float_size_bytes(self.model)
         self._float_lowered: Lowered | None = None
         self._lowered: dict[str, Lowered] = {}
+
+    def use_kernels(self, table_json: str | None) -> None:
+        """Run each layer on the kernel the autotune measured fastest on this target
+        (``kernel_tune``); a table of another target or model, or None, leaves the default
+        kernels."""
+        kernel_us: dict[str, dict[str, float]] = {}
+        if table_json:
+            table = KernelTable.from_json(table_json)
+            if table.matches(model_target(self)):
+                kernel_us = table.kernel_us
+        if kernel_us != getattr(self.backend, "kernel_us", {}):
+            self.backend = self.base_backend.tuned(kernel_us)
+            self._lowered.clear()
+            self._float_lowered = None
 
     def quantized(self, config: QuantConfig) -> nn.Module:
         return apply_config(self.model, config, self.calibration, self.spec.observer, self.layers)
@@ -159,7 +175,12 @@ class Evaluator:
             "speedup": paired.speedup,
             "speedup_lo": paired.speedup_lo,
             "speedup_hi": paired.speedup_hi,
-            "latency_info": {**paired.as_dict(), "wait_s": wait_s, "backend": s.backend},
+            "latency_info": {
+                **paired.as_dict(),
+                "wait_s": wait_s,
+                "backend": s.backend,
+                "kernel_choice": lowered.plan.notes,  # why a kernel among several: measured
+            },
         }
         return out | self._what_ran(lowered)
 

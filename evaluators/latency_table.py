@@ -201,7 +201,7 @@ def build_latency_table(
     for (name, kernel), value in zip(columns, coef[:-1], strict=True):
         delta.setdefault(name, {})[kernel] = float(value)
     float_kernel = backend.kernel_for(layers[0], LayerChoice())
-    target = {**_target(evaluator), "float_kernel": float_kernel, "samples": len(configs)}
+    target = {**model_target(evaluator), "float_kernel": float_kernel, "samples": len(configs)}
     return LatencyTable(target, float(coef[-1]), delta)
 
 
@@ -215,7 +215,8 @@ def _ridge(x: np.ndarray, y: np.ndarray, alpha: float = 1e-3) -> np.ndarray:
     return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
-def _target(evaluator: Any) -> dict[str, Any]:
+def model_target(evaluator: Any) -> dict[str, Any]:
+    """The target (``target_key``) and the model (builder and checkpoint) a table is of."""
     spec = evaluator.spec
     model = f"{spec.model}@{spec.checkpoint or 'default'}"
     return {**target_key(spec.backend, spec.latency_threads), "model": model}
@@ -228,7 +229,7 @@ def reuse_or_build(
     ``options``; otherwise a new table, measured here."""
     if cached:
         table = LatencyTable.from_json(cached)
-        if table.matches(_target(evaluator)) and table.covers(
+        if table.matches(model_target(evaluator)) and table.covers(
             evaluator.backend.kernel_for, evaluator.layers, options
         ):
             return table

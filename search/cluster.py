@@ -45,6 +45,8 @@ class TrialTasks:
             **resources, max_retries=cfg.ray.max_retries, retry_exceptions=False
         )
         self._table = ray.remote(worker.build_table).options(**resources)
+        self._tune = ray.remote(worker.tune_table).options(**resources)
+        self.kernel_table: str | None = None  # the autotune's, sent with every trial
 
     def submit(
         self,
@@ -55,12 +57,26 @@ class TrialTasks:
     ) -> Any:
         """Start one worker call of a trial; returns its reference."""
         return self._evaluate.remote(
-            self.spec, config_json, artifact, episodes, self.cfg.trial_memory_mb, latency_table
+            self.spec,
+            config_json,
+            artifact,
+            episodes,
+            self.cfg.trial_memory_mb,
+            latency_table,
+            self.kernel_table,
         )
 
     def build_table(self, options_json: str, cached_json: str | None) -> str:
-        """The latency table, built on a worker with the trials' resources (the target)."""
-        return str(ray.get(self._table.remote(self.spec, options_json, cached_json)))
+        """The latency table, built on a worker with the trials' resources (the target), on
+        the kernels the autotune chose."""
+        ref = self._table.remote(self.spec, options_json, cached_json, self.kernel_table)
+        return str(ray.get(ref))
+
+    def tune_kernels(self, options_json: str, cached_json: str | None) -> str:
+        """The kernel autotune's table, measured on a worker with the trials' resources (the
+        target); every later trial runs on the kernels it chose."""
+        self.kernel_table = str(ray.get(self._tune.remote(self.spec, options_json, cached_json)))
+        return self.kernel_table
 
     @staticmethod
     def ready(refs: list[Any]) -> set[Any]:

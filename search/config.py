@@ -64,6 +64,13 @@ class LatencyConfig(BaseModel):
         "fresh session, in random order, in the node's exclusive timing slot; the speed-up's "
         "95% interval is over these pairs",
     )
+    autotune: bool = Field(
+        True,
+        description="where a choice runs on several kernels with the same numerics (ONNX "
+        "Runtime weight-only: float MatMul of weights dequantized at load, or MatMulNBits "
+        "float-input), time each layer's candidates in the whole model once per study on a "
+        "trial worker and run the fastest (kernel_table.json; no cost where none has two)",
+    )
     predict_screen: bool = Field(
         False,
         description="screen trials with the latency table's prediction (built once per study "

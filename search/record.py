@@ -46,6 +46,7 @@ class StudyAttr(StrEnum):
     LAYERS = "layers"
     SENSITIVITY = "sensitivity"
     LATENCY_TABLE = "latency_table"
+    KERNEL_TABLE = "kernel_table"  # the kernel autotune's measurements (kernel_tune)
     FINGERPRINT = "fingerprint"
 
 

@@ -121,6 +121,7 @@ class Runner:
         """Fill the workers, poll, tell, until the trial budget is spent or Ctrl-C."""
         if not self.float_reference:
             self.prepare()
+        study_setup.kernel_table(self.study, self.cfg, self.resolved, self.tasks.tune_kernels)
         self.latency_table = study_setup.latency_table(
             self.study, self.cfg, self.resolved, self.tasks.build_table
         )

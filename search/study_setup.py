@@ -89,6 +89,21 @@ def enqueue_configs(
         study.enqueue_trial(params, user_attrs={TrialAttr.PROPOSED_BY: label})
 
 
+def kernel_table(
+    study: optuna.Study,
+    cfg: SearchConfig,
+    resolved: dict[str, LayerOptions],
+    tune: Any,
+) -> str | None:
+    """The kernel autotune's table (JSON) from ``tune(options_json, cached_json)`` run where
+    the trials run (the target); kept in the study and in ``output_dir/kernel_table.json``,
+    reused on resume when the target and space match (so a study's trials keep their
+    kernels). None where latency is not measured or ``latency.autotune`` is off."""
+    if not (cfg.latency.enabled and cfg.latency.autotune):
+        return None
+    return _kept_table(study, cfg, resolved, tune, StudyAttr.KERNEL_TABLE, "kernel_table.json")
+
+
 def latency_table(
     study: optuna.Study,
     cfg: SearchConfig,
@@ -101,12 +116,26 @@ def latency_table(
     lat = cfg.latency
     if not (lat.enabled and lat.predict_screen and cfg.screen_budget > 0):
         return None
-    cached = study.user_attrs.get(StudyAttr.LATENCY_TABLE)
+    return _kept_table(study, cfg, resolved, build, StudyAttr.LATENCY_TABLE, "latency_table.json")
+
+
+def _kept_table(
+    study: optuna.Study,
+    cfg: SearchConfig,
+    resolved: dict[str, LayerOptions],
+    build: Any,
+    attr: StudyAttr,
+    file_name: str,
+) -> str:
+    """``build(options_json, cached_json)``'s table, kept in the study's ``attr`` and in
+    ``output_dir/file_name`` when it is new (or the cached one was of another target or a
+    smaller space)."""
+    cached = study.user_attrs.get(attr)
     options = {n: o.model_dump(mode="json") for n, o in resolved.items()}
     cached_json = json.dumps(cached) if cached is not None else None
     table = json.loads(build(json.dumps(options), cached_json))
-    if table != cached:  # new, or the cached one was of another target or a smaller space
-        study.set_user_attr(StudyAttr.LATENCY_TABLE, table)
-        path = Path(cfg.output_dir) / "latency_table.json"
+    if table != cached:
+        study.set_user_attr(attr, table)
+        path = Path(cfg.output_dir) / file_name
         path.write_text(json.dumps(table, indent=1, sort_keys=True))
     return json.dumps(table)

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from mpq.evaluators.evaluator import EvalSpec, finite_or_error, get_evaluator
+from mpq.evaluators.kernel_tune import reuse_or_tune
 from mpq.evaluators.latency_table import LatencyTable, reuse_or_build
 from mpq.search.config import SearchConfig
 from mpq.spaces.space import LayerOptions, QuantConfig
@@ -54,13 +55,14 @@ def evaluate_trial(
     episodes: int,
     memory_mb: int | None = None,
     latency_table: str | None = None,
+    kernel_table: str | None = None,
 ) -> dict[str, Any]:
     """One worker call of a trial: its artifact figures (``artifact``), then ``episodes`` of
     the task (success with its interval).
 
     With ``memory_mb``, the worker may grow its address space by at most that much during the
     call (``RLIMIT_AS``, restored after): an allocation past it raises instead of taking the
-    machine down.
+    machine down. ``kernel_table`` (the autotune's, JSON) picks each layer's kernel.
 
     Raises:
         ValueError: a measurement came back non-finite (the trial fails with that reason).
@@ -69,6 +71,7 @@ def evaluate_trial(
     table = LatencyTable.from_json(latency_table) if latency_table else None
     with _memory_limit(memory_mb):
         evaluator = get_evaluator(spec)
+        evaluator.use_kernels(kernel_table)
         config = QuantConfig.model_validate_json(config_json)
         out: dict[str, Any] = {}
         if artifact == ArtifactFigures.PREDICTED:
@@ -83,13 +86,29 @@ def evaluate_trial(
     return out
 
 
-def build_table(spec: EvalSpec, options_json: str, cached_json: str | None = None) -> str:
-    """The latency table (JSON), built where the trials run (the target); ``cached_json`` is
-    kept when it was built on this target for this space."""
+def build_table(
+    spec: EvalSpec,
+    options_json: str,
+    cached_json: str | None = None,
+    kernel_table: str | None = None,
+) -> str:
+    """The latency table (JSON), built where the trials run (the target), on the kernels of
+    ``kernel_table``; ``cached_json`` is kept when it was built on this target for this
+    space."""
     evaluator = get_evaluator(spec)
+    evaluator.use_kernels(kernel_table)
+    return reuse_or_build(cached_json, evaluator, _options(options_json)).to_json()
+
+
+def tune_table(spec: EvalSpec, options_json: str, cached_json: str | None = None) -> str:
+    """The kernel autotune's table (JSON), measured where the trials run (the target);
+    ``cached_json`` is kept when it was measured on this target for this space."""
+    return reuse_or_tune(cached_json, get_evaluator(spec), _options(options_json)).to_json()
+
+
+def _options(options_json: str) -> dict[str, LayerOptions]:
     raw = json.loads(options_json)
-    options = {name: LayerOptions.model_validate(o) for name, o in raw.items()}
-    return reuse_or_build(cached_json, evaluator, options).to_json()
+    return {name: LayerOptions.model_validate(o) for name, o in raw.items()}
 
 
 @contextlib.contextmanager

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,12 +26,14 @@ def inside_attention(model: nn.Module, module_name: str) -> bool:
 @dataclass(frozen=True, slots=True)
 class LayerPlan:
     """What one layer runs on a backend: the kernel, the choice that runs (its simulated model
-    equals the kernel's output: the contract suite), and why that differs from the asked
-    choice (None: it runs as asked)."""
+    equals the kernel's output: the contract suite), why that differs from the asked choice
+    (None: it runs as asked), and why this kernel where several run the same numerics
+    (``note``: the kernel autotune's measurement; None: the only or the default one)."""
 
     kernel: str
     ran: LayerChoice
     reason: str | None = None
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class Plan:
     @property
     def ran_config(self) -> QuantConfig:
         return QuantConfig(layers={name: p.ran for name, p in self.layers.items()})
+
+    @property
+    def notes(self) -> dict[str, str]:
+        """Layer -> why its kernel was chosen among several (the autotune's measurement)."""
+        return {name: p.note for name, p in self.layers.items() if p.note is not None}
 
     def replace(self, name: str, plan: LayerPlan) -> Plan:
         return Plan({**self.layers, name: plan})
@@ -134,6 +142,16 @@ class Backend(Protocol):
         """Weight bit-widths this backend has a real kernel for on ``layer``."""
         ...
 
+    def candidates(self, layer: LayerInfo, choice: LayerChoice) -> tuple[LayerPlan, ...]:
+        """Every real kernel that runs ``choice`` on ``layer`` with the same numerics, the
+        default first (``plan_layer`` runs the fastest the autotune measured)."""
+        ...
+
+    def tuned(self, kernel_us: Mapping[str, Mapping[str, float]]) -> Backend:
+        """A copy that runs, per layer, the fastest kernel of ``kernel_us`` (layer -> kernel
+        -> us per step measured in the whole model on this target)."""
+        ...
+
     def kernel_for(self, layer: LayerInfo, choice: LayerChoice) -> str:
         """``plan_layer(...).kernel``: the latency table's key."""
         ...
@@ -161,13 +179,46 @@ class Backend(Protocol):
 
 
 class PlannedBackend:
-    """``kernel_for`` and ``fallback_reason`` read the backend's ``plan_layer``."""
+    """``kernel_for`` and ``fallback_reason`` read the backend's ``plan_layer``.
+
+    Where several real kernels run the same numerics for a choice (``candidates``, the default
+    first), ``plan_layer`` runs the one measured fastest for that layer on this target: the
+    kernel autotune's table (``tuned``; ``evaluators/kernel_tune.py``), layer -> kernel -> us
+    per step in the whole model. A kernel not measured for a layer is never picked over the
+    default; without a table the default runs.
+    """
 
     name: str = ""
     device: str = "cpu"
+    kernel_us: Mapping[str, Mapping[str, float]] = {}
 
     def plan_layer(self, layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
         raise NotImplementedError
+
+    def candidates(self, layer: LayerInfo, choice: LayerChoice) -> tuple[LayerPlan, ...]:
+        """Every real kernel that runs ``choice`` on ``layer`` with the same numerics (the same
+        ``ran`` choice), the default first."""
+        return (self.plan_layer(layer, choice),)
+
+    def tuned(self, kernel_us: Mapping[str, Mapping[str, float]]) -> PlannedBackend:
+        """A copy of this backend that runs, per layer, the fastest of ``kernel_us``."""
+        out = copy.copy(self)
+        out.kernel_us = {layer: dict(row) for layer, row in kernel_us.items()}
+        return out
+
+    def fastest(self, layer: LayerInfo, plans: tuple[LayerPlan, ...]) -> LayerPlan:
+        """The plan of ``plans`` measured fastest on ``layer`` (``kernel_us``), said in its
+        ``note``; the first (the default) where none is measured."""
+        row = self.kernel_us.get(layer.name, {})
+        timed = [p for p in plans if p.kernel in row]
+        if len(plans) < 2 or not timed:
+            return plans[0]
+        best = min(timed, key=lambda p: row[p.kernel])
+        others = ", ".join(f"{p.kernel} {row[p.kernel]:.1f} us" for p in timed if p is not best)
+        if not others:  # one kernel measured: forced (the autotune times it), nothing to say
+            return best
+        note = f"fastest measured here: {row[best.kernel]:.1f} us per step (vs {others})"
+        return LayerPlan(best.kernel, best.ran, best.reason, note)
 
     def kernel_for(self, layer: LayerInfo, choice: LayerChoice) -> str:
         return self.plan_layer(layer, choice).kernel

@@ -140,6 +140,27 @@ def dequant_plan(layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
     return LayerPlan(DEQUANT.format(bits=choice.w_bits), ran, reason)
 
 
+def nbits_weight_only(layer: LayerInfo, default: LayerPlan) -> LayerPlan | None:
+    """The same weight-only numerics as a ``DEQUANT`` plan on ``MatMulNBits`` at accuracy
+    level 1 (float input): where the codes' bits are the kernel's (2, 4, 8) and they are
+    blocks the kernel has (``BLOCKS``) dividing K; else None."""
+    ran = default.ran
+    if not default.kernel.startswith("MatMul float32 (int") or ran.w_bits not in NBITS:
+        return None
+    if ran.granularity != "per_group" or ran.group_size not in BLOCKS:
+        return None
+    if layer.reduction_size % ran.group_size:
+        return None
+    kernel = f"MatMulNBits int{ran.w_bits} block{ran.group_size} acc1"
+    return LayerPlan(kernel, ran, default.reason)
+
+
+def accuracy_level(kernel: str) -> int:
+    """A ``MatMulNBits`` kernel name's accuracy level (``... acc4``: int8 input; ``acc1``:
+    float input)."""
+    return int(kernel.rpartition(" acc")[2])
+
+
 def on_matmul(kernel: str) -> bool:
     """Whether ``kernel`` replaces an exported MatMul (``MatMulNBits`` or ``DEQUANT``)."""
     return kernel.startswith(("MatMulNBits", "MatMul float32 (int"))

@@ -219,3 +219,48 @@ def test_an_error_in_the_loop_leaves_no_trial_running(ray_local: None, tmp_path:
     assert TrialState.RUNNING not in states and calls
     reasons = [t.user_attrs.get("fail_reason", "") for t in runner.study.trials]
     assert any(r.startswith("search stopped: RuntimeError: bug in a callback") for r in reasons)
+
+
+def test_trials_run_each_layer_on_the_kernel_the_autotune_measured_fastest(
+    ray_local: None, tmp_path: Path
+) -> None:
+    """Weight-only 4-bit ``fc`` (K = 16, blocks of 16) runs on a float MatMul of weights
+    dequantized at load or on ``MatMulNBits`` with a float input: both are timed once per
+    study on a worker, kept, and every trial (and the export) runs the faster one."""
+    from mpq.search.export import export_trial
+
+    cfg = conv_config(
+        tmp_path,
+        trials=4,
+        space={
+            "defaults": {
+                "w_bits": [4, 32],
+                "a_bits": [32],
+                "granularity": ["per_group"],
+                "group_size": [16],
+            }
+        },
+        sensitivity={"uniform_bits": [4], "budgets": []},
+    )
+    study = _run(cfg).study
+    table = study.user_attrs["kernel_table"]
+    row = table["kernel_us"]["fc"]
+    assert set(row) == {
+        "MatMul float32 (int4 weights, dequantized at load)",
+        "MatMulNBits int4 block16 acc1",
+    }
+    assert (tmp_path / "out" / "kernel_table.json").is_file()
+    fastest = min(row, key=row.__getitem__)
+    ran_w4 = [
+        t
+        for t in study.trials
+        if t.state == TrialState.COMPLETE and t.user_attrs["config"]["layers"]["fc"]["w_bits"] == 4
+    ]
+    assert ran_w4
+    for t in ran_w4:
+        assert t.user_attrs["kernels"]["fc"] == fastest
+        note = t.user_attrs["latency_info"]["kernel_choice"]["fc"]
+        assert note.startswith("fastest measured here:")
+    trial = next(t for t in ran_w4 if "duplicate_of" not in t.user_attrs)
+    info = export_trial(cfg, study, trial, tmp_path / "export")  # refuses other kernels
+    assert info["size_bytes"] == trial.user_attrs["size_bytes"]

@@ -1,0 +1,136 @@
+"""The kernel autotune: per layer, the fastest of the real kernels that run the same numerics.
+
+A backend may run one choice on several kernels with the same numerics (``candidates``: on
+ONNX Runtime a weight-only layer as a float MatMul of weights dequantized at load, or on
+``MatMulNBits`` at accuracy level 1). Which is faster depends on the layer and the CPU: on an
+AVX2 EPYC ``MatMulNBits`` int4 acc1 beat the float MatMul by 5% on the flagship's memory-bound
+trunk and lost 2-4x on the tiny policy's cache-resident layers. So it is measured, per target,
+as torchao's ``autoquant`` times candidate kernels on recorded shapes, but in the whole model's
+cache context: for each choice that has alternatives, the model with that choice on every layer
+that offers it (the rest float) is lowered once per candidate, every layer forced onto that
+candidate, and ONNX Runtime's profiler gives each layer's time per step (median of
+``latency.runs`` steps). The table is data (JSON), keyed by the target like the latency table;
+``PlannedBackend.tuned`` then runs, per layer, the fastest kernel measured, and each trial
+records which kernel ran and the measurement that chose it (``LayerPlan.note``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mpq.evaluators import timing_slot
+from mpq.evaluators.backends.base import LayerPlan
+from mpq.evaluators.backends.onnx_profile import layer_scopes, layer_us
+from mpq.evaluators.latency_table import model_target
+from mpq.spaces.space import LayerChoice, LayerOptions, QuantConfig
+
+
+@dataclass(frozen=True)
+class KernelTable:
+    """Per layer, per kernel: profiled us per step in the whole model on ``target``."""
+
+    target: dict[str, Any]
+    kernel_us: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> KernelTable:
+        data = json.loads(text)
+        return cls(data["target"], data["kernel_us"])
+
+    def matches(self, target: dict[str, Any]) -> bool:
+        return all(self.target.get(k) == v for k, v in target.items())
+
+    def covers(self, alternatives: dict[str, dict[LayerChoice, tuple[LayerPlan, ...]]]) -> bool:
+        """Whether every candidate kernel of every layer's alternatives was measured."""
+        return all(
+            p.kernel in self.kernel_us.get(name, {})
+            for name, by_choice in alternatives.items()
+            for plans in by_choice.values()
+            for p in plans
+        )
+
+
+def alternatives(
+    backend: Any, layers: Any, options: dict[str, LayerOptions]
+) -> dict[str, dict[LayerChoice, tuple[LayerPlan, ...]]]:
+    """Layer -> choice -> candidate plans, for the choices of the space that have several."""
+    out: dict[str, dict[LayerChoice, tuple[LayerPlan, ...]]] = {}
+    for la in layers:
+        for choice in options[la.name].choices():
+            plans = backend.candidates(la, choice)
+            if len(plans) > 1:
+                out.setdefault(la.name, {})[choice] = plans
+    return out
+
+
+def tune_kernels(
+    evaluator: Any,
+    options: dict[str, LayerOptions],
+    runs: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> KernelTable:
+    """Time every candidate kernel of the space ``options`` in the whole model (see the module
+    docstring); a candidate the model rules out for a layer (a fallback) is left unmeasured.
+
+    Args:
+        evaluator: an ``evaluators.evaluator.Evaluator`` (its untuned backend is used).
+        runs: profiled steps per lowering (default: the spec's ``latency_runs``).
+    """
+    backend, layers, spec = evaluator.base_backend, evaluator.layers, evaluator.spec
+    runs = spec.latency_runs if runs is None else runs
+    alts = alternatives(backend, layers, options)
+    choices = sorted({c for by in alts.values() for c in by}, key=lambda c: c.describe())
+    jobs = []
+    for choice in choices:
+        group = {name: by[choice] for name, by in alts.items() if choice in by}
+        for i in range(max(len(plans) for plans in group.values())):
+            jobs.append((choice, {n: plans[i] for n, plans in group.items() if i < len(plans)}))
+    scopes = layer_scopes(layers)
+    measured: dict[str, dict[str, float]] = {}
+    for done, (choice, forced) in enumerate(jobs):
+        config = QuantConfig(
+            layers={la.name: choice if la.name in forced else LayerChoice() for la in layers}
+        )
+        force = {name: {plan.kernel: 0.0} for name, plan in forced.items()}
+        with timing_slot.compute():
+            lowered = backend.tuned(force).lower(
+                evaluator.model,
+                layers,
+                config,
+                evaluator.example_inputs,
+                spec.latency_threads,
+                calibration=evaluator.calibration,
+                observer=spec.observer,
+            )
+        with timing_slot.exclusive():
+            us = layer_us(
+                lowered.artifact, evaluator.example_inputs, runs, scopes, spec.latency_threads
+            )
+        for name, plan in forced.items():
+            if lowered.kernels[name] == plan.kernel and name in us:
+                measured.setdefault(name, {})[plan.kernel] = round(us[name], 2)
+        if progress is not None:
+            progress(done + 1, len(jobs))
+    return KernelTable(model_target(evaluator), measured)
+
+
+def reuse_or_tune(
+    cached: str | None, evaluator: Any, options: dict[str, LayerOptions]
+) -> KernelTable:
+    """``cached`` (JSON) if it was measured on this target for this model and covers the space
+    ``options``; otherwise a new table, measured here (empty, at no cost, where no choice of
+    the space has two kernels)."""
+    alts = alternatives(evaluator.base_backend, evaluator.layers, options)
+    if cached:
+        table = KernelTable.from_json(cached)
+        if table.matches(model_target(evaluator)) and table.covers(alts):
+            return table
+    if not alts:
+        return KernelTable(model_target(evaluator), {})
+    return tune_kernels(evaluator, options)
