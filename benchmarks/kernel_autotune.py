@@ -8,9 +8,11 @@ choice with two kernels on ONNX Runtime: a float MatMul of weights dequantized a
 ``MatMulNBits`` with a float input), ``evaluators/kernel_tune.py`` times every candidate of
 every layer inside the whole model (the choice everywhere, each layer forced onto one
 candidate; ONNX Runtime's profiler, median of ``--runs`` steps). The table prints each layer's
-candidates and the one picked; then the uniform configuration is measured with the latency
-protocol (paired with float, fresh sessions, 95% interval) on the default kernels and on the
-tuned ones, side by side in one run. Batch 1, 1 thread.
+candidates, the one that runs and the end-to-end check of the picks (kept only where faster
+than the default kernels beyond the latency protocol's interval); then the uniform
+configuration is measured with the latency protocol (paired with float, fresh sessions, 95%
+interval) on the default kernels and on the tuned ones, side by side in one run. Batch 1,
+1 thread.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in kernels:
         out.add_column(k, justify="right")
     out.add_column("runs")
-    tuned = ev.base_backend.tuned(table.kernel_us)
+    tuned = ev.base_backend.tuned(table.usable())
     for la in ev.layers:
         row = table.kernel_us.get(la.name)
         if not row:
@@ -78,6 +80,13 @@ def main(argv: list[str] | None = None) -> None:
         picked = tuned.plan_layer(la, config.layers[la.name]).kernel
         out.add_row(la.name, *(f"{row[k]:.1f}" if k in row else "" for k in kernels), picked)
     console.print(out)
+    for choice_name, check in table.checks.items():
+        kept = "kept" if check["kept"] else "rejected: the default kernels run"
+        console.print(
+            f"end-to-end check of the picks for {choice_name}: {check['speedup']:.2f}x "
+            f"[{check['speedup_lo']:.2f}, {check['speedup_hi']:.2f}] over the default kernels "
+            f"({kept})"
+        )
     summary = Table(title="the uniform configuration, latency protocol (paired with float)")
     for col in ("kernels", "step ms", "speed-up", "95% interval"):
         summary.add_column(col)

@@ -49,7 +49,7 @@ def profiler_overhead_us(runs: int = 200) -> float:
         [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("t100", TensorProto.FLOAT, [1])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     _, per_type, nodes, _ = profile(
         model.SerializeToString(), {"t0": np.ones(1, np.float32)}, runs
     )

@@ -84,7 +84,7 @@ class Evaluator:
         if table_json:
             table = KernelTable.from_json(table_json)
             if table.matches(model_target(self)):
-                kernel_us = table.kernel_us
+                kernel_us = table.usable()  # the kernels the end-to-end check kept
         if kernel_us != getattr(self.backend, "kernel_us", {}):
             self.backend = self.base_backend.tuned(kernel_us)
             self._lowered.clear()

@@ -3,15 +3,23 @@
 A backend may run one choice on several kernels with the same numerics (``candidates``: on
 ONNX Runtime a weight-only layer as a float MatMul of weights dequantized at load, or on
 ``MatMulNBits`` at accuracy level 1). Which is faster depends on the layer and the CPU: on an
-AVX2 EPYC ``MatMulNBits`` int4 acc1 beat the float MatMul by 5% on the flagship's memory-bound
-trunk and lost 2-4x on the tiny policy's cache-resident layers. So it is measured, per target,
-as torchao's ``autoquant`` times candidate kernels on recorded shapes, but in the whole model's
+AVX2 EPYC ``MatMulNBits`` int4 acc1 beat the float MatMul by 3-17% on the flagship's
+memory-bound layers and was up to 2x slower on small ones. So it is measured, per target, as
+torchao's ``autoquant`` times candidate kernels on recorded shapes, but in the whole model's
 cache context: for each choice that has alternatives, the model with that choice on every layer
 that offers it (the rest float) is lowered once per candidate, every layer forced onto that
 candidate, and ONNX Runtime's profiler gives each layer's time per step (median of
-``latency.runs`` steps). The table is data (JSON), keyed by the target like the latency table;
-``PlannedBackend.tuned`` then runs, per layer, the fastest kernel measured, and each trial
-records which kernel ran and the measurement that chose it (``LayerPlan.note``).
+``latency.runs`` steps).
+
+NOTE: a profiled node time is not the whole story (on the tiny policy the profiler put
+``MatMulNBits`` acc1 29% ahead on its 3136 -> 256 layer and the model with it was no faster),
+so the per-layer picks of each choice are checked end to end: the model with the choice on the
+picked kernels against the same on the default kernels, with the latency protocol (paired,
+fresh sessions, 95% interval). The picks are kept only where they are faster beyond that
+interval (``rejected`` lists the others: the default runs there). The table is data (JSON),
+keyed by the target like the latency table; ``PlannedBackend.tuned`` runs, per layer, the
+fastest kernel kept, and each trial records which kernel ran and the measurement that chose it
+(``LayerPlan.note``).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any
 from mpq.evaluators import timing_slot
 from mpq.evaluators.backends.base import LayerPlan
 from mpq.evaluators.backends.onnx_profile import layer_scopes, layer_us
+from mpq.evaluators.latency import paired_speedup
 from mpq.evaluators.latency_table import model_target
 from mpq.spaces.space import LayerChoice, LayerOptions, QuantConfig
 
@@ -34,6 +43,17 @@ class KernelTable:
 
     target: dict[str, Any]
     kernel_us: dict[str, dict[str, float]] = field(default_factory=dict)
+    # choice -> the end-to-end check of its picks: speedup (default kernels / picked), its
+    # 95% interval, and whether the picks were kept
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejected: dict[str, list[str]] = field(default_factory=dict)  # layer -> kernels not kept
+
+    def usable(self) -> dict[str, dict[str, float]]:
+        """``kernel_us`` less the rejected kernels: what ``PlannedBackend.tuned`` chooses from."""
+        return {
+            layer: {k: us for k, us in row.items() if k not in self.rejected.get(layer, ())}
+            for layer, row in self.kernel_us.items()
+        }
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -41,7 +61,9 @@ class KernelTable:
     @classmethod
     def from_json(cls, text: str) -> KernelTable:
         data = json.loads(text)
-        return cls(data["target"], data["kernel_us"])
+        return cls(
+            data["target"], data["kernel_us"], data.get("checks", {}), data.get("rejected", {})
+        )
 
     def matches(self, target: dict[str, Any]) -> bool:
         return all(self.target.get(k) == v for k, v in target.items())
@@ -94,20 +116,8 @@ def tune_kernels(
     scopes = layer_scopes(layers)
     measured: dict[str, dict[str, float]] = {}
     for done, (choice, forced) in enumerate(jobs):
-        config = QuantConfig(
-            layers={la.name: choice if la.name in forced else LayerChoice() for la in layers}
-        )
         force = {name: {plan.kernel: 0.0} for name, plan in forced.items()}
-        with timing_slot.compute():
-            lowered = backend.tuned(force).lower(
-                evaluator.model,
-                layers,
-                config,
-                evaluator.example_inputs,
-                spec.latency_threads,
-                calibration=evaluator.calibration,
-                observer=spec.observer,
-            )
+        lowered = _lower(evaluator, backend.tuned(force), _everywhere(layers, choice, forced))
         with timing_slot.exclusive():
             us = layer_us(
                 lowered.artifact, evaluator.example_inputs, runs, scopes, spec.latency_threads
@@ -117,7 +127,76 @@ def tune_kernels(
                 measured.setdefault(name, {})[plan.kernel] = round(us[name], 2)
         if progress is not None:
             progress(done + 1, len(jobs))
-    return KernelTable(model_target(evaluator), measured)
+    checks: dict[str, dict[str, Any]] = {}
+    rejected: dict[str, list[str]] = {}
+    for choice in choices:
+        group = {name: by[choice] for name, by in alts.items() if choice in by}
+        check = _check(evaluator, choice, group, measured)
+        if check is None:
+            continue
+        checks[choice.describe()] = check
+        if not check["kept"]:
+            for name, plans in group.items():
+                rejected.setdefault(name, []).extend(p.kernel for p in plans[1:])
+    return KernelTable(model_target(evaluator), measured, checks, rejected)
+
+
+def _everywhere(layers: Any, choice: LayerChoice, names: Any) -> QuantConfig:
+    """``choice`` on the layers ``names``, the rest float."""
+    return QuantConfig(
+        layers={la.name: choice if la.name in names else LayerChoice() for la in layers}
+    )
+
+
+def _lower(evaluator: Any, backend: Any, config: QuantConfig) -> Any:
+    spec = evaluator.spec
+    with timing_slot.compute():
+        return backend.lower(
+            evaluator.model,
+            evaluator.layers,
+            config,
+            evaluator.example_inputs,
+            spec.latency_threads,
+            calibration=evaluator.calibration,
+            observer=spec.observer,
+        )
+
+
+def _check(
+    evaluator: Any,
+    choice: LayerChoice,
+    group: dict[str, tuple[LayerPlan, ...]],
+    measured: dict[str, dict[str, float]],
+) -> dict[str, Any] | None:
+    """The model with ``choice`` on the ``group`` layers on the kernels picked per layer
+    against on the default ones (latency protocol); None where every pick is the default."""
+    base = evaluator.base_backend
+    tuned = base.tuned({name: measured.get(name, {}) for name in group})
+    by_name = {la.name: la for la in evaluator.layers}
+    if all(
+        tuned.plan_layer(by_name[name], choice).kernel == plans[0].kernel
+        for name, plans in group.items()
+    ):
+        return None
+    config = _everywhere(evaluator.layers, choice, group)
+    default, picked = _lower(evaluator, base, config), _lower(evaluator, tuned, config)
+    spec = evaluator.spec
+    with timing_slot.exclusive():
+        paired = paired_speedup(
+            default.new_runner,
+            picked.new_runner,
+            spec.latency_visits,
+            spec.latency_runs,
+            spec.latency_warmup,
+            spec.latency_threads,
+            base.device,
+        )
+    return {
+        "speedup": round(paired.speedup, 4),
+        "speedup_lo": round(paired.speedup_lo, 4),
+        "speedup_hi": round(paired.speedup_hi, 4),
+        "kept": paired.speedup_lo > 1.0,
+    }
 
 
 def reuse_or_tune(

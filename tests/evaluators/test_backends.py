@@ -308,7 +308,10 @@ def test_torch_backend_compiles_every_lowering() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
     layers = discover_layers(model.eval())
     x = (torch.randn(1, 32),)
+    from mpq.evaluators.backends import torch_kernels as tk
+
     backend = get_backend("torch")
+    tk.int8_dynamic_exact()  # a once-per-process probe that compiles a graph of its own
     before = counters["stats"]["unique_graphs"]
     for i in range(10):
         config = QuantConfig.uniform(layers, LayerChoice(w_bits=(4, 8)[i % 2], a_bits=8))

@@ -44,6 +44,8 @@ def _evaluator():  # type: ignore[no-untyped-def]
             backend="onnxruntime",
             latency_threads=1,
             latency_runs=5,
+            latency_warmup=1,
+            latency_visits=2,
             observer="minmax",
             model="wide",
             checkpoint=None,
@@ -116,8 +118,32 @@ def test_tune_measures_every_candidate_in_the_whole_model() -> None:
     }
     assert all(us > 0 for us in row.values())
     assert table.covers(alts) and KernelTable.from_json(table.to_json()) == table
-    tuned = ev.base_backend.tuned(table.kernel_us).plan_layer(ev.layers[0], W4)
-    assert tuned.kernel == min((DEQUANT4, ACC1), key=row.__getitem__)
+    picked = ev.base_backend.tuned(table.kernel_us).plan_layer(ev.layers[0], W4)
+    assert picked.kernel == min((DEQUANT4, ACC1), key=row.__getitem__)
+    # a pick off the default was checked end to end, and kept only beyond the interval
+    for check in table.checks.values():
+        assert check["kept"] == (check["speedup_lo"] > 1.0)
+        assert check["speedup_lo"] <= check["speedup"] <= check["speedup_hi"]
+    runs = ev.base_backend.tuned(table.usable()).plan_layer(ev.layers[0], W4)
+    w4_check = table.checks.get(W4.describe())
+    if w4_check is None or not w4_check["kept"]:
+        assert runs.kernel == DEQUANT4
+    else:
+        assert runs.kernel == picked.kernel == ACC1
+
+
+def test_rejected_kernels_are_not_run() -> None:
+    fc1, _ = discover_layers(WideInput())
+    table = KernelTable(
+        {"cpu": "x"},
+        {"fc1": {DEQUANT4: 30.0, ACC1: 20.0}},
+        {W4.describe(): {"speedup": 1.01, "speedup_lo": 0.97, "speedup_hi": 1.05, "kept": False}},
+        {"fc1": [ACC1]},
+    )
+    assert KernelTable.from_json(table.to_json()) == table
+    assert table.usable() == {"fc1": {DEQUANT4: 30.0}}
+    backend = get_backend("onnxruntime").tuned(table.usable())
+    assert backend.plan_layer(fc1, W4).kernel == DEQUANT4
 
 
 def test_a_table_is_reused_only_on_its_target_and_space(monkeypatch) -> None:  # type: ignore[no-untyped-def]
