@@ -63,7 +63,12 @@ def main() -> None:
             example_inputs=x,
             calibration=calibration or [x],
             spec=SimpleNamespace(
-                backend="onnxruntime", latency_threads=1, model=name, checkpoint=None
+                backend="onnxruntime",
+                latency_threads=1,
+                latency_warmup=10,
+                latency_runs=args.runs,
+                model=name,
+                checkpoint=None,
             ),
         )
         space = {

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import onnx
 import pytest
@@ -21,7 +19,8 @@ from mpq.evaluators.kernel_tune import (
 from mpq.evaluators.proxy import first_tensor
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.space import LayerChoice, LayerOptions, QuantConfig
-from tests.models import WideInput, example_inputs
+from tests.evaluators.helpers import bare_evaluator
+from tests.models import WideInput
 
 W4 = LayerChoice(w_bits=4, granularity="per_group", group_size=32)
 DEQUANT4 = "MatMul float32 (int4 weights, dequantized at load)"
@@ -29,28 +28,7 @@ ACC1 = "MatMulNBits int4 block32 acc1"
 
 
 def _evaluator():  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    model = WideInput().eval()  # fc1 1024 -> 36, fc2 36 -> 16
-    x = example_inputs(model, batch=1)
-    backend = get_backend("onnxruntime")
-    return SimpleNamespace(
-        base_backend=backend,
-        backend=backend,
-        layers=discover_layers(model),
-        model=model,
-        example_inputs=x,
-        calibration=[x],
-        spec=SimpleNamespace(
-            backend="onnxruntime",
-            latency_threads=1,
-            latency_runs=5,
-            latency_warmup=1,
-            latency_visits=2,
-            observer="minmax",
-            model="wide",
-            checkpoint=None,
-        ),
-    )
+    return bare_evaluator(WideInput(), "wide")  # fc1 1024 -> 36, fc2 36 -> 16
 
 
 def test_a_weight_only_choice_has_two_kernels_with_the_same_numerics() -> None:

@@ -2,42 +2,23 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from mpq.evaluators.backends import get_backend
 from mpq.evaluators.latency_table import (
     LatencyTable,
     build_latency_table,
     reuse_or_build,
     target_key,
 )
-from mpq.spaces.discover import discover_layers
 from mpq.spaces.space import LayerChoice, LayerOptions, QuantConfig
-from tests.models import TinyTransformer, example_inputs
+from tests.evaluators.helpers import bare_evaluator
+from tests.models import TinyTransformer
 
 
 def _evaluator():  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
-    model = TinyTransformer().eval()
-    x = example_inputs(model, batch=1)
-    return SimpleNamespace(
-        backend=get_backend("onnxruntime"),
-        layers=discover_layers(model),
-        model=model,
-        example_inputs=x,
-        calibration=[x],
-        spec=SimpleNamespace(
-            backend="onnxruntime",
-            latency_threads=1,
-            latency_runs=3,
-            latency_warmup=1,
-            model="tiny",
-            checkpoint=None,
-        ),
-    )
+    return bare_evaluator(TinyTransformer(), "tiny")
 
 
 def test_table_covers_the_space_predicts_and_round_trips() -> None:
