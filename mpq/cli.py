@@ -216,6 +216,42 @@ def export(
         Tracker(cfg, console).confirm(study, chosen.number, info["confirmed"])
 
 
+@app.command()
+def allocate(
+    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)")],
+    budget: Annotated[float, typer.Option(help="size budget: a fraction of the 8-bit size")] = 0.5,
+    method: Annotated[str, typer.Option(help="ilp | greedy")] = "ilp",
+    out: Annotated[Path, typer.Option(help="write the configuration (.yaml/.json)")] = Path(
+        "allocation.yaml"
+    ),
+) -> None:
+    """A one-shot allocation from per-layer sensitivity, without a search: the ILP (least
+    summed sensitivity within the size budget, solved exactly) or the greedy walk."""
+    from mpq.evaluators.evaluator import get_evaluator
+    from mpq.evaluators.size import config_size
+    from mpq.search import sensitivity as sens
+    from mpq.search.config import load_search_config
+    from mpq.search.runner import preflight
+    from mpq.search.worker import eval_spec
+
+    try:
+        cfg = load_search_config(config)
+        resolved = preflight(cfg, str(config))
+        ev = get_evaluator(eval_spec(cfg))
+        with console.status("measuring per-layer sensitivity (cached in output_dir)"):
+            s = sens.measure_sensitivity(ev, resolved, Path(cfg.output_dir))
+        qc = sens.allocation_at(ev, resolved, s, method, budget)
+        save(qc, out)
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    size = config_size(ev.model, ev.layers, qc).total_bytes
+    console.print(
+        f"{method} at {budget:g} of the 8-bit size: {size:,} bytes, summed sensitivity "
+        f"{sens.summed_sensitivity(s, qc):.4g} (KL) -> {out}"
+    )
+
+
 @app.command("apply")
 def apply_cmd(
     config: Annotated[Path, typer.Argument(help="a configuration (.yaml/.json)")],

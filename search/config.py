@@ -40,6 +40,12 @@ class Sensitivity(BaseModel):
         (0.75, 0.6, 0.5), description="greedy allocations at these fractions of the 8-bit size"
     )
     uniform_bits: tuple[int, ...] = Field((8, 4), description="uniform seed trials at these bits")
+    ilp_budgets: tuple[float, ...] = Field(
+        (),
+        description="ILP allocations (least summed sensitivity within the size, solved exactly "
+        "with scipy's milp; float allowed where the space offers it) at these fractions of "
+        "the 8-bit size",
+    )
 
 
 class LatencyConfig(BaseModel):

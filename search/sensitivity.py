@@ -9,6 +9,19 @@ The greedy allocation (HAWQ-V2/V3- and AIMET-AMP-style): start every searched la
 highest integer width, then repeatedly lower the layer whose next step down costs the least
 sensitivity per byte saved, ``(S_l(b_next) - S_l(b)) / (bytes_l(b) - bytes_l(b_next))``, until
 the model fits the size budget.
+
+The ILP allocation (HAWQ-V3- and ModelOpt-AutoQuantize-style): one choice per layer that
+minimises the summed sensitivity subject to the size budget, solved exactly::
+
+    minimise    sum_l sum_k S_l(k) x_lk
+    subject to  sum_k x_lk = 1                          (one choice per layer)
+                sum_l sum_k bytes_l(k) x_lk <= budget - bytes of the layers not searched
+                x_lk in {0, 1}
+
+over each layer's integer widths and, where the space offers it, float (``S = 0``): unlike the
+greedy walk down from 8 bits it can keep a sensitive small layer in float and pay for it with
+a big robust one at 2 bits. ``scipy.optimize.milp`` (HiGHS branch and bound) solves it; a tie
+in sensitivity goes to the smaller model.
 """
 
 from __future__ import annotations
@@ -120,6 +133,94 @@ def greedy_allocation(
         bits[best[1]] = best[2]
         size = config_size(evaluator.model, evaluator.layers, config()).total_bytes
     return config()
+
+
+def ilp_allocation(
+    evaluator: Evaluator,
+    resolved: dict[str, LayerOptions],
+    sensitivity: Sensitivity,
+    budget_bytes: int,
+) -> QuantConfig:
+    """The allocation of least summed sensitivity that fits ``budget_bytes`` (see the module
+    docstring); where nothing fits, the smallest allocation (as the greedy one gets closest)."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    layers = {la.name: la for la in evaluator.layers}
+    fixed = {n: o.first() for n, o in resolved.items() if n not in sensitivity}
+    options = {n: _ilp_options(resolved[n], sensitivity[n]) for n in sensitivity}
+    columns = [(n, c, kl) for n, opts in options.items() for c, kl in opts]
+    sizes = np.array([layer_size_bytes(layers[n], c) for n, c, _ in columns], float)
+    base = QuantConfig(layers={**fixed, **{n: opts[0][0] for n, opts in options.items()}})
+    searched_base = sum(layer_size_bytes(layers[n], opts[0][0]) for n, opts in options.items())
+    other = config_size(evaluator.model, evaluator.layers, base).total_bytes - searched_base
+    # KL spans orders of magnitude (1e-8 at 8 bits to 1e-1 at 2): scaled so the smallest
+    # positive cost is 1, the solver's absolute gap (1e-6) cannot pass a worse allocation off
+    cost = np.array([kl for _, _, kl in columns], float)
+    positive = cost[cost > 0]
+    cost = cost / (positive.min() if positive.size else 1.0)
+    tie = 1e-6 / max(float(sizes.sum()), 1.0)  # below any difference in sensitivity
+    one = np.array([[1.0 if col[0] == n else 0.0 for col in columns] for n in options])
+    result = milp(
+        cost + tie * sizes,
+        options={"mip_rel_gap": 0.0},
+        constraints=[
+            LinearConstraint(one, 1, 1),
+            LinearConstraint(sizes[None, :], -np.inf, budget_bytes - other),
+        ],
+        integrality=np.ones(len(columns)),
+        bounds=Bounds(0, 1),
+    )
+    if result.status != 0 or result.x is None:  # nothing fits: the smallest allocation
+        pick = {
+            n: min(opts, key=lambda o: layer_size_bytes(layers[n], o[0]))[0]
+            for n, opts in options.items()
+        }
+    else:
+        pick = {n: c for (n, c, _), x in zip(columns, result.x, strict=True) if x > 0.5}
+    return QuantConfig(layers={**fixed, **pick})
+
+
+def _ilp_options(options: LayerOptions, s: dict[int, float]) -> list[tuple[LayerChoice, float]]:
+    """A layer's choices for the ILP with their sensitivity: each integer width measured, and
+    float (sensitivity 0) where the space offers it."""
+    out = [(base_choice(options, b), s[b]) for b in _int_bits(options) if b in s]
+    if any(b > INT_BITS_MAX for b in options.w_bits):
+        out.append((base_choice(options, max(options.w_bits)), 0.0))
+    return out
+
+
+ALLOCATORS = {"greedy": greedy_allocation, "ilp": ilp_allocation}
+
+
+def allocation_at(
+    evaluator: Evaluator,
+    resolved: dict[str, LayerOptions],
+    sensitivity: Sensitivity,
+    method: str,
+    fraction: float,
+) -> QuantConfig:
+    """``method``'s allocation (``ALLOCATORS``) within ``fraction`` of the uniform 8-bit size.
+
+    Raises:
+        ValueError: an unknown method or a fraction outside (0, 1].
+    """
+    if method not in ALLOCATORS:
+        raise ValueError(f"allocation method {method!r} not in {sorted(ALLOCATORS)}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"budget {fraction} must be a fraction of the 8-bit size in (0, 1]")
+    uniform8 = uniform_config(resolved, 8)
+    size8 = config_size(evaluator.model, evaluator.layers, uniform8).total_bytes
+    return ALLOCATORS[method](evaluator, resolved, sensitivity, int(size8 * fraction))
+
+
+def summed_sensitivity(sensitivity: Sensitivity, config: QuantConfig) -> float:
+    """What the allocators minimise: the layers' sensitivities at their widths summed."""
+    return sum(
+        s.get(config.layers[name].w_bits, 0.0)
+        for name, s in sensitivity.items()
+        if name in config.layers
+    )
 
 
 def uniform_config(resolved: dict[str, LayerOptions], w_bits: int) -> QuantConfig:

@@ -11,7 +11,6 @@ from typing import Any
 import optuna
 
 from mpq.evaluators.evaluator import Evaluator
-from mpq.evaluators.size import config_size
 from mpq.search import sensitivity as sens
 from mpq.search.config import SearchConfig
 from mpq.search.record import StudyAttr, TrialAttr, jsonable
@@ -40,17 +39,20 @@ def seed_configs(
     cfg: SearchConfig, evaluator: Evaluator, resolved: dict[str, LayerOptions]
 ) -> tuple[list[tuple[str, QuantConfig]], sens.Sensitivity]:
     """The one-shot allocations, labelled by who proposes them: uniform at each of
-    ``sensitivity.uniform_bits``, greedy at each fraction of the uniform 8-bit size."""
+    ``sensitivity.uniform_bits``, greedy and ILP at each of their fractions of the uniform
+    8-bit size."""
     seeds = [
         (f"uniform-{bits}bit", sens.uniform_config(resolved, bits))
         for bits in cfg.sensitivity.uniform_bits
     ]
     s = sens.measure_sensitivity(evaluator, resolved, Path(cfg.output_dir))
-    uniform8 = sens.uniform_config(resolved, 8)
-    size8 = config_size(evaluator.model, evaluator.layers, uniform8).total_bytes
-    for frac in cfg.sensitivity.budgets:
-        config = sens.greedy_allocation(evaluator, resolved, s, int(size8 * frac))
-        seeds.append((f"greedy-{int(frac * 100)}pct", config))
+    for method, fractions in (
+        ("greedy", cfg.sensitivity.budgets),
+        ("ilp", cfg.sensitivity.ilp_budgets),
+    ):
+        for frac in fractions:
+            config = sens.allocation_at(evaluator, resolved, s, method, frac)
+            seeds.append((f"{method}-{int(frac * 100)}pct", config))
     return seeds, s
 
 

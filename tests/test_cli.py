@@ -81,3 +81,33 @@ def test_search_with_fallback_disabled_and_a_choice_without_kernel(tmp_path: Pat
         in lines[0]
     )
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_allocate_writes_a_configuration_that_fits(tmp_path: Path) -> None:
+    from mpq.evaluators.model import build_model
+    from mpq.evaluators.size import config_size
+    from mpq.spaces.discover import discover_layers
+    from mpq.spaces.io import load_config
+
+    p = tmp_path / "search.yaml"
+    p.write_text(
+        "name: alloc\nmodel: tests.models:build_convnet\ntask: tests.models:convnet_task\n"
+        f"calibration: tests.models:convnet_calibration\noutput_dir: {tmp_path / 'out'}\n"
+        "space: {defaults: {w_bits: [2, 4, 8, 32]}}\n"
+    )
+    out = tmp_path / "alloc.yaml"
+    sizes = {}
+    for budget in ("1.0", "0.5"):
+        result = runner.invoke(app, ["allocate", str(p), "--budget", budget, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert f"ilp at {float(budget):g} of the 8-bit size:" in result.output
+        model = build_model("tests.models:build_convnet")
+        layers = discover_layers(model)
+        config = load_config(out)
+        config.check(layers)
+        sizes[budget] = config_size(model, layers, config).total_bytes
+        assert f"{sizes[budget]:,} bytes" in result.output
+    assert sizes["0.5"] < sizes["1.0"]
+    bad = runner.invoke(app, ["allocate", str(p), "--method", "knapsack"])
+    assert bad.exit_code == 2
+    assert "allocation method 'knapsack' not in ['greedy', 'ilp']" in bad.output
