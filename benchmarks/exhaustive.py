@@ -1,6 +1,7 @@
 """How much of the true Pareto front each search finds, on a space small enough to enumerate.
 
-    python benchmarks/exhaustive.py [--episodes 30] [--budgets 24 48] [--seeds 0 1 2]
+    python benchmarks/exhaustive.py [--config examples/babyai/tiny.yaml] [--episodes 30]
+        [--budgets 24 48] [--seeds 0 1 2]
 
 The space: the embedded VLA policy with five layers searched (``fuse``, both ``memory_gru``
 weights, ``ffn_in``, ``action_head``; weights 3, 4 or 8 bits, 8-bit activations) and every
@@ -18,61 +19,71 @@ import argparse
 import itertools
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
+from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SEARCHED = ("fuse", "memory_gru.weight_ih_l0", "memory_gru.weight_hh_l0", "ffn_in", "action_head")
-SAMPLERS = ("random", "nsga2", "tpe", "gp")
+SAMPLERS = ("random", "nsga2", "tpe", "gp", "mpq")
 
 
 def main() -> None:
+    from mpq.evaluators.evaluator import get_evaluator
     from mpq.search import rules
     from mpq.search import study as study_mod
     from mpq.search.config import load_search_config
+    from mpq.search.model_sampler import PREDICTED
     from mpq.search.pareto import front_trials, hypervolume
     from mpq.search.record import SEARCH, StudyAttr, TrialAttr, TrialRecord
-    from mpq.search.runner import preflight
+    from mpq.search.runner import bind_sampler, preflight
     from mpq.search.session import run_search
+    from mpq.search.worker import eval_spec
     from mpq.spaces.space import QuantConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "examples/babyai/tiny.yaml"))
     p.add_argument("--episodes", type=int, default=30, help="task budget per level")
     p.add_argument("--budgets", type=int, nargs="+", default=[24, 48])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--layers", nargs="+", default=list(SEARCHED), help="the searched layers")
+    p.add_argument("--out", default="mpq-runs/exhaustive", help="the measured study (resumed)")
     args = p.parse_args()
     space = {
         "defaults": {"w_bits": [32], "a_bits": [32]},
         "overrides": [{"match": n, "w_bits": [3, 4, 8], "a_bits": [8]} for n in args.layers],
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_search_config(
-            str(ROOT / "examples/babyai/search.yaml"),
-            task_budget=args.episodes,
-            screen_budget=0,
-            space=space,
-            sampler="random",
-            output_dir=tmp,
-            storage=None,
-            tracking={"enabled": False},
-            sensitivity={"uniform_bits": [8, 4], "budgets": [0.75, 0.6, 0.5]},
-        )
-        resolved = preflight(cfg, "exhaustive")
-        grid = []
-        for combo in itertools.product([3, 4, 8], repeat=len(args.layers)):
-            bits = dict(zip(args.layers, combo, strict=True))
-            layers = {n: o.first(w_bits=bits.get(n, o.w_bits[0])) for n, o in resolved.items()}
-            grid.append(("grid", QuantConfig(layers=layers)))
-        # at most this many distinct seeds; a seed equal to another (or to a grid point) leaves
-        # a trial to the random sampler, whose draw is a grid point: answered as a duplicate
-        seeds = len(cfg.sensitivity.uniform_bits) + len(cfg.sensitivity.budgets)
-        cfg = cfg.model_copy(update={"trials": len(grid) + seeds})
-        full = run_search(cfg, resolved=resolved, extra=grid).study
+    # the measured study is kept in --out: a rerun resumes it and measures nothing
+    cfg = load_search_config(
+        args.config,
+        task_budget=args.episodes,
+        screen_budget=0,
+        space=space,
+        sampler="random",
+        output_dir=args.out,
+        storage=None,
+        tracking={"enabled": False},
+        sensitivity={
+            "uniform_bits": [8, 4],
+            "budgets": [0.75, 0.6, 0.5],
+            "ilp_budgets": [0.75, 0.6, 0.5],
+        },
+    )
+    resolved = preflight(cfg, "exhaustive")
+    grid = []
+    for combo in itertools.product([3, 4, 8], repeat=len(args.layers)):
+        bits = dict(zip(args.layers, combo, strict=True))
+        layers = {n: o.first(w_bits=bits.get(n, o.w_bits[0])) for n, o in resolved.items()}
+        grid.append(("grid", QuantConfig(layers=layers)))
+    # at most this many distinct seeds; a seed equal to another (or to a grid point) leaves
+    # a trial to the random sampler, whose draw is a grid point: answered as a duplicate
+    seeds = sum(len(x) for x in (cfg.sensitivity.uniform_bits, cfg.sensitivity.budgets))
+    seeds += len(cfg.sensitivity.ilp_budgets)
+    cfg = cfg.model_copy(update={"trials": len(grid) + seeds})
+    full = run_search(cfg, resume=True, resolved=resolved, extra=grid).study
 
     table = {
         t.user_attrs[TrialAttr.CONFIG_KEY]: t
@@ -92,8 +103,12 @@ def main() -> None:
     seeds_of = {
         proposed[t.number]: t for t in full.trials if proposed[t.number] not in ("grid", SEARCH)
     }
-    seed_params = [t.params for label, t in sorted(seeds_of.items())]
+    seed_params = [
+        t.params for label, t in sorted(seeds_of.items()) if not label.startswith("ilp")
+    ]
+    ilp_params = [t.params for label, t in sorted(seeds_of.items()) if label.startswith("ilp")]
     dists = study_mod.distributions(resolved)
+    evaluator = get_evaluator(eval_spec(cfg))
 
     def replay(sampler: str, seed: int, trials: int, enqueue: list) -> optuna.Study:  # type: ignore[type-arg]
         s_cfg = cfg.model_copy(update={"sampler": sampler, "seed": seed})
@@ -102,11 +117,18 @@ def main() -> None:
         )
         study.set_user_attr(StudyAttr.OBJECTIVES, full.user_attrs[StudyAttr.OBJECTIVES])
         study.set_user_attr(StudyAttr.FLOAT_REFERENCE, ref)
+        study.set_user_attr(StudyAttr.SENSITIVITY, full.user_attrs[StudyAttr.SENSITIVITY])
+        bind_sampler(study, resolved, evaluator)
         for params in enqueue:
             study.enqueue_trial(params)
         for _ in range(trials):
             trial = study.ask(dists)
-            key = study_mod.config_from_params(resolved, trial.params).key()
+            config = study_mod.config_from_params(resolved, trial.params)
+            key = config.key()
+            trial.set_user_attr(
+                TrialAttr.CONFIG, config.model_dump(mode="json", exclude_none=True)
+            )
+            trial.set_user_attr(TrialAttr.CONFIG_KEY, key)
             measured = table.get(key)
             if measured is None:  # failed when measured: failed here too
                 study.tell(trial, state=TrialState.FAIL)
@@ -118,6 +140,7 @@ def main() -> None:
             study.tell(trial, measured.values)
         return study
 
+    ref_objectives = list(full.user_attrs[StudyAttr.OBJECTIVES])
     budgets = sorted(args.budgets)
     header = " | ".join(f"share at {n} trials, mean (min-max)" for n in budgets)
     print(f"| search (seeds {args.seeds}) | {header} |")
@@ -126,16 +149,26 @@ def main() -> None:
         ("uniform W8A8 alone", "uniform-8"),
         ("uniform W4A8 alone", "uniform-4"),
         ("greedy sensitivity alone (75/60/50%)", "greedy"),
+        ("ILP sensitivity alone (75/60/50%)", "ilp"),
     ):
         trials = [t for k, t in seeds_of.items() if k.startswith(prefix)]
         share = hypervolume(full, trials) / exhaustive_hv
         print(f"| {label} | " + " | ".join(f"{share:.3f}" for _ in budgets) + " |")
     rows = {f"{s} (plain)": (s, []) for s in SAMPLERS}
-    rows["mpq: NSGA-II seeded with greedy + uniform"] = ("nsga2", seed_params)
+    rows["NSGA-II seeded with greedy + uniform"] = ("nsga2", seed_params)
+    rows["NSGA-II seeded with greedy + ILP + uniform"] = ("nsga2", seed_params + ilp_params)
+    rows["mpq model-based, seeded with greedy + uniform"] = ("mpq", seed_params)
+    rows["mpq model-based, seeded with greedy + ILP + uniform"] = ("mpq", seed_params + ilp_params)
+    pairs: dict[str, list[tuple[float, float]]] = {o: [] for o in ref_objectives}
     for label, (sampler, enqueue) in rows.items():
         shares = {n: [] for n in budgets}  # type: ignore[var-annotated]
         for seed in args.seeds:
             study = replay(sampler, seed, max(budgets), enqueue)
+            for t in study.trials:
+                predicted = t.system_attrs.get(PREDICTED)
+                if predicted and t.values is not None:
+                    for o, v in zip(ref_objectives, t.values, strict=True):
+                        pairs[o].append((predicted[o], v))
             for n in budgets:
                 first = [t for t in study.trials if t.number < n]
                 shares[n].append(hypervolume(study, first) / exhaustive_hv)
@@ -143,6 +176,13 @@ def main() -> None:
             f"{statistics.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" for v in shares.values()
         )
         print(f"| {label} | {cells} |")
+    print(
+        "\nmpq model-based: predicted vs measured over its proposals (Spearman rank correlation)"
+    )
+    for o, xy in pairs.items():
+        if len(xy) > 2:
+            rho = spearmanr([x for x, _ in xy], [y for _, y in xy]).statistic
+            print(f"- {o}: {rho:.3f} over {len(xy)} proposals")
 
 
 if __name__ == "__main__":

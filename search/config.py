@@ -137,7 +137,11 @@ class SearchConfig(BaseModel):
         ("success", "size_bytes", "latency_ms"), description="any subset, in this order"
     )
     constraints: Constraints = Field(default_factory=Constraints)
-    sampler: Literal["nsga2", "tpe", "random", "gp"] = Field("nsga2", description="Optuna sampler")
+    sampler: Literal["nsga2", "tpe", "random", "gp", "mpq"] = Field(
+        "nsga2",
+        description="Optuna sampler; mpq: model-based (predicted size, latency and success, "
+        "most predicted hypervolume improvement; search/model_sampler.py)",
+    )
     population_size: int = Field(16, ge=2, description="NSGA-II population size")
     trials: int = Field(24, ge=1, description="trials to finish (complete, pruned or failed)")
     seed: int = Field(0, description="sampler seed")

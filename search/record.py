@@ -58,6 +58,8 @@ class Stage(StrEnum):
 
 
 SEARCH = "search"  # proposed_by of a trial the sampler proposed
+# system attribute: the model-based sampler's predicted objectives for the trial it proposed
+PREDICTED = "mpq:predicted"
 
 
 def loss_signs(directions: Sequence[StudyDirection | str]) -> list[float]:
@@ -157,6 +159,7 @@ class TrialRecord:
     fallbacks: Mapping[str, str]
     latency_info: Mapping[str, Any]
     attrs: Mapping[str, Any]  # the raw user attributes, for what has no typed field
+    predicted: Mapping[str, float] = field(default_factory=dict)  # the sampler's, if any
 
     @classmethod
     def from_frozen(cls, t: FrozenTrial) -> TrialRecord:
@@ -181,6 +184,7 @@ class TrialRecord:
             fallbacks=dict(a.get(TrialAttr.FALLBACKS, {})),
             latency_info=dict(a.get(TrialAttr.LATENCY_INFO, {})),
             attrs=dict(a),
+            predicted=dict(t.system_attrs.get(PREDICTED, {})),
         )
 
     @property

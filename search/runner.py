@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mpq.evaluators.backends.base import check_no_fallback
 from mpq.evaluators.evaluator import get_evaluator
+from mpq.evaluators.size import config_size
 from mpq.search import fingerprint, hygiene, rules, study_setup
 from mpq.search.cluster import TrialTasks
 from mpq.search.config import SearchConfig
@@ -53,6 +54,19 @@ def preflight(cfg: SearchConfig, source: str) -> dict[str, LayerOptions]:
         choices = {name: options.choices() for name, options in resolved.items()}
         check_no_fallback(evaluator.backend, evaluator.layers, choices, f"{source}: space")
     return resolved
+
+
+def bind_sampler(study: optuna.Study, resolved: dict[str, LayerOptions], evaluator: Any) -> None:
+    """Give a model-based sampler the space and the packing formula of this model."""
+    from mpq.search.model_sampler import ModelBasedSampler
+
+    if isinstance(study.sampler, ModelBasedSampler):
+
+        def layer_bytes(config: QuantConfig) -> dict[str, int]:
+            size = config_size(evaluator.model, evaluator.layers, config)
+            return {**size.layer_bytes, "other": size.other_bytes}
+
+        study.sampler.bind(resolved, layer_bytes)
 
 
 @dataclass
@@ -93,6 +107,7 @@ class Runner:
         self.dists = distributions(self.resolved)
         self.study = open_study(cfg, resume)
         fingerprint.guard(self.study, cfg, get_evaluator(self.spec).model)
+        bind_sampler(self.study, self.resolved, get_evaluator(self.spec))
         self.on_trial = on_trial
         self.progress = progress
         self.tasks = TrialTasks(cfg, self.spec)

@@ -90,6 +90,17 @@ def params_from_config(resolved: dict[str, LayerOptions], config: QuantConfig) -
 
 
 def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
+    """The config's sampler (``mpq``: the model-based one, bound to the space by the runner)."""
+    if cfg.sampler == "mpq":
+        from mpq.search.model_sampler import ModelBasedSampler
+
+        c = cfg.constraints
+        return ModelBasedSampler(
+            seed=cfg.seed,
+            max_success_drop=c.max_success_drop,
+            max_size_bytes=c.max_size_bytes,
+            max_latency_ms=c.max_latency_ms,
+        )
     if cfg.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed)
     if cfg.sampler == "tpe":

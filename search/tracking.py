@@ -71,6 +71,8 @@ def flat_params(record: TrialRecord) -> dict[str, str]:
     out = config_params(record.config)
     out.update(config_params(record.ran_config, prefix="ran."))  # only where it was lowered
     out["proposed_by"] = record.proposed_by
+    for key, value in record.predicted.items():  # the model-based sampler's prediction
+        out[f"predicted.{key}"] = f"{value:.6g}"
     if record.duplicate_of is not None:
         out[TrialAttr.DUPLICATE_OF] = str(record.duplicate_of)
     if record.config is not None:

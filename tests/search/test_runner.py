@@ -264,3 +264,22 @@ def test_trials_run_each_layer_on_the_kernel_the_autotune_measured_fastest(
     trial = next(t for t in ran_w4 if "duplicate_of" not in t.user_attrs)
     info = export_trial(cfg, study, trial, tmp_path / "export")  # refuses other kernels
     assert info["size_bytes"] == trial.user_attrs["size_bytes"]
+
+
+def test_the_model_based_sampler_proposes_and_records_its_predictions(
+    ray_local: None, tmp_path: Path
+) -> None:
+    from mpq.search.pareto import records
+
+    cfg = conv_config(tmp_path, trials=9, sampler="mpq")
+    study = _run(cfg).study
+    recs = records(study)
+    assert len([r for r in recs if r.state.is_finished()]) == 9
+    searched = [r for r in recs if r.proposed_by == "search" and r.duplicate_of is None]
+    predicted = [r for r in searched if r.predicted]
+    assert predicted  # proposed on the model once two trials were measured
+    for r in predicted:
+        assert set(r.predicted) == {"success", "size_bytes", "latency_ms"}
+        assert r.predicted["size_bytes"] > 0
+    keys = [r.config.key() for r in searched if r.config is not None]
+    assert len(keys) == len(set(keys))  # never a configuration asked before

@@ -1,0 +1,321 @@
+"""mpq's own proposal strategy (``sampler: mpq``): predict every candidate's objectives, run
+the one whose predicted point adds the most hypervolume to the measured front.
+
+Before anything runs, three models predict a configuration ``c`` of the space, fitted on the
+study's measured trials each time a trial is proposed (the study is the only state: resumable,
+and the same in every process):
+
+    size_bytes(c)  = a + b * F(c)                F(c): the packing formula of the asked choices
+                                                 (``evaluators.size``); a, b: least squares on
+                                                 the trials' deployable bytes (F itself before
+                                                 two trials)
+    log latency(c) = w0 + w1 * f(c) + sum_l v_l * f_l(c)
+                                                 f_l: layer l's bytes over its float bytes, f
+                                                 their mean; ridge regression on the measured
+                                                 trials and the float reference (strong on the
+                                                 per-layer v_l, so few trials give the
+                                                 bytes-proportional model)
+    success(c)     = s_float - k * sum_l S_l(b_l) S_l(b): the per-layer sensitivity measured
+                                                 before the search (KL of the action
+                                                 distribution); k >= 0 by least squares on the
+                                                 trials' success drops, with the residual
+                                                 spread sigma
+
+The candidates: random configurations of the space and neighbours of the front (one to three
+layers moved one option along an ordered dimension), never one already asked. Each is scored
+by the hypervolume improvement (``search.pareto``'s normalisation and reference, Optuna's
+hypervolume) of its predicted point, success taken optimistically at ``+ sigma / 2`` and
+required to meet ``constraints.max_success_drop``, over the measured front plus the predicted
+points of the trials still running (so parallel workers get different proposals). Each
+proposal records its prediction (system attribute ``mpq:predicted``) for the predicted vs
+measured comparison. With fewer than two measured trials, or unbound (no model in this
+process), it samples at random.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from mpq.search.pareto import REFERENCE, _compute_hypervolume, feasible_complete
+from mpq.search.record import PREDICTED, StudyAttr, TrialAttr
+from mpq.search.study import config_from_params, distributions, params_from_config
+from mpq.spaces.space import LayerChoice, LayerOptions, QuantConfig
+
+__all__ = ["PREDICTED", "ModelBasedSampler"]
+
+
+class ModelBasedSampler(optuna.samplers.BaseSampler):
+    """See the module docstring. ``bind`` gives it the space and the size formula."""
+
+    def __init__(
+        self,
+        seed: int = 0,
+        max_success_drop: float | None = None,
+        candidates: int = 600,
+        max_size_bytes: int | None = None,
+        max_latency_ms: float | None = None,
+    ) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._random = optuna.samplers.RandomSampler(seed=seed)
+        self._max_drop = max_success_drop
+        self._limits = {"size_bytes": max_size_bytes, "latency_ms": max_latency_ms}
+        self._n = candidates
+        self._resolved: dict[str, LayerOptions] | None = None
+        self._bytes: Callable[[QuantConfig], dict[str, int]] | None = None
+        self._dists: dict[str, BaseDistribution] = {}
+
+    def bind(
+        self,
+        resolved: dict[str, LayerOptions],
+        layer_bytes: Callable[[QuantConfig], dict[str, int]],
+    ) -> None:
+        """The space and ``layer_bytes(config)``: the packing formula per layer, with
+        ``"other"`` for the bytes outside the searched layers."""
+        self._resolved = resolved
+        self._bytes = layer_bytes
+        self._dists = distributions(resolved)
+
+    # -- Optuna's sampler interface --------------------------------------------------------
+    def reseed_rng(self) -> None:
+        self._random.reseed_rng()
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return dict(self._dists)
+
+    def sample_relative(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        search_space: dict[str, BaseDistribution],
+    ) -> dict[str, Any]:
+        if not search_space or self._resolved is None or "fixed_params" in trial.system_attrs:
+            return {}
+        measured = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(measured) < 2 or StudyAttr.FLOAT_REFERENCE not in study.user_attrs:
+            return {}
+        best = self._propose(study, trial)
+        if best is None:
+            return {}
+        config, predicted = best
+        study._storage.set_trial_system_attr(trial._trial_id, PREDICTED, predicted)
+        return params_from_config(self._resolved, config)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        return self._random.sample_independent(study, trial, param_name, param_distribution)
+
+    # -- the model -------------------------------------------------------------------------
+    def _propose(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> tuple[QuantConfig, dict[str, float]] | None:
+        assert self._resolved is not None
+        objectives = list(study.user_attrs.get(StudyAttr.OBJECTIVES, []))
+        ref = study.user_attrs[StudyAttr.FLOAT_REFERENCE]
+        sens = {
+            name: {int(b): float(v) for b, v in per.items()}
+            for name, per in study.user_attrs.get(StudyAttr.SENSITIVITY, {}).items()
+        }
+        trials = study.get_trials(deepcopy=False)
+        asked = {t.user_attrs.get(TrialAttr.CONFIG_KEY) for t in trials}
+        done = [
+            t
+            for t in trials
+            if t.state == TrialState.COMPLETE
+            and t.values is not None
+            and TrialAttr.CONFIG in t.user_attrs
+        ]
+        model = _Model(self, objectives, ref, sens, done)
+        pool = self._candidates(study, asked)
+        if not pool:
+            return None
+        front = [model.losses_of_trial(t) for t in feasible_complete(done)]
+        front += [
+            model.losses(model.predict(config_from_params(self._resolved, t.params)))
+            for t in trials
+            if t.state == TrialState.RUNNING and t.number != trial.number and t.params
+        ]
+        reference = np.asarray(
+            [-REFERENCE[o] if o == "success" else REFERENCE[o] for o in objectives]
+        )
+        base = _hv(front, reference)
+        s_float = float(ref.get("success", 1.0))
+        best, best_gain = None, -1.0
+        for config in pool:
+            predicted = model.predict(config)
+            optimistic = dict(predicted)
+            if "success" in predicted:
+                optimistic["success"] = min(s_float, predicted["success"] + model.sigma / 2)
+            if not self._may_be_feasible(optimistic, s_float):
+                continue
+            gain = _hv([*front, model.losses(optimistic)], reference) - base
+            gain += 1e-9 * self._rng.random()  # ties broken at random
+            if gain > best_gain:
+                best, best_gain = (config, predicted), gain
+        return best
+
+    def _may_be_feasible(self, predicted: dict[str, float], float_success: float) -> bool:
+        """The config's constraints, on the (optimistic) prediction."""
+        drop = self._max_drop
+        if drop is not None and predicted.get("success", float_success) < float_success - drop:
+            return False
+        return all(
+            limit is None or predicted.get(key, 0.0) <= limit
+            for key, limit in self._limits.items()
+        )
+
+    def _candidates(self, study: optuna.Study, asked: set[Any]) -> list[QuantConfig]:
+        """Random configurations and neighbours of the measured front, none asked before."""
+        assert self._resolved is not None
+        out: dict[str, QuantConfig] = {}
+        names = list(self._dists)
+        for _ in range(self._n):
+            params = {n: _draw(self._dists[n], self._rng) for n in names}
+            c = config_from_params(self._resolved, params)
+            out.setdefault(c.key(), c)
+        front = [t for t in study.best_trials] if len(study.directions) > 1 else []
+        for t in front:
+            for _ in range(self._n // max(len(front), 1)):
+                params = dict(t.params)
+                for n in self._rng.choice(
+                    names, size=min(len(names), 1 + int(self._rng.integers(3))), replace=False
+                ):
+                    params[n] = _step(self._dists[n], params.get(n), self._rng)
+                c = config_from_params(self._resolved, params)
+                out.setdefault(c.key(), c)
+        return [c for k, c in out.items() if k not in asked]
+
+
+class _Model:
+    """The three predictors of one proposal, fitted on the measured trials."""
+
+    def __init__(
+        self,
+        sampler: ModelBasedSampler,
+        objectives: list[str],
+        ref: dict[str, Any],
+        sens: dict[str, dict[int, float]],
+        done: list[FrozenTrial],
+    ) -> None:
+        assert sampler._resolved is not None and sampler._bytes is not None
+        self.objectives = objectives
+        self.ref = ref
+        self.sens = sens
+        self._bytes = sampler._bytes
+        resolved = sampler._resolved
+        self._names = [n for n in resolved if not resolved[n].is_fixed]
+        self._float_bytes = self._bytes(QuantConfig(layers={n: LayerChoice() for n in resolved}))
+        configs = [QuantConfig.model_validate(t.user_attrs[TrialAttr.CONFIG]) for t in done]
+        values = [dict(zip(objectives, t.values or [], strict=True)) for t in done]
+        self._fit_size(configs, values)
+        self._fit_latency(configs, values)
+        self._fit_success(configs, values)
+
+    # features
+    def _fractions(self, config: QuantConfig) -> tuple[float, np.ndarray, int]:
+        per = self._bytes(config)
+        f = np.asarray([per[n] / max(self._float_bytes[n], 1) for n in self._names], float)
+        return float(f.mean()) if f.size else 1.0, f, int(sum(per.values()))
+
+    def _kl(self, config: QuantConfig) -> float:
+        return sum(
+            s.get(config.layers[n].w_bits, 0.0) for n, s in self.sens.items() if n in config.layers
+        )
+
+    # fits
+    def _fit_size(self, configs: list[QuantConfig], values: list[dict[str, float]]) -> None:
+        self.size_ab = (0.0, 1.0)
+        rows = [
+            (self._fractions(c)[2], v["size_bytes"])
+            for c, v in zip(configs, values, strict=True)
+            if "size_bytes" in v
+        ]
+        if len({x for x, _ in rows}) >= 2:
+            x, y = np.asarray(rows, float).T
+            b, a = np.polyfit(x, y, 1)
+            self.size_ab = (float(a), float(b))
+
+    def _fit_latency(self, configs: list[QuantConfig], values: list[dict[str, float]]) -> None:
+        self.lat_w: np.ndarray | None = None
+        if "latency_ms" not in self.objectives:
+            return
+        rows, ys = [], []
+        float_ms = self.ref.get("latency_ms")
+        if float_ms:
+            rows.append(np.concatenate([[1.0, 1.0], np.ones(len(self._names))]))
+            ys.append(math.log(float(float_ms)))
+        for c, v in zip(configs, values, strict=True):
+            if v.get("latency_ms"):
+                mean, f, _ = self._fractions(c)
+                rows.append(np.concatenate([[1.0, mean], f]))
+                ys.append(math.log(v["latency_ms"]))
+        if len(rows) < 2:
+            return
+        x, y = np.asarray(rows), np.asarray(ys)
+        penalty = np.diag([0.0, 1e-3, *([1.0] * len(self._names))])
+        self.lat_w = np.linalg.solve(x.T @ x + penalty, x.T @ y)
+
+    def _fit_success(self, configs: list[QuantConfig], values: list[dict[str, float]]) -> None:
+        s_float = float(self.ref.get("success", 1.0))
+        kl = np.asarray([self._kl(c) for c in configs], float)
+        drop = np.asarray([max(0.0, s_float - v.get("success", s_float)) for v in values], float)
+        self.k = float(max(0.0, (kl @ drop) / (kl @ kl))) if kl.size and (kl @ kl) > 0 else 0.0
+        resid = drop - self.k * kl
+        self.sigma = float(max(0.01, math.sqrt(float(np.mean(resid**2))) if resid.size else 0.05))
+
+    # predictions
+    def predict(self, config: QuantConfig) -> dict[str, float]:
+        mean, f, formula = self._fractions(config)
+        out = {"size_bytes": self.size_ab[0] + self.size_ab[1] * formula}
+        s_float = float(self.ref.get("success", 1.0))
+        out["success"] = max(0.0, s_float - self.k * self._kl(config))
+        if self.lat_w is not None:
+            out["latency_ms"] = float(math.exp(self.lat_w @ np.concatenate([[1.0, mean], f])))
+        elif "latency_ms" in self.objectives:
+            out["latency_ms"] = float(self.ref.get("latency_ms") or 1.0)
+        return {k: out[k] for k in self.objectives if k in out}
+
+    def losses(self, values: dict[str, float]) -> list[float]:
+        """``search.pareto``'s normalised losses of one point."""
+        return [
+            -values[o] if o == "success" else values[o] / float(self.ref.get(o) or 1.0)
+            for o in self.objectives
+        ]
+
+    def losses_of_trial(self, t: FrozenTrial) -> list[float]:
+        return self.losses(dict(zip(self.objectives, t.values or [], strict=True)))
+
+
+def _hv(points: list[list[float]], reference: np.ndarray) -> float:
+    inside = [p for p in points if all(a < b for a, b in zip(p, reference, strict=True))]
+    if not inside:
+        return 0.0
+    return _compute_hypervolume(np.asarray(inside, float), reference)
+
+
+def _draw(dist: BaseDistribution, rng: np.random.Generator) -> Any:
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return int(rng.integers(dist.low, dist.high + 1))
+    assert isinstance(dist, optuna.distributions.CategoricalDistribution)
+    return dist.choices[int(rng.integers(len(dist.choices)))]
+
+
+def _step(dist: BaseDistribution, value: Any, rng: np.random.Generator) -> Any:
+    """One option along an ordered dimension, or another category."""
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        v = int(value if value is not None else dist.low) + int(rng.choice([-1, 1]))
+        return min(dist.high, max(dist.low, v))
+    return _draw(dist, rng)
