@@ -5,10 +5,12 @@ Before anything runs, three models predict a configuration ``c`` of the space, f
 study's measured trials each time a trial is proposed (the study is the only state: resumable,
 and the same in every process):
 
-    size_bytes(c)  = a + b * F(c)                F(c): the packing formula of the asked choices
-                                                 (``evaluators.size``); a, b: least squares on
-                                                 the trials' deployable bytes (F itself before
-                                                 two trials)
+    size_bytes(c)  = F(c) + o                    F(c): the packing formula of the choices as
+                                                 they run (``r(c)``, the backend's plan: 3 bits
+                                                 run as 4 on ``MatMulNBits``, so they cost the
+                                                 same bytes; ``evaluators.size``); o: the
+                                                 median over the trials of their deployable
+                                                 bytes beyond F (graph, names, scales)
     log latency(c) = w0 + w1 * f(c) + sum_l v_l * f_l(c)
                                                  f_l: layer l's bytes over its float bytes, f
                                                  their mean; ridge regression on the measured
@@ -19,10 +21,11 @@ and the same in every process):
                                                  before the search (KL of the action
                                                  distribution); k >= 0 by least squares on the
                                                  trials' success drops, with the residual
-                                                 spread sigma
+                                                 spread sigma (S at the bits that run)
 
 The candidates: random configurations of the space and neighbours of the front (one to three
-layers moved one option along an ordered dimension), never one already asked. Each is scored
+layers moved one option along an ordered dimension), never one that runs as a configuration
+already asked (an asked 3-bit layer that runs as 4 bits is the 4-bit trial again). Each is scored
 by the hypervolume improvement (``search.pareto``'s normalisation and reference, Optuna's
 hypervolume) of its predicted point, success taken optimistically at ``+ sigma / 2`` and
 required to meet ``constraints.max_success_drop``, over the measured front plus the predicted
@@ -69,17 +72,23 @@ class ModelBasedSampler(optuna.samplers.BaseSampler):
         self._n = candidates
         self._resolved: dict[str, LayerOptions] | None = None
         self._bytes: Callable[[QuantConfig], dict[str, int]] | None = None
+        self._as_ran: Callable[[QuantConfig], QuantConfig] = lambda c: c
+        self._ran_cache: dict[str, QuantConfig] = {}
         self._dists: dict[str, BaseDistribution] = {}
 
     def bind(
         self,
         resolved: dict[str, LayerOptions],
         layer_bytes: Callable[[QuantConfig], dict[str, int]],
+        as_ran: Callable[[QuantConfig], QuantConfig] | None = None,
     ) -> None:
-        """The space and ``layer_bytes(config)``: the packing formula per layer, with
-        ``"other"`` for the bytes outside the searched layers."""
+        """The space, ``layer_bytes(config)`` (the packing formula per layer, with ``"other"``
+        for the bytes outside the searched layers) and ``as_ran(config)`` (what the backend's
+        plan runs for it; default: as asked)."""
         self._resolved = resolved
         self._bytes = layer_bytes
+        self._as_ran = as_ran or (lambda c: c)
+        self._ran_cache = {}
         self._dists = distributions(resolved)
 
     # -- Optuna's sampler interface --------------------------------------------------------
@@ -130,7 +139,16 @@ class ModelBasedSampler(optuna.samplers.BaseSampler):
             for name, per in study.user_attrs.get(StudyAttr.SENSITIVITY, {}).items()
         }
         trials = study.get_trials(deepcopy=False)
-        asked = {t.user_attrs.get(TrialAttr.CONFIG_KEY) for t in trials}
+        asked = {
+            self.ran(QuantConfig.model_validate(t.user_attrs[TrialAttr.CONFIG])).key()
+            for t in trials
+            if TrialAttr.CONFIG in t.user_attrs
+        }
+        asked |= {  # running trials whose configuration is not recorded yet
+            self.ran(config_from_params(self._resolved, t.params)).key()
+            for t in trials
+            if t.state == TrialState.RUNNING and t.params and t.number != trial.number
+        }
         done = [
             t
             for t in trials
@@ -196,7 +214,14 @@ class ModelBasedSampler(optuna.samplers.BaseSampler):
                     params[n] = _step(self._dists[n], params.get(n), self._rng)
                 c = config_from_params(self._resolved, params)
                 out.setdefault(c.key(), c)
-        return [c for k, c in out.items() if k not in asked]
+        return [c for c in out.values() if self.ran(c).key() not in asked]
+
+    def ran(self, config: QuantConfig) -> QuantConfig:
+        """``config`` as the backend's plan runs it (cached per configuration)."""
+        key = config.key()
+        if key not in self._ran_cache:
+            self._ran_cache[key] = self._as_ran(config)
+        return self._ran_cache[key]
 
 
 class _Model:
@@ -215,6 +240,7 @@ class _Model:
         self.ref = ref
         self.sens = sens
         self._bytes = sampler._bytes
+        self._ran = sampler.ran
         resolved = sampler._resolved
         self._names = [n for n in resolved if not resolved[n].is_fixed]
         self._float_bytes = self._bytes(QuantConfig(layers={n: LayerChoice() for n in resolved}))
@@ -226,27 +252,26 @@ class _Model:
 
     # features
     def _fractions(self, config: QuantConfig) -> tuple[float, np.ndarray, int]:
-        per = self._bytes(config)
+        per = self._bytes(self._ran(config))
         f = np.asarray([per[n] / max(self._float_bytes[n], 1) for n in self._names], float)
         return float(f.mean()) if f.size else 1.0, f, int(sum(per.values()))
 
     def _kl(self, config: QuantConfig) -> float:
+        config = self._ran(config)
         return sum(
             s.get(config.layers[n].w_bits, 0.0) for n, s in self.sens.items() if n in config.layers
         )
 
     # fits
     def _fit_size(self, configs: list[QuantConfig], values: list[dict[str, float]]) -> None:
-        self.size_ab = (0.0, 1.0)
-        rows = [
-            (self._fractions(c)[2], v["size_bytes"])
+        """The file's bytes beyond the formula (graph, names, scales): their median over the
+        trials (a fitted slope extrapolated below zero from three close points)."""
+        over = [
+            v["size_bytes"] - self._fractions(c)[2]
             for c, v in zip(configs, values, strict=True)
             if "size_bytes" in v
         ]
-        if len({x for x, _ in rows}) >= 2:
-            x, y = np.asarray(rows, float).T
-            b, a = np.polyfit(x, y, 1)
-            self.size_ab = (float(a), float(b))
+        self.size_over = float(np.median(over)) if over else 0.0
 
     def _fit_latency(self, configs: list[QuantConfig], values: list[dict[str, float]]) -> None:
         self.lat_w: np.ndarray | None = None
@@ -279,7 +304,7 @@ class _Model:
     # predictions
     def predict(self, config: QuantConfig) -> dict[str, float]:
         mean, f, formula = self._fractions(config)
-        out = {"size_bytes": self.size_ab[0] + self.size_ab[1] * formula}
+        out = {"size_bytes": max(1.0, formula + self.size_over)}
         s_float = float(self.ref.get("success", 1.0))
         out["success"] = max(0.0, s_float - self.k * self._kl(config))
         if self.lat_w is not None:

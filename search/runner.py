@@ -57,7 +57,8 @@ def preflight(cfg: SearchConfig, source: str) -> dict[str, LayerOptions]:
 
 
 def bind_sampler(study: optuna.Study, resolved: dict[str, LayerOptions], evaluator: Any) -> None:
-    """Give a model-based sampler the space and the packing formula of this model."""
+    """Give a model-based sampler the space, the packing formula of this model and what the
+    backend's plan runs for a configuration."""
     from mpq.search.model_sampler import ModelBasedSampler
 
     if isinstance(study.sampler, ModelBasedSampler):
@@ -66,7 +67,12 @@ def bind_sampler(study: optuna.Study, resolved: dict[str, LayerOptions], evaluat
             size = config_size(evaluator.model, evaluator.layers, config)
             return {**size.layer_bytes, "other": size.other_bytes}
 
-        study.sampler.bind(resolved, layer_bytes)
+        def as_ran(config: QuantConfig) -> QuantConfig:
+            if not evaluator.spec.measure_latency:
+                return config
+            return evaluator.backend.plan(evaluator.model, evaluator.layers, config).ran_config
+
+        study.sampler.bind(resolved, layer_bytes, as_ran)
 
 
 @dataclass

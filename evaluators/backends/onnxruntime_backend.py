@@ -177,6 +177,14 @@ class OnnxRuntimeBackend(PlannedBackend):
         kernel = f"MatMulNBits int{ran.w_bits} block{block_of(ran)} acc4"
         return LayerPlan(kernel, ran, matmul_reason(choice, ran))
 
+    def plan(self, model: nn.Module, layers: tuple[LayerInfo, ...], config: QuantConfig) -> Plan:
+        """``plan_layer`` per layer: ONNX Runtime lowers each weight on its own (a recurrent
+        module's two products too, and a Linear inside ``nn.MultiheadAttention`` as its MatMul
+        node), so no module-level rule applies; what only the export tells is
+        ``plan_export``'s."""
+        config.check(layers)
+        return Plan({la.name: self.plan_layer(la, config.layers[la.name]) for la in layers})
+
     def plan_export(
         self,
         layers: tuple[LayerInfo, ...],

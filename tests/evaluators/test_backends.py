@@ -184,7 +184,11 @@ def test_static_answers_are_what_lower_does(backend: str, model_name: str) -> No
     for seed in (0, 1, 2):
         config = _random_config(layers, seed)
         lowered = b.lower(model, layers, config, x, calibration=[x])
+        planned = b.plan(model, layers, config)
         for la in layers:
+            # plan() is the lowering's plan, but for what only lowering finds (then float)
+            if planned.layers[la.name].kernel != lowered.kernels[la.name]:
+                assert "-> float32" in str(lowered.fallbacks.get(la.name)), la.name
             reason = b.fallback_reason(la, config.layers[la.name])
             recorded = lowered.fallbacks.get(la.name)
             if recorded != reason:  # known only at lowering, and then it runs in float32:
