@@ -53,11 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_search_config(args.config)
     ev = Evaluator(eval_spec(cfg))
     choice = parse_choice(args.choice)
+    groups = {"group_size": (choice.group_size,)} if choice.group_size else {}
     one = LayerOptions(
         w_bits=(choice.w_bits,),
         a_bits=(choice.a_bits,),
         granularity=(choice.granularity,),
-        group_size=(choice.group_size,) if choice.group_size else (),
+        **groups,
     )
     options = {la.name: one for la in ev.layers}
     table = tune_kernels(ev, options, runs=args.runs)

@@ -90,6 +90,14 @@ class Evaluator:
             self._lowered.clear()
             self._float_lowered = None
 
+    def pin_kernels(self, kernels: dict[str, str]) -> None:
+        """Run each layer on the kernel named (a trial's record: its export lowers what the
+        trial ran, whatever this machine's autotune would pick); a kernel that is not a
+        candidate of the layer's choice leaves the default."""
+        self.backend = self.base_backend.pinned(kernels)
+        self._lowered.clear()
+        self._float_lowered = None
+
     def quantized(self, config: QuantConfig) -> nn.Module:
         return apply_config(self.model, config, self.calibration, self.spec.observer, self.layers)
 

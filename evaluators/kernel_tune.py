@@ -3,8 +3,8 @@
 A backend may run one choice on several kernels with the same numerics (``candidates``: on
 ONNX Runtime a weight-only layer as a float MatMul of weights dequantized at load, or on
 ``MatMulNBits`` at accuracy level 1). Which is faster depends on the layer and the CPU: on an
-AVX2 EPYC ``MatMulNBits`` int4 acc1 beat the float MatMul by 3-17% on the flagship's
-memory-bound layers and was up to 2x slower on small ones. So it is measured, per target, as
+AVX2 EPYC ``MatMulNBits`` int4 acc1 beat the float MatMul by 3-14% on the flagship's
+memory-bound layers and was up to 2.2x slower on small ones. So it is measured, per target, as
 torchao's ``autoquant`` times candidate kernels on recorded shapes, but in the whole model's
 cache context: for each choice that has alternatives, the model with that choice on every layer
 that offers it (the rest float) is lowered once per candidate, every layer forced onto that
@@ -12,7 +12,8 @@ candidate, and ONNX Runtime's profiler gives each layer's time per step (median 
 ``latency.runs`` steps).
 
 NOTE: a profiled node time is not the whole story (on the tiny policy the profiler put
-``MatMulNBits`` acc1 29% ahead on its 3136 -> 256 layer and the model with it was no faster),
+``MatMulNBits`` acc1 ahead on ``fuse`` and the GRU's input product, and the whole model on
+those picks was 16% slower: 0.84x [0.80, 0.89]),
 so the per-layer picks of each choice are checked end to end: the model with the choice on the
 picked kernels against the same on the default kernels, with the latency protocol (paired,
 fresh sessions, 95% interval). The picks are kept only where they are faster beyond that
@@ -47,6 +48,9 @@ class KernelTable:
     # 95% interval, and whether the picks were kept
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     rejected: dict[str, list[str]] = field(default_factory=dict)  # layer -> kernels not kept
+    # layer -> kernels tried but not measured (the export ruled them out for the layer, the
+    # profiler gave the layer no node, or the kernel failed): never run, never re-tried
+    unmeasured: dict[str, list[str]] = field(default_factory=dict)
 
     def usable(self) -> dict[str, dict[str, float]]:
         """``kernel_us`` less the rejected kernels: what ``PlannedBackend.tuned`` chooses from."""
@@ -62,16 +66,22 @@ class KernelTable:
     def from_json(cls, text: str) -> KernelTable:
         data = json.loads(text)
         return cls(
-            data["target"], data["kernel_us"], data.get("checks", {}), data.get("rejected", {})
+            data["target"],
+            data["kernel_us"],
+            data.get("checks", {}),
+            data.get("rejected", {}),
+            data.get("unmeasured", {}),
         )
 
     def matches(self, target: dict[str, Any]) -> bool:
         return all(self.target.get(k) == v for k, v in target.items())
 
     def covers(self, alternatives: dict[str, dict[LayerChoice, tuple[LayerPlan, ...]]]) -> bool:
-        """Whether every candidate kernel of every layer's alternatives was measured."""
+        """Whether every candidate kernel of every layer's alternatives was tried (measured,
+        or found not to run there): a resumed study keeps its table, so its trials keep their
+        kernels."""
         return all(
-            p.kernel in self.kernel_us.get(name, {})
+            p.kernel in self.kernel_us.get(name, {}) or p.kernel in self.unmeasured.get(name, ())
             for name, by_choice in alternatives.items()
             for plans in by_choice.values()
             for p in plans
@@ -116,17 +126,27 @@ def tune_kernels(
     scopes = layer_scopes(layers)
     measured: dict[str, dict[str, float]] = {}
     for done, (choice, forced) in enumerate(jobs):
-        force = {name: {plan.kernel: 0.0} for name, plan in forced.items()}
-        lowered = _lower(evaluator, backend.tuned(force), _everywhere(layers, choice, forced))
-        with timing_slot.exclusive():
-            us = layer_us(
-                lowered.artifact, evaluator.example_inputs, runs, scopes, spec.latency_threads
-            )
+        try:
+            pins = {name: plan.kernel for name, plan in forced.items()}
+            config = _everywhere(layers, choice, forced)
+            lowered = _lower(evaluator, backend.pinned(pins), config)
+            with timing_slot.exclusive():
+                us = layer_us(
+                    lowered.artifact, evaluator.example_inputs, runs, scopes, spec.latency_threads
+                )
+        except Exception:  # a candidate that fails here is never run: the default runs
+            lowered, us = None, {}
         for name, plan in forced.items():
-            if lowered.kernels[name] == plan.kernel and name in us:
+            if lowered is not None and lowered.kernels[name] == plan.kernel and name in us:
                 measured.setdefault(name, {})[plan.kernel] = round(us[name], 2)
         if progress is not None:
             progress(done + 1, len(jobs))
+    unmeasured = {
+        name: sorted(
+            {p.kernel for plans in by.values() for p in plans} - set(measured.get(name, {}))
+        )
+        for name, by in alts.items()
+    }
     checks: dict[str, dict[str, Any]] = {}
     rejected: dict[str, list[str]] = {}
     for choice in choices:
@@ -138,7 +158,8 @@ def tune_kernels(
         if not check["kept"]:
             for name, plans in group.items():
                 rejected.setdefault(name, []).extend(p.kernel for p in plans[1:])
-    return KernelTable(model_target(evaluator), measured, checks, rejected)
+    unmeasured = {name: kernels for name, kernels in unmeasured.items() if kernels}
+    return KernelTable(model_target(evaluator), measured, checks, rejected, unmeasured)
 
 
 def _everywhere(layers: Any, choice: LayerChoice, names: Any) -> QuantConfig:
@@ -179,18 +200,21 @@ def _check(
     ):
         return None
     config = _everywhere(evaluator.layers, choice, group)
-    default, picked = _lower(evaluator, base, config), _lower(evaluator, tuned, config)
     spec = evaluator.spec
-    with timing_slot.exclusive():
-        paired = paired_speedup(
-            default.new_runner,
-            picked.new_runner,
-            spec.latency_visits,
-            spec.latency_runs,
-            spec.latency_warmup,
-            spec.latency_threads,
-            base.device,
-        )
+    try:
+        default, picked = _lower(evaluator, base, config), _lower(evaluator, tuned, config)
+        with timing_slot.exclusive():
+            paired = paired_speedup(
+                default.new_runner,
+                picked.new_runner,
+                spec.latency_visits,
+                spec.latency_runs,
+                spec.latency_warmup,
+                spec.latency_threads,
+                base.device,
+            )
+    except Exception as exc:  # the picks do not run as a whole: the default kernels do
+        return {"kept": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
     return {
         "speedup": round(paired.speedup, 4),
         "speedup_lo": round(paired.speedup_lo, 4),

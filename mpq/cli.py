@@ -235,6 +235,7 @@ def allocate(
     from mpq.search.worker import eval_spec
 
     try:
+        sens.check_allocation(method, budget)  # before the sensitivity is measured
         cfg = load_search_config(config)
         resolved = preflight(cfg, str(config))
         ev = get_evaluator(eval_spec(cfg))

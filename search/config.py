@@ -47,6 +47,14 @@ class Sensitivity(BaseModel):
         "the 8-bit size",
     )
 
+    @field_validator("budgets", "ilp_budgets")
+    @classmethod
+    def _fractions(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [f for f in v if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"{bad[0]} is not a fraction of the 8-bit size in (0, 1]")
+        return v
+
 
 class LatencyConfig(BaseModel):
     """How latency is measured: on real kernels of ``backend``, batch 1, fixed threads."""

@@ -209,8 +209,7 @@ def export_trial(
         raise ValueError(f"export of trial {t.number}: it has no configuration")
     config = record.config
     ev = get_evaluator(eval_spec(cfg))
-    kernel_table = study.user_attrs.get(StudyAttr.KERNEL_TABLE)  # the trial's kernels
-    ev.use_kernels(json.dumps(kernel_table) if kernel_table else None)
+    ev.pin_kernels(dict(record.kernels))  # the kernels the trial ran (same numerics)
     ran = ev.as_ran(config)
     deployable = ev.artifact(config)
     _check_same_as_trial(cfg, ev, record, deployable)

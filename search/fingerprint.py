@@ -13,7 +13,9 @@ embedding tables at their bits, ``GatherBlockQuantized``, so a configuration's b
 4: a recurrent module run one step per call runs its products on ``MatMulNBits`` and the
 simulated model quantizes each product's own input, and weight-only layers ship their codes
 dequantized at load instead of running ``MatMulNBits`` at accuracy level 1, so latency, bytes
-and success changed).
+and success changed; 5: the kernel autotune may run a weight-only layer on ``MatMulNBits``
+with a float input where it measured it faster, so latency and, for asymmetric codes, bytes
+may change).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from mpq.evaluators.latency import cpu_model
 from mpq.search.config import SearchConfig
 from mpq.search.record import StudyAttr
 
-FIGURES_VERSION = 4
+FIGURES_VERSION = 5
 # 2: ordered dimensions (bits) are integer ranks ``<layer>.<dim>_rank``; 1 (no key):
 # categorical ``<layer>/<dim>``. A sampler cannot resume a study across encodings.
 PARAMS_ENCODING = 2
@@ -77,7 +79,15 @@ def fingerprint(cfg: SearchConfig, model: nn.Module) -> dict[str, Any]:
         "screen_budget": cfg.screen_budget,
         "latency": cfg.latency.model_dump(
             mode="json",
-            include={"enabled", "backend", "threads", "runs", "visits", "predict_screen"},
+            include={
+                "enabled",
+                "backend",
+                "threads",
+                "runs",
+                "visits",
+                "predict_screen",
+                "autotune",
+            },
         ),
         "target": target,
     }

@@ -115,7 +115,9 @@ class ModelBasedSampler(optuna.samplers.BaseSampler):
         if best is None:
             return {}
         config, predicted = best
-        study._storage.set_trial_system_attr(trial._trial_id, PREDICTED, predicted)
+        objectives = study.user_attrs.get(StudyAttr.OBJECTIVES, [])
+        recorded = {k: v for k, v in predicted.items() if k in objectives}
+        study._storage.set_trial_system_attr(trial._trial_id, PREDICTED, recorded)
         return params_from_config(self._resolved, config)
 
     def sample_independent(
@@ -132,6 +134,7 @@ class ModelBasedSampler(optuna.samplers.BaseSampler):
         self, study: optuna.Study, trial: FrozenTrial
     ) -> tuple[QuantConfig, dict[str, float]] | None:
         assert self._resolved is not None
+        self._ran_cache = {}  # per proposal: the candidates change every time
         objectives = list(study.user_attrs.get(StudyAttr.OBJECTIVES, []))
         ref = study.user_attrs[StudyAttr.FLOAT_REFERENCE]
         sens = {
@@ -311,7 +314,7 @@ class _Model:
             out["latency_ms"] = float(math.exp(self.lat_w @ np.concatenate([[1.0, mean], f])))
         elif "latency_ms" in self.objectives:
             out["latency_ms"] = float(self.ref.get("latency_ms") or 1.0)
-        return {k: out[k] for k in self.objectives if k in out}
+        return out  # every figure: constraints may be on one that is no objective
 
     def losses(self, values: dict[str, float]) -> list[float]:
         """``search.pareto``'s normalised losses of one point."""

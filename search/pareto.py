@@ -44,7 +44,8 @@ def _is_pareto_front(losses: np.ndarray) -> np.ndarray:
 def _compute_hypervolume(losses: np.ndarray, reference: np.ndarray) -> float:
     """Optuna's hypervolume of ``losses`` (minimised) up to ``reference``.
 
-    NOTE: ``optuna._hypervolume`` has no public alias in Optuna 5.0; this is its one use.
+    NOTE: ``optuna._hypervolume`` has no public alias in Optuna 5.0; this function is the one
+    place that imports it (the model-based sampler calls it too).
     """
     from optuna._hypervolume import compute_hypervolume
 

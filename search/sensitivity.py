@@ -158,7 +158,9 @@ def ilp_allocation(
     # positive cost is 1, the solver's absolute gap (1e-6) cannot pass a worse allocation off
     cost = np.array([kl for _, _, kl in columns], float)
     positive = cost[cost > 0]
-    cost = cost / (positive.min() if positive.size else 1.0)
+    # floored at 1e-9 of the largest: a KL of float noise (1e-15) would span 1e14 otherwise
+    scale = max(positive.min(), positive.max() * 1e-9) if positive.size else 1.0
+    cost = np.where(cost > 0, np.maximum(cost / scale, 1.0), 0.0)
     tie = 1e-6 / max(float(sizes.sum()), 1.0)  # below any difference in sensitivity
     one = np.array([[1.0 if col[0] == n else 0.0 for col in columns] for n in options])
     result = milp(
@@ -193,6 +195,14 @@ def _ilp_options(options: LayerOptions, s: dict[int, float]) -> list[tuple[Layer
 ALLOCATORS = {"greedy": greedy_allocation, "ilp": ilp_allocation}
 
 
+def check_allocation(method: str, fraction: float) -> None:
+    """Raises ValueError, one line, for an unknown method or a fraction outside (0, 1]."""
+    if method not in ALLOCATORS:
+        raise ValueError(f"allocation method {method!r} not in {sorted(ALLOCATORS)}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"budget {fraction} must be a fraction of the 8-bit size in (0, 1]")
+
+
 def allocation_at(
     evaluator: Evaluator,
     resolved: dict[str, LayerOptions],
@@ -205,10 +215,7 @@ def allocation_at(
     Raises:
         ValueError: an unknown method or a fraction outside (0, 1].
     """
-    if method not in ALLOCATORS:
-        raise ValueError(f"allocation method {method!r} not in {sorted(ALLOCATORS)}")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"budget {fraction} must be a fraction of the 8-bit size in (0, 1]")
+    check_allocation(method, fraction)
     uniform8 = uniform_config(resolved, 8)
     size8 = config_size(evaluator.model, evaluator.layers, uniform8).total_bytes
     return ALLOCATORS[method](evaluator, resolved, sensitivity, int(size8 * fraction))

@@ -152,6 +152,10 @@ class Backend(Protocol):
         -> us per step measured in the whole model on this target)."""
         ...
 
+    def pinned(self, kernels: Mapping[str, str]) -> Backend:
+        """A copy that runs ``kernels`` (layer -> kernel) where each is a candidate."""
+        ...
+
     def kernel_for(self, layer: LayerInfo, choice: LayerChoice) -> str:
         """``plan_layer(...).kernel``: the latency table's key."""
         ...
@@ -191,6 +195,7 @@ class PlannedBackend:
     name: str = ""
     device: str = "cpu"
     kernel_us: Mapping[str, Mapping[str, float]] = {}
+    kernel_pins: Mapping[str, str] = {}  # layer -> a kernel to run where it is a candidate
 
     def plan_layer(self, layer: LayerInfo, choice: LayerChoice) -> LayerPlan:
         raise NotImplementedError
@@ -206,16 +211,29 @@ class PlannedBackend:
         out.kernel_us = {layer: dict(row) for layer, row in kernel_us.items()}
         return out
 
+    def pinned(self, kernels: Mapping[str, str]) -> PlannedBackend:
+        """A copy of this backend that runs ``kernels`` (layer -> kernel) where each is a
+        candidate of the layer's choice: the autotune's forced lowerings, and an export that
+        lowers what its trial ran."""
+        out = copy.copy(self)
+        out.kernel_pins = dict(kernels)
+        return out
+
     def fastest(self, layer: LayerInfo, plans: tuple[LayerPlan, ...]) -> LayerPlan:
-        """The plan of ``plans`` measured fastest on ``layer`` (``kernel_us``), said in its
-        ``note``; the first (the default) where none is measured."""
+        """The pinned plan of ``plans``, else the one measured fastest on ``layer``
+        (``kernel_us``), said in its ``note``; the first (the default) where it is not
+        measured itself."""
+        pin = self.kernel_pins.get(layer.name)
+        for p in plans:
+            if p.kernel == pin:
+                return p
         row = self.kernel_us.get(layer.name, {})
         timed = [p for p in plans if p.kernel in row]
-        if len(plans) < 2 or not timed:
+        if len(plans) < 2 or plans[0].kernel not in row:  # the default, unless compared to it
             return plans[0]
         best = min(timed, key=lambda p: row[p.kernel])
         others = ", ".join(f"{p.kernel} {row[p.kernel]:.1f} us" for p in timed if p is not best)
-        if not others:  # one kernel measured: forced (the autotune times it), nothing to say
+        if not others:  # only the default measured: nothing to say
             return best
         note = f"fastest measured here: {row[best.kernel]:.1f} us per step (vs {others})"
         return LayerPlan(best.kernel, best.ran, best.reason, note)

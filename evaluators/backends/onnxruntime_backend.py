@@ -12,8 +12,10 @@ kernel):
 the weights ship at their bits and the graph dequantizes them (``onnx_dequant``),
 which ONNX Runtime folds into a float32 weight when the session loads, so the layer runs the
 float MatMul: exactly the asked codes (any bits, granularity, group, symmetry), float speed,
-low-bit bytes. NOTE: ``MatMulNBits`` at accuracy level 1 (its weight-only mode) ran 4-8x
-slower than float on an AVX2 CPU (uniform W8A32 0.25x end to end), so it is not used.
+low-bit bytes. NOTE: ``MatMulNBits`` at accuracy level 1 (its weight-only mode, float input)
+ran 12-14x slower than float at 2 and 8 bits on an AVX2 CPU (no fast kernel there), and at 4
+bits 3-14% faster on the flagship's large memory-bound layers and up to 2.2x slower on small
+ones: it is a candidate of the kernel autotune (``candidates``), never the default.
 
 Lowering that is recorded per layer, never hidden:
 
@@ -148,8 +150,9 @@ class OnnxRuntimeBackend(PlannedBackend):
         """The default plan, then the kernels with the same numerics: a weight-only choice
         dequantized at load (float MatMul) can also run on ``MatMulNBits`` at accuracy level
         1 (float input, the codes unpacked in the kernel) where its bits, block and K fit
-        (``nbits_weight_only``). Measured on a 4-bit flagship trunk on an AVX2 CPU: 5% faster
-        than the float MatMul; at 2 and 8 bits 12-14x slower; on small layers 2-4x slower."""
+        (``nbits_weight_only``). Measured on an AVX2 CPU at 4 bits: 3-14% faster than the float
+        MatMul on the flagship's large layers, up to 2.2x slower on small ones; at 2 and 8
+        bits 12-14x slower."""
         default = self.default_plan(layer, choice)
         other = nbits_weight_only(layer, default)
         return (default,) if other is None else (default, other)

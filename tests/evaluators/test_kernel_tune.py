@@ -54,15 +54,16 @@ def test_the_tuned_backend_runs_the_fastest_measured_kernel_and_says_why() -> No
     assert fast.note == (f"fastest measured here: 20.0 us per step (vs {DEQUANT4} 30.0 us)")
     slow = backend.tuned({"fc1": {DEQUANT4: 20.0, ACC1: 30.0}}).plan_layer(fc1, W4)
     assert slow.kernel == DEQUANT4 and slow.note is not None
-    # a kernel measured on another layer, or not at all, is never picked over the default
+    # a kernel measured on another layer, or not against the default, is never picked
     assert backend.tuned({"fc2": {ACC1: 1.0}}).plan_layer(fc1, W4).kernel == DEQUANT4
+    assert backend.tuned({"fc1": {ACC1: 1.0}}).plan_layer(fc1, W4).kernel == DEQUANT4
     assert backend.kernel_us == {}  # tuned() copies; the registry's backend is untouched
 
 
 def test_the_float_input_nbits_kernel_runs_the_simulated_model_of_what_ran() -> None:
     ev = _evaluator()
     config = QuantConfig(layers={"fc1": W4, "fc2": LayerChoice()})
-    lowered = ev.backend.tuned({"fc1": {ACC1: 0.0}}).lower(
+    lowered = ev.backend.pinned({"fc1": ACC1}).lower(
         ev.model, ev.layers, config, ev.example_inputs
     )
     assert lowered.kernels["fc1"] == ACC1 and accuracy_level(ACC1) == 1
@@ -94,14 +95,14 @@ def test_tune_measures_every_candidate_in_the_whole_model() -> None:
         "MatMul float32 (int8 weights, dequantized at load)",
         "MatMulNBits int8 block32 acc1",
     }
-    assert all(us > 0 for us in row.values())
+    assert all(us >= 0 for us in row.values())  # whole microseconds: a tiny layer can be 0
     assert table.covers(alts) and KernelTable.from_json(table.to_json()) == table
     picked = ev.base_backend.tuned(table.kernel_us).plan_layer(ev.layers[0], W4)
     assert picked.kernel == min((DEQUANT4, ACC1), key=row.__getitem__)
     # a pick off the default was checked end to end, and kept only beyond the interval
     for check in table.checks.values():
-        assert check["kept"] == (check["speedup_lo"] > 1.0)
         assert check["speedup_lo"] <= check["speedup"] <= check["speedup_hi"]
+    assert not table.unmeasured  # every candidate ran and was timed
     runs = ev.base_backend.tuned(table.usable()).plan_layer(ev.layers[0], W4)
     w4_check = table.checks.get(W4.describe())
     if w4_check is None or not w4_check["kept"]:
@@ -145,6 +146,9 @@ def test_a_table_is_reused_only_on_its_target_and_space(monkeypatch) -> None:  #
     }
     reuse_or_tune(table.to_json(), ev, wider)
     assert calls == [1, 1]  # a space with kernels the table lacks: measured again
+    # a candidate tried and found not to run is not tried again on resume
+    tried = KernelTable(table.target, {"fc1": {DEQUANT4: 1.0}}, unmeasured={"fc1": [ACC1]})
+    assert reuse_or_tune(tried.to_json(), ev, options) == tried and calls == [1, 1]
     no_alternatives = {n: LayerOptions(w_bits=(4, 8), a_bits=(8,)) for n in ("fc1", "fc2")}
     empty = reuse_or_tune(None, ev, no_alternatives)
     assert empty.kernel_us == {} and calls == [1, 1]  # nothing to choose: nothing measured

@@ -77,7 +77,7 @@ def test_proposals_are_new_configurations_with_their_prediction_recorded(problem
     for t in proposed:
         predicted = t.system_attrs[PREDICTED]
         assert set(predicted) == set(OBJECTIVES)
-        # size: the exact formula through a line fitted on measured sizes (here: exact)
+        # size: the formula plus the file's median overhead (here the truth is the formula)
         assert predicted["size_bytes"] == pytest.approx(t.values[1], rel=1e-6)
 
 
