@@ -118,9 +118,9 @@ def tune_kernels(
     runs = spec.latency_runs if runs is None else runs
     alts = alternatives(backend, layers, options)
     choices = sorted({c for by in alts.values() for c in by}, key=lambda c: c.describe())
+    groups = {c: {name: by[c] for name, by in alts.items() if c in by} for c in choices}
     jobs = []
-    for choice in choices:
-        group = {name: by[choice] for name, by in alts.items() if choice in by}
+    for choice, group in groups.items():
         for i in range(max(len(plans) for plans in group.values())):
             jobs.append((choice, {n: plans[i] for n, plans in group.items() if i < len(plans)}))
     scopes = layer_scopes(layers)
@@ -141,16 +141,9 @@ def tune_kernels(
                 measured.setdefault(name, {})[plan.kernel] = round(us[name], 2)
         if progress is not None:
             progress(done + 1, len(jobs))
-    unmeasured = {
-        name: sorted(
-            {p.kernel for plans in by.values() for p in plans} - set(measured.get(name, {}))
-        )
-        for name, by in alts.items()
-    }
     checks: dict[str, dict[str, Any]] = {}
     rejected: dict[str, list[str]] = {}
-    for choice in choices:
-        group = {name: by[choice] for name, by in alts.items() if choice in by}
+    for choice, group in groups.items():
         check = _check(evaluator, choice, group, measured)
         if check is None:
             continue
@@ -158,7 +151,11 @@ def tune_kernels(
         if not check["kept"]:
             for name, plans in group.items():
                 rejected.setdefault(name, []).extend(p.kernel for p in plans[1:])
-    unmeasured = {name: kernels for name, kernels in unmeasured.items() if kernels}
+    unmeasured = {}
+    for name, by in alts.items():
+        tried = {p.kernel for plans in by.values() for p in plans}
+        if missing := sorted(tried - set(measured.get(name, {}))):
+            unmeasured[name] = missing
     return KernelTable(model_target(evaluator), measured, checks, rejected, unmeasured)
 
 

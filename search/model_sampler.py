@@ -207,7 +207,7 @@ class ModelBasedSampler(optuna.samplers.BaseSampler):
             params = {n: _draw(self._dists[n], self._rng) for n in names}
             c = config_from_params(self._resolved, params)
             out.setdefault(c.key(), c)
-        front = [t for t in study.best_trials] if len(study.directions) > 1 else []
+        front = study.best_trials if len(study.directions) > 1 else []
         for t in front:
             for _ in range(self._n // max(len(front), 1)):
                 params = dict(t.params)
