@@ -1,50 +1,160 @@
-"""mpq's search against what users would pick instead, on the embedded VLA policy.
+"""mpq's search against what users would pick instead, on the full space of an example.
 
-    python benchmarks/compare.py [--budgets 24 48] [--seeds 0 1 2] [--episodes 50]
+    python benchmarks/compare.py [--config examples/babyai/tiny.yaml] [--budget 24]
+        [--seeds 0 1 2] [--episodes 30]
 
-Rows, all measured in this run with the same task (fixed evaluation seeds, `--episodes` per
-level), the same space and the same kernels (onnxruntime, batch 1, 1 thread):
+Every row is measured in this run with the same task (fixed evaluation seeds, ``--episodes``
+per level), the same space and the same kernels (the config's latency backend, paired
+speed-ups), at the same trial budget, three sampler seeds each:
 
-- float; uniform W8A8; uniform W4A8; the greedy sensitivity allocation (HAWQ-V2/V3- and
-  AIMET-AMP-style: lower the layer with the least KL increase per byte saved until the model
-  fits) at 75/60/50% of the 8-bit size -- these are the seed trials of the mpq study;
-- random search, plain NSGA-II and TPE without seeds, and mpq (sensitivity-seeded NSGA-II with
-  screening), each at the same trial budget.
+- the one-shot allocators alone: uniform W8A8 and W4A8, the greedy sensitivity allocation
+  (AIMET-AMP style) and the ILP allocation (HAWQ-V3 / ModelOpt AutoQuantize style: least summed
+  per-layer KL within a size budget, scipy's milp) at 75/60/50% of the 8-bit size -- measured
+  as the seed trials of the seeded studies;
+- random search, NSGA-II, TPE and GP without seeds, and mpq's model-based sampler without
+  seeds; NSGA-II and the model-based sampler seeded with those allocations (with screening).
 
-For each search: hypervolume of its feasible front after the first N trials for each budget N
-(a study run to the largest budget; its first N trials are what a run of N trials would have
-done with the same seed), reference point: success 0, float size, 2x float latency, objectives
-normalised by the float model; the smallest feasible model and the best feasible paired
-speed-up, trials, episodes spent and wall time. The seed configurations alone (greedy, uniform)
-are scored the same way, each as a front of its own.
+The space is too large to enumerate, so the reference front is the union of every feasible
+point any run measured (each normalised by its own study's float model: ``-success``,
+``size / float size``, ``1 / paired speed-up``); each method's score is its hypervolume after
+its first ``--budget`` trials as a share of the reference's. The gap closed is
+``(share - best one-shot share) / (1 - best one-shot share)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from optuna.trial import TrialState
-
-from mpq.search.cluster import ray_session
-from mpq.search.config import load_search_config
-from mpq.search.pareto import hypervolume
-from mpq.search.record import SEARCH, StudyAttr, TrialRecord
-from mpq.search.session import run_search
+import numpy as np
+from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+NO_SEEDS = {"sensitivity": {"enabled": False}, "screen_budget": 0}
+ALLOCATIONS = {"budgets": [0.75, 0.6, 0.5], "ilp_budgets": [0.75, 0.6, 0.5]}
 VARIANTS = {
-    "random search": {"sampler": "random", "sensitivity": {"enabled": False}, "screen_budget": 0},
-    "NSGA-II (plain)": {"sampler": "nsga2", "sensitivity": {"enabled": False}, "screen_budget": 0},
-    "TPE (plain)": {"sampler": "tpe", "sensitivity": {"enabled": False}, "screen_budget": 0},
-    "mpq (seeded NSGA-II + screening)": {},
+    "random search": {"sampler": "random", **NO_SEEDS},
+    "NSGA-II": {"sampler": "nsga2", **NO_SEEDS},
+    "TPE": {"sampler": "tpe", **NO_SEEDS},
+    "GP": {"sampler": "gp", **NO_SEEDS},
+    "mpq model-based": {"sampler": "mpq", **NO_SEEDS},  # measures sensitivity, no seeds
+    "NSGA-II seeded + screening": {"sampler": "nsga2", "sensitivity": ALLOCATIONS},
+    "mpq model-based seeded + screening": {"sampler": "mpq", "sensitivity": ALLOCATIONS},
+}
+ONE_SHOT = {
+    "uniform W8A8 alone": "uniform-8",
+    "uniform W4A8 alone": "uniform-4",
+    "greedy allocation alone (75/60/50%)": "greedy",
+    "ILP allocation alone (75/60/50%)": "ilp",
 }
 
 
-def run_variant(base, overrides: dict, seed: int, trials: int, out: Path):  # type: ignore[no-untyped-def]
+def main() -> None:
+    from mpq.search.cluster import ray_session
+    from mpq.search.config import load_search_config
+    from mpq.search.pareto import hypervolume_of, normalised_losses
+    from mpq.search.record import StudyAttr, TrialRecord
+    from mpq.search.session import run_search
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "examples/babyai/tiny.yaml"))
+    p.add_argument("--budget", type=int, default=24, help="trials per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--episodes", type=int, default=30, help="task budget per level")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = p.parse_args()
+    base = load_search_config(args.config, task_budget=args.episodes, screen_budget=10)
+    runs: dict[str, list] = {k: [] for k in args.variants}  # type: ignore[type-arg]
+    with tempfile.TemporaryDirectory() as tmp, ray_session(base):
+        for name in args.variants:
+            for seed in args.seeds:
+                cfg = _variant(
+                    base, VARIANTS[name], seed, args.budget, Path(tmp) / f"{name}{seed}"
+                )
+                start = time.perf_counter()
+                study = run_search(cfg).study
+                runs[name].append((study, time.perf_counter() - start))
+                print(f"# {name} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+    some = next(iter(runs.values()))[0][0]
+    objectives = list(some.user_attrs[StudyAttr.OBJECTIVES])
+    first = {  # what each run measured within its budget, by trial number
+        name: [[t for t in s.trials if t.number < args.budget] for s, _ in studies]
+        for name, studies in runs.items()
+    }
+    union = np.concatenate(
+        [
+            normalised_losses(s, ts)
+            for name, studies in runs.items()
+            for (s, _), ts in zip(studies, first[name], strict=True)
+        ]
+    )
+    ref_hv = hypervolume_of(union, objectives)
+    ref = some.user_attrs[StudyAttr.FLOAT_REFERENCE]
+    print(
+        f"\nFloat policy: success {ref['success']:.3f}, {ref['size_bytes']:,} bytes, "
+        f"{ref['latency_ms']:.3f} ms ({base.latency.backend}, {base.latency.threads} thread). "
+        f"Constraint: success >= float - {base.constraints.max_success_drop}. "
+        f"{args.episodes} episodes per level; {args.budget} trials per run; sampler seeds "
+        f"{args.seeds}. Reference: the union of {len(union)} feasible measured points, "
+        f"hypervolume {ref_hv:.4f}.\n"
+    )
+    print(
+        "| method | share of the reference front, mean (min-max) | gap closed | wall s per trial |"
+    )
+    print("|---|---|---|---|")
+    shares: dict[str, list[float]] = {}
+    seeded = [n for n in runs if VARIANTS[n]["sensitivity"] == ALLOCATIONS]
+    for label, prefix in ONE_SHOT.items():
+        by_seed = [
+            [t for t in ts if TrialRecord.from_frozen(t).proposed_by.startswith(prefix)]
+            for n in seeded
+            for (s, _), ts in zip(runs[n], first[n], strict=True)
+        ]
+        studies = [s for n in seeded for s, _ in runs[n]]
+        if by_seed and any(by_seed):
+            shares[label] = [
+                hypervolume_of(normalised_losses(s, ts), objectives) / ref_hv
+                for s, ts in zip(studies, by_seed, strict=True)
+            ]
+    for name, studies in runs.items():
+        shares[name] = [
+            hypervolume_of(normalised_losses(s, ts), objectives) / ref_hv
+            for (s, _), ts in zip(studies, first[name], strict=True)
+        ]
+    one_shot = [statistics.mean(shares[k]) for k in ONE_SHOT if k in shares and "uniform" not in k]
+    best_one_shot = max(one_shot, default=0.0)
+    for label, v in shares.items():
+        mean = statistics.mean(v)
+        gap = (mean - best_one_shot) / (1 - best_one_shot) if label in runs and one_shot else None
+        wall = (
+            statistics.mean(w / len(s.trials) for s, w in runs[label]) if label in runs else None
+        )
+        print(
+            f"| {label} | {mean:.3f} ({min(v):.3f}-{max(v):.3f}) | "
+            f"{'' if gap is None else f'{gap:+.2f}'} | {'' if wall is None else f'{wall:.1f}'} |"
+        )
+    pairs: dict[str, list[tuple[float, float]]] = {o: [] for o in objectives}
+    for studies in runs.values():
+        for s, _ in studies:
+            for t in s.trials:
+                predicted = TrialRecord.from_frozen(t).predicted
+                if predicted and t.values is not None:
+                    for o, v in zip(objectives, t.values, strict=True):
+                        pairs[o].append((predicted[o], v))
+    if any(pairs.values()):
+        print("\nmpq model-based: predicted vs measured (Spearman rank correlation)")
+        for o, xy in pairs.items():
+            if len(xy) > 2:
+                rho = spearmanr([x for x, _ in xy], [y for _, y in xy]).statistic
+                print(f"- {o}: {rho:.3f} over {len(xy)} proposals")
+
+
+def _variant(base, overrides: dict, seed: int, trials: int, out: Path):  # type: ignore[no-untyped-def]
     data = base.model_dump()
     data.update(
         {
@@ -58,113 +168,7 @@ def run_variant(base, overrides: dict, seed: int, trials: int, out: Path):  # ty
     )
     for k, v in overrides.items():
         data[k] = {**data[k], **v} if isinstance(v, dict) else v
-    cfg = type(base).model_validate(data)
-    start = time.perf_counter()
-    study = run_search(cfg).study
-    return study, time.perf_counter() - start
-
-
-def feasible(t) -> bool:  # type: ignore[no-untyped-def]
-    return TrialRecord.from_frozen(t).feasible
-
-
-def row_of(t, ref) -> str:  # type: ignore[no-untyped-def]
-    a = t.user_attrs
-    return (
-        f"{a['success']:.3f} ({a.get('success_lo', 0):.3f}-{a.get('success_hi', 0):.3f}) | "
-        f"{ref['size_bytes'] / a['size_bytes']:.2f}x | {a.get('speedup', 0):.3f}x"
-    )
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(ROOT / "examples/babyai/search.yaml"))
-    p.add_argument("--budgets", type=int, nargs="+", default=[24, 48])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--episodes", type=int, default=50, help="task budget per level")
-    args = p.parse_args()
-    base = load_search_config(args.config, task_budget=args.episodes, screen_budget=10)
-    base = base.model_copy(update={"population_size": 8})
-    trials = max(args.budgets)
-    results: dict[str, list] = {k: [] for k in VARIANTS}  # type: ignore[type-arg]
-    with tempfile.TemporaryDirectory() as tmp, ray_session(base):
-        for name, overrides in VARIANTS.items():
-            for seed in args.seeds:
-                study, wall = run_variant(
-                    base, overrides, seed, trials, Path(tmp) / f"{name}{seed}"
-                )
-                results[name].append((study, wall))
-                print(
-                    f"# {name} seed {seed}: hv {hypervolume(study):.4f} in {wall:.0f}s", flush=True
-                )
-    seeded = [s for s, _ in results["mpq (seeded NSGA-II + screening)"]]
-    ref = seeded[0].user_attrs[StudyAttr.FLOAT_REFERENCE]
-    print(
-        f"\nFloat policy: success {ref['success']:.3f} ({ref['success_lo']:.3f}-"
-        f"{ref['success_hi']:.3f}), {ref['size_bytes']:,} bytes, {ref['latency_ms']:.3f} ms "
-        f"(onnxruntime, 1 thread). Constraint: success >= float - "
-        f"{base.constraints.max_success_drop}. {args.episodes} episodes per level.\n"
-    )
-    print("| configuration | success (95% CI) | size ratio | speed-up (paired) |")
-    print("|---|---|---|---|")
-    for t in seeded[0].trials:
-        proposed_by = TrialRecord.from_frozen(t).proposed_by
-        if proposed_by != SEARCH and t.state == TrialState.COMPLETE:
-            print(f"| {proposed_by} | {row_of(t, ref)} |")
-    budgets = sorted(args.budgets)
-    print(
-        f"\n| search (seeds {args.seeds}) | "
-        + " | ".join(f"hypervolume at {n} trials, mean (min-max)" for n in budgets)
-        + " | smallest feasible: success, size ratio, speed-up | best feasible speed-up | "
-        "trials complete/pruned/failed | episodes | wall s per trial |"
-    )
-    print("|---" * (len(budgets) + 6) + "|")
-    for label, prefix in SEED_ROWS.items():  # the seed configurations alone
-        hvs = [
-            hypervolume(
-                s,
-                [t for t in s.trials if TrialRecord.from_frozen(t).proposed_by.startswith(prefix)],
-            )
-            for s in seeded
-        ]
-        cells = " | ".join(_spread(hvs) for _ in budgets)
-        print(f"| {label} | {cells} | | | | | |")
-    for name, runs in results.items():
-        cells = " | ".join(
-            _spread([hypervolume(s, _first(s, n)) for s, _ in runs]) for n in budgets
-        )
-        study = runs[0][0]
-        feas = [t for t in study.trials if t.state == TrialState.COMPLETE and feasible(t)]
-        small = min(feas, key=lambda t: t.user_attrs["size_bytes"]) if feas else None
-        fast = max((t.user_attrs.get("speedup", 0) for t in feas), default=0)
-        states = [t.state for t in study.trials]
-        counts = "/".join(
-            str(states.count(s)) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-        )
-        episodes = statistics.mean(
-            sum(int(t.user_attrs.get("episodes", 0)) for t in s.trials) for s, _ in runs
-        )
-        per_trial = statistics.mean(w / len(s.trials) for s, w in runs)
-        print(
-            f"| {name} | {cells} | {row_of(small, ref) if small else 'none'} | {fast:.2f}x | "
-            f"{counts} | {episodes:.0f} | {per_trial:.1f} |"
-        )
-
-
-SEED_ROWS = {
-    "uniform W8A8 alone": "uniform-8",
-    "uniform W4A8 alone": "uniform-4",
-    "greedy sensitivity allocation alone (75/60/50%)": "greedy",
-}
-
-
-def _first(study, n: int):  # type: ignore[no-untyped-def]
-    """The trials a run of ``n`` trials would have finished: the first ``n`` by number."""
-    return [t for t in study.trials if t.number < n]
-
-
-def _spread(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})"
+    return type(base).model_validate(data)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def space(
         fail(str(exc))
         return
     table = Table(title=f"{model}: {len(layers)} quantizable layers")
-    for col in ("layer", "kind", "params", "shape", "w_bits", "a_bits", "granularity", "tied"):
+    columns = ("layer", "kind", "params", "shape", "w_bits", "a_bits", "granularity", "tied")
+    for col in (*columns, "fused with"):
         table.add_column(col, justify="right" if col == "params" else "left")
     for layer in layers:
         opts = resolved[layer.name]
@@ -74,6 +75,7 @@ def space(
             ",".join(map(str, opts.a_bits)),
             ",".join(opts.granularity),
             ",".join(layer.tied),
+            opts.fused_with if opts.fused_with not in (None, layer.name) else "",
         )
     console.print(table)
     n = sum(la.num_params for la in layers)

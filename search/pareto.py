@@ -111,18 +111,31 @@ def _normalised_losses(study: optuna.Study, pool: list[FrozenTrial]) -> np.ndarr
     return np.asarray(rows, dtype=float)
 
 
-def hypervolume(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> float:
-    """Hypervolume of the feasible non-dominated points among ``trials`` (default: all)."""
+def normalised_losses(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> np.ndarray:
+    """The feasible complete trials among ``trials`` (default: all) as rows of minimised,
+    normalised losses (``-success``, ``size_bytes / float``, ``latency_ms / float``: the
+    paired ``1 / speedup``), comparable across studies of one model and target."""
     objectives = list(study.user_attrs.get(StudyAttr.OBJECTIVES, []))
     pool = feasible_complete(trials if trials is not None else study.get_trials(deepcopy=False))
     if not pool or not objectives:
-        return 0.0
-    losses = _normalised_losses(study, pool)
+        return np.zeros((0, len(objectives)))
+    return _normalised_losses(study, pool)
+
+
+def hypervolume_of(losses: np.ndarray, objectives: Sequence[str]) -> float:
+    """Hypervolume of rows of normalised losses up to ``REFERENCE`` (points outside it add
+    nothing)."""
     ref = np.asarray([-REFERENCE[o] if o == "success" else REFERENCE[o] for o in objectives])
-    inside = losses[(losses < ref).all(axis=1)]
+    inside = losses[(losses < ref).all(axis=1)] if len(losses) else losses
     if len(inside) == 0:
         return 0.0
     return _compute_hypervolume(inside, ref)
+
+
+def hypervolume(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> float:
+    """Hypervolume of the feasible non-dominated points among ``trials`` (default: all)."""
+    objectives = list(study.user_attrs.get(StudyAttr.OBJECTIVES, []))
+    return hypervolume_of(normalised_losses(study, trials), objectives)
 
 
 def hypervolume_history(study: optuna.Study) -> list[tuple[int, float]]:

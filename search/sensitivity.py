@@ -114,25 +114,40 @@ def greedy_allocation(
         return QuantConfig(layers={n: base_choice(resolved[n], b) for n, b in bits.items()})
 
     size = config_size(evaluator.model, evaluator.layers, config()).total_bytes
+    units = fused_units(resolved, sensitivity)
     while size > budget_bytes:
         best: tuple[float, str, int] | None = None
-        for name, s in sensitivity.items():
-            lower = [b for b in _int_bits(resolved[name]) if b < bits[name]]
+        for lead, members in units.items():
+            lower = [b for b in _int_bits(resolved[lead]) if b < bits[lead]]
             if not lower:
                 continue
-            nxt = lower[0]
-            la, opts = layers[name], resolved[name]
-            saved = layer_size_bytes(la, base_choice(opts, bits[name])) - layer_size_bytes(
-                la, base_choice(opts, nxt)
+            nxt, now = lower[0], bits[lead]
+            saved = sum(
+                layer_size_bytes(layers[m], base_choice(resolved[m], now))
+                - layer_size_bytes(layers[m], base_choice(resolved[m], nxt))
+                for m in members
             )
-            cost = (s[nxt] - s.get(bits[name], 0.0)) / max(saved, 1)
+            more_kl = sum(sensitivity[m][nxt] - sensitivity[m].get(now, 0.0) for m in members)
+            cost = more_kl / max(saved, 1)
             if best is None or cost < best[0]:
-                best = (cost, name, nxt)
+                best = (cost, lead, nxt)
         if best is None:
             break
-        bits[best[1]] = best[2]
+        for m in units[best[1]]:
+            bits[m] = best[2]
         size = config_size(evaluator.model, evaluator.layers, config()).total_bytes
     return config()
+
+
+def fused_units(
+    resolved: dict[str, LayerOptions], sensitivity: Sensitivity
+) -> dict[str, list[str]]:
+    """The allocators' decisions: each measured layer alone, or a fused group (the space's
+    ``groups``) as one, keyed by its first layer; a group's sensitivity is its layers' sum."""
+    units: dict[str, list[str]] = {}
+    for name in sensitivity:
+        units.setdefault(resolved[name].fused_with or name, []).append(name)
+    return units
 
 
 def ilp_allocation(
@@ -148,11 +163,21 @@ def ilp_allocation(
 
     layers = {la.name: la for la in evaluator.layers}
     fixed = {n: o.first() for n, o in resolved.items() if n not in sensitivity}
-    options = {n: _ilp_options(resolved[n], sensitivity[n]) for n in sensitivity}
+    units = fused_units(resolved, sensitivity)
+    summed = {  # a fused group: one decision whose sensitivity is its layers' sum
+        lead: {b: sum(sensitivity[m][b] for m in members) for b in sensitivity[lead]}
+        for lead, members in units.items()
+    }
+    options = {n: _ilp_options(resolved[n], summed[n]) for n in units}
+
+    def unit_bytes(lead: str, choice: LayerChoice) -> int:
+        return sum(layer_size_bytes(layers[m], choice) for m in units[lead])
+
     columns = [(n, c, kl) for n, opts in options.items() for c, kl in opts]
-    sizes = np.array([layer_size_bytes(layers[n], c) for n, c, _ in columns], float)
-    base = QuantConfig(layers={**fixed, **{n: opts[0][0] for n, opts in options.items()}})
-    searched_base = sum(layer_size_bytes(layers[n], opts[0][0]) for n, opts in options.items())
+    sizes = np.array([unit_bytes(n, c) for n, c, _ in columns], float)
+    first = {m: opts[0][0] for n, opts in options.items() for m in units[n]}
+    base = QuantConfig(layers={**fixed, **first})
+    searched_base = sum(unit_bytes(n, opts[0][0]) for n, opts in options.items())
     other = config_size(evaluator.model, evaluator.layers, base).total_bytes - searched_base
     # KL spans orders of magnitude (1e-8 at 8 bits to 1e-1 at 2): scaled so the smallest
     # positive cost is 1, the solver's absolute gap (1e-6) cannot pass a worse allocation off
@@ -174,13 +199,10 @@ def ilp_allocation(
         bounds=Bounds(0, 1),
     )
     if result.status != 0 or result.x is None:  # nothing fits: the smallest allocation
-        pick = {
-            n: min(opts, key=lambda o: layer_size_bytes(layers[n], o[0]))[0]
-            for n, opts in options.items()
-        }
+        pick = {n: min(opts, key=lambda o: unit_bytes(n, o[0]))[0] for n, opts in options.items()}
     else:
         pick = {n: c for (n, c, _), x in zip(columns, result.x, strict=True) if x > 0.5}
-    return QuantConfig(layers={**fixed, **pick})
+    return QuantConfig(layers={**fixed, **{m: pick[n] for n in units for m in units[n]}})
 
 
 def _ilp_options(options: LayerOptions, s: dict[int, float]) -> list[tuple[LayerChoice, float]]:

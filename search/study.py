@@ -2,9 +2,10 @@
 
 Each searched dimension of each layer (``spaces.space.DIMENSIONS``) is one parameter:
 ``<layer>.<dim>_rank`` for ordered ones (bits: the option's rank), ``<layer>.<dim>`` for the
-others; dimensions with a single option are not searched. The study lives in an RDB
-storage (SQLite by default) with heartbeats, so trials of a process that died are found stale
-and failed instead of staying "running" forever.
+others; dimensions with a single option are not searched. A fused group (the space's
+``groups``) is one decision: its first layer's parameters, followed by the others. The study
+lives in an RDB storage (SQLite by default) with heartbeats, so trials of a process that
+died are found stale and failed instead of staying "running" forever.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def distributions(resolved: dict[str, LayerOptions]) -> dict[str, BaseDistributi
     model order (TPE, GP) see that 4 bits lies between 3 and 6; the others as categories."""
     out: dict[str, BaseDistribution] = {}
     for name, options in resolved.items():
+        if _leader(name, options) != name:  # follows its fused group's first layer
+            continue
         for dim in DIMENSIONS:
             values = _options(options, dim)
             if len(values) < 2:
@@ -58,9 +61,10 @@ def config_from_params(resolved: dict[str, LayerOptions], params: dict[str, Any]
     layers = {}
     for name, options in resolved.items():
         pick = {}
+        leader = _leader(name, options)
         for dim in DIMENSIONS:
             values = _options(options, dim)
-            value = params.get(param_name(name, dim), 0 if dim.ordered else values[0])
+            value = params.get(param_name(leader, dim), 0 if dim.ordered else values[0])
             pick[dim.name] = values[int(value)] if dim.ordered else value
         layers[name] = options.first(**pick)
     return QuantConfig(layers=layers)
@@ -70,10 +74,19 @@ def params_from_config(resolved: dict[str, LayerOptions], config: QuantConfig) -
     """The parameters of ``config`` (to enqueue it as a trial).
 
     Raises:
-        ValueError: a choice of ``config`` is not an option of the space.
+        ValueError: a choice of ``config`` is not an option of the space, or splits a fused
+            group.
     """
     params: dict[str, Any] = {}
     for name, options in resolved.items():
+        leader = _leader(name, options)
+        if leader != name:
+            if config.layers[name] != config.layers[leader]:
+                raise ValueError(
+                    f"seed config: layers[{name!r}] differs from layers[{leader!r}], the first "
+                    "layer of its fused group (one decision)"
+                )
+            continue
         for dim in DIMENSIONS:
             values = _options(options, dim)
             value = getattr(config.layers[name], dim.name)
@@ -87,6 +100,11 @@ def params_from_config(resolved: dict[str, LayerOptions], config: QuantConfig) -
                 )
             params[param_name(name, dim)] = values.index(value) if dim.ordered else value
     return params
+
+
+def _leader(name: str, options: LayerOptions) -> str:
+    """The layer whose parameters decide ``name``'s choice: its fused group's first, or itself."""
+    return options.fused_with or name
 
 
 def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:

@@ -62,14 +62,21 @@ def enqueue_seeds(
     evaluator: Evaluator,
     resolved: dict[str, LayerOptions],
 ) -> None:
-    """Enqueue each distinct seed configuration once, labelled ``proposed_by``."""
+    """Enqueue each distinct seed configuration once, labelled ``proposed_by``. The
+    model-based sampler predicts success from the per-layer sensitivity, so ``sampler: mpq``
+    measures it (and enqueues nothing) with the seeds off."""
     if not cfg.sensitivity.enabled:
+        if cfg.sampler == "mpq":
+            s = sens.measure_sensitivity(evaluator, resolved, Path(cfg.output_dir))
+            study.set_user_attr(StudyAttr.SENSITIVITY, _jsonable_sensitivity(s))
         return
     seeds, s = seed_configs(cfg, evaluator, resolved)
-    study.set_user_attr(
-        StudyAttr.SENSITIVITY, {k: {str(b): v for b, v in d.items()} for k, d in s.items()}
-    )
+    study.set_user_attr(StudyAttr.SENSITIVITY, _jsonable_sensitivity(s))
     enqueue_configs(study, resolved, seeds)
+
+
+def _jsonable_sensitivity(s: sens.Sensitivity) -> dict[str, dict[str, float]]:
+    return {k: {str(b): v for b, v in d.items()} for k, d in s.items()}
 
 
 def enqueue_configs(

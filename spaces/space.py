@@ -159,6 +159,11 @@ class LayerOptions(BaseModel):
     act_mode: tuple[ActMode, ...] = Field(
         ("dynamic",), description="static (calibrated) and/or dynamic activation ranges"
     )
+    fused_with: str | None = Field(
+        None,
+        description="set by the space's groups, not by hand: the first layer of this layer's "
+        "fused group, whose decision it follows",
+    )
 
     @field_validator("group_size", mode="before")
     @classmethod
@@ -234,6 +239,7 @@ Override = create_model(  # type: ignore[call-overload]
     **{
         name: (f.annotation | None, Field(None, description=f.description))
         for name, f in LayerOptions.model_fields.items()
+        if name != "fused_with"
     },
 )
 
@@ -260,6 +266,19 @@ class SearchSpace(BaseModel):
     defaults: LayerOptions = Field(default_factory=LayerOptions)
     overrides: tuple[Override, ...] = Field((), description="per-layer options, see below")
     skip: tuple[str, ...] = Field((), description="layer names or globs kept in float")
+    groups: tuple[tuple[str, ...], ...] = Field(
+        (),
+        description="fused groups: each a list of layer names or globs that a backend runs as "
+        "one kernel (Q, K and V of one attention), searched as one decision; the layers of a "
+        "group must have the same options",
+    )
+
+    @field_validator("defaults")
+    @classmethod
+    def _no_fused_defaults(cls, v: LayerOptions) -> LayerOptions:
+        if v.fused_with is not None:
+            raise ValueError("fused_with is set by groups, not in defaults")
+        return v
 
     def resolve(
         self, layers: tuple[LayerInfo, ...], source: str = "space"
@@ -304,7 +323,45 @@ class SearchSpace(BaseModel):
                     f for f in override.model_fields_set if getattr(override, f) is not None
                 }
             resolved[layer.name] = _narrow(layer, options, explicit, source)
-        return resolved
+        return self._fuse(resolved, source)
+
+    def _fuse(self, resolved: dict[str, LayerOptions], source: str) -> dict[str, LayerOptions]:
+        """Mark each group's layers ``fused_with`` its first layer (in model order).
+
+        Raises:
+            ValueError: a pattern matches no layer, a group has fewer than two layers, a layer
+                is in two groups, or two layers of a group have different options.
+        """
+        known = list(resolved)
+        taken: dict[str, int] = {}
+        out = dict(resolved)
+        for i, group in enumerate(self.groups):
+            members: list[str] = []
+            for j, pattern in enumerate(group):
+                hits = [n for n in known if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+                if not hits:
+                    raise unknown_name_error(f"{source}: groups[{i}][{j}]", pattern, known)
+                members += [n for n in hits if n not in members]
+            members.sort(key=known.index)
+            if len(members) < 2:
+                raise ValueError(f"{source}: groups[{i}] needs two or more layers, got {members}")
+            for name in members:
+                if name in taken:
+                    raise ValueError(
+                        f"{source}: groups[{i}]: layer {name!r} is in groups[{taken[name]}] too"
+                    )
+                taken[name] = i
+                if resolved[name] != resolved[members[0]]:
+                    a, b = resolved[members[0]].model_dump(), resolved[name].model_dump()
+                    dim = next(k for k in a if a[k] != b[k])
+                    raise ValueError(
+                        f"{source}: groups[{i}]: {members[0]!r} and {name!r} have different "
+                        f"{dim} options ({list(a[dim])} vs {list(b[dim])}); a fused group is "
+                        "one decision"
+                    )
+            for name in members:
+                out[name] = resolved[name].model_copy(update={"fused_with": members[0]})
+        return out
 
 
 def _narrow(

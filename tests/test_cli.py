@@ -111,3 +111,14 @@ def test_allocate_writes_a_configuration_that_fits(tmp_path: Path) -> None:
     bad = runner.invoke(app, ["allocate", str(p), "--method", "knapsack"])
     assert bad.exit_code == 2
     assert "allocation method 'knapsack' not in ['greedy', 'ilp']" in bad.output
+
+
+def test_space_shows_fused_groups(tmp_path: Path) -> None:
+    p = tmp_path / "s.yaml"
+    p.write_text("groups:\n  - [conv1, conv2]\n")
+    result = runner.invoke(
+        app, ["space", "tests.models:ConvNet", "--space", str(p)], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    row = next(ln for ln in result.output.splitlines() if "conv2 " in ln)
+    assert row.rstrip(" │").endswith("conv1")  # conv2 follows conv1's decision

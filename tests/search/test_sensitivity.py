@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 
 from mpq.evaluators.evaluator import EvalSpec, Evaluator
 from mpq.evaluators.size import config_size
-from mpq.search.sensitivity import greedy_allocation, measure_sensitivity, uniform_config
-from mpq.spaces.space import LayerOptions, SearchSpace
+from mpq.search.sensitivity import (
+    base_choice,
+    greedy_allocation,
+    measure_sensitivity,
+    uniform_config,
+)
+from mpq.spaces.space import LayerOptions, QuantConfig, SearchSpace
 
 SPEC = EvalSpec(
     model="tests.models:build_convnet",
@@ -135,3 +141,33 @@ def test_ilp_seeds_are_labelled_and_no_worse_than_greedy_at_their_budget(tmp_pat
     assert {"uniform-8bit", "uniform-4bit", "greedy-50pct", "ilp-50pct"} == set(by_label)
     ilp, greedy = by_label["ilp-50pct"], by_label["greedy-50pct"]
     assert summed_sensitivity(s, ilp) <= summed_sensitivity(s, greedy) + 1e-12
+
+
+def test_the_allocators_keep_a_fused_group_one_decision() -> None:
+    """Greedy and ILP lower a group's layers together, and the ILP is still the exact optimum
+    over the configurations that keep the group together."""
+    from mpq.search.sensitivity import ilp_allocation, summed_sensitivity
+
+    ev = Evaluator(SPEC)
+    space = SearchSpace(defaults=LayerOptions(w_bits=(2, 4, 8)), groups=(("conv1", "conv2"),))
+    resolved = space.resolve(ev.layers)
+    s = measure_sensitivity(ev, resolved)
+    size8 = config_size(ev.model, ev.layers, uniform_config(resolved, 8)).total_bytes
+    for frac in (0.8, 0.5):
+        budget = int(size8 * frac)
+        ilp = ilp_allocation(ev, resolved, s, budget)
+        greedy = greedy_allocation(ev, resolved, s, budget)
+        for config in (ilp, greedy):
+            assert config.layers["conv1"] == config.layers["conv2"]
+            assert config_size(ev.model, ev.layers, config).total_bytes <= budget
+        best = None
+        for combo in itertools.product((2, 4, 8), repeat=len(ev.layers) - 1):
+            bits = dict(
+                zip([la.name for la in ev.layers if la.name != "conv2"], combo, strict=True)
+            )
+            bits["conv2"] = bits["conv1"]
+            c = QuantConfig(layers={n: base_choice(resolved[n], b) for n, b in bits.items()})
+            if config_size(ev.model, ev.layers, c).total_bytes <= budget:
+                cost = summed_sensitivity(s, c)
+                best = cost if best is None else min(best, cost)
+        assert summed_sensitivity(s, ilp) == pytest.approx(best, rel=1e-9, abs=0)

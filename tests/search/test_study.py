@@ -167,3 +167,23 @@ def test_float_weights_do_not_multiply_by_group_sizes() -> None:
     assert len(options.choices()) == 3  # w4 g16, w4 g32, w32
     assert len(keys) == 3
     assert options.first(w_bits=32, group_size=32) == options.first(w_bits=32)
+
+
+def test_a_fused_group_is_one_decision() -> None:
+    space = SearchSpace(defaults=LayerOptions(w_bits=(4, 8, 32)), groups=(("conv1", "conv2"),))
+    resolved = space.resolve(LAYERS)
+    dists = study_mod.distributions(resolved)
+    assert "conv1.w_bits_rank" in dists and not any(k.startswith("conv2.") for k in dists)
+    config = study_mod.config_from_params(resolved, {"conv1.w_bits_rank": 0, "fc.w_bits_rank": 2})
+    assert config.layers["conv2"] == config.layers["conv1"] and config.layers["conv1"].w_bits == 4
+    assert (
+        study_mod.config_from_params(resolved, study_mod.params_from_config(resolved, config))
+        == config
+    )
+    split = config.model_copy(update={"layers": {**config.layers, "conv2": config.layers["fc"]}})
+    with pytest.raises(
+        ValueError,
+        match=r"^seed config: layers\['conv2'\] differs from layers\['conv1'\], the first layer "
+        r"of its fused group \(one decision\)$",
+    ):
+        study_mod.params_from_config(resolved, split)

@@ -141,3 +141,46 @@ def test_a_round_tripped_space_resolves_the_same() -> None:
     again = SearchSpace.model_validate(space.model_dump())  # None fields now explicitly set
     assert again.resolve(REC) == space.resolve(REC)
     assert again.resolve(REC)["embed"].a_bits == (32,)
+
+
+def test_a_fused_group_marks_its_layers_with_its_first() -> None:
+    space = SearchSpace(groups=(("conv2", "conv1"),))
+    resolved = space.resolve(CONV)
+    assert resolved["conv1"].fused_with == "conv1" and resolved["conv2"].fused_with == "conv1"
+    assert resolved["fc"].fused_with is None
+    globbed = SearchSpace(groups=(("conv?",),)).resolve(CONV)
+    assert globbed["conv2"].fused_with == "conv1"
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        (
+            SearchSpace(groups=(("conv1", "convx"),)),
+            r"^s: groups\[0\]\[1\]: unknown layer 'convx'",
+        ),
+        (
+            SearchSpace(groups=(("conv1",),)),
+            r"^s: groups\[0\] needs two or more layers, got \['conv1'\]$",
+        ),
+        (
+            SearchSpace(groups=(("conv1", "conv2"), ("conv2", "fc"))),
+            r"^s: groups\[1\]: layer 'conv2' is in groups\[0\] too$",
+        ),
+        (
+            SearchSpace(overrides=(Override(match="conv2", w_bits=(4, 8)),), groups=(("conv*",),)),
+            r"^s: groups\[0\]: 'conv1' and 'conv2' have different w_bits options "
+            r"\(\[2, 3, 4, 6, 8, 32\] vs \[4, 8\]\); a fused group is one decision$",
+        ),
+    ],
+)
+def test_a_bad_fused_group_is_one_line(space: SearchSpace, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        space.resolve(CONV, "s")
+
+
+def test_fused_with_is_not_set_by_hand() -> None:
+    with pytest.raises(ValidationError, match="fused_with is set by groups"):
+        SearchSpace.model_validate({"defaults": {"fused_with": "conv1"}})
+    with pytest.raises(ValidationError, match="fused_with"):
+        Override.model_validate({"match": "conv1", "fused_with": "conv2"})
