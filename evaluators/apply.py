@@ -86,6 +86,15 @@ def _arg_indices(layer: LayerInfo) -> tuple[int, ...]:
     return (0,)
 
 
+def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """``quantized`` where ``x`` needs no gradient; else ``x + (quantized - x).detach()``: the
+    quantized value forward, the identity backward (the straight-through estimator, for
+    quantization-aware training: ``round`` has no gradient)."""
+    if not x.requires_grad:
+        return quantized
+    return x + (quantized - x).detach()
+
+
 class _InputQuantizer:
     """A forward pre-hook that observes (calibration) or fake-quantizes chosen inputs."""
 
@@ -111,7 +120,7 @@ class _InputQuantizer:
                 if spec.observer is not None:
                     spec.observer.update(x)
                 continue
-            x = self._quantize(x, spec, batch_axis(module, i, x))
+            x = straight_through(x, self._quantize(x.detach(), spec, batch_axis(module, i, x)))
             if rest is not None:
                 x = (x, *rest)
             if in_args:
@@ -203,7 +212,9 @@ class _OutputQuantizer:
             self.observer.update(out)
             return out
         lo, hi = self.range if self.range is not None else (None, None)
-        return fake_quantize_activation(out, self.bits, False, lo, hi)
+        return straight_through(
+            out, fake_quantize_activation(out.detach(), self.bits, False, lo, hi)
+        )
 
 
 @dataclass

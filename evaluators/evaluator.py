@@ -6,8 +6,10 @@ calibration data and example inputs once per process and measures any number of 
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,7 @@ from mpq.evaluators.latency import paired_speedup
 from mpq.evaluators.latency_table import LatencyTable, model_target
 from mpq.evaluators.model import build_model
 from mpq.evaluators.proxy import output_agreement, reference_outputs
+from mpq.evaluators.qat import QatResult, QatSettings, finetune
 from mpq.evaluators.size import config_size, float_size_bytes
 from mpq.evaluators.task import run_task
 from mpq.spaces.discover import LayerInfo, discover_layers
@@ -97,6 +100,51 @@ class Evaluator:
         self.backend = self.base_backend.pinned(kernels)
         self._lowered.clear()
         self._float_lowered = None
+
+    def with_model(self, model: nn.Module) -> Evaluator:
+        """This evaluator measuring ``model`` (a fine-tuned float shadow of the same
+        architecture) instead: the same task, calibration, float reference outputs and float
+        latency reference (the original float model's)."""
+        if self.spec.measure_latency:
+            self._float()
+        other = copy.copy(self)
+        other.model = model
+        other._lowered = {}
+        return other
+
+    def finetuned(
+        self,
+        config: QuantConfig,
+        settings: QatSettings,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> tuple[Evaluator, QatResult]:
+        """Quantization-aware training of ``config`` as the backend runs it (``as_ran``): the
+        evaluator of the fine-tuned model, and how training went (``evaluators.qat``).
+
+        Raises:
+            ValueError: a user callable that does not load or returns no data, or training
+                that fails (a loss that is not a finite scalar).
+        """
+        ran = self.as_ran(config)
+        step = load_callable(settings.step, "qat.step") if settings.step else None
+        data = self.calibration
+        if settings.data:
+            data = list(load_callable(settings.data, "qat.data")())
+            if not data:
+                raise ValueError(f"qat.data {settings.data!r} returned no batch")
+        with timing_slot.compute():
+            result = finetune(
+                self.model,
+                self.layers,
+                ran,
+                data,
+                settings,
+                self.spec.observer,
+                step,
+                on_step,
+                calibration=self.calibration,
+            )
+        return self.with_model(result.model), result
 
     def quantized(self, config: QuantConfig) -> nn.Module:
         return apply_config(self.model, config, self.calibration, self.spec.observer, self.layers)

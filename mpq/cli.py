@@ -219,6 +219,73 @@ def export(
 
 
 @app.command()
+def finetune(
+    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)")],
+    trial: Annotated[int | None, typer.Option(help="fine-tune this trial's configuration")] = None,
+    quant_config: Annotated[
+        Path | None, typer.Option("--config", help="or this configuration file")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
+    progressive: Annotated[
+        bool | None, typer.Option("--progressive/--one-step", help="step the bits down")
+    ] = None,
+    lsq: Annotated[bool | None, typer.Option("--lsq/--min-max", help="learned ranges")] = None,
+) -> None:
+    """Quantization-aware training of one configuration (a trial's or a file's): success
+    before and after on the study's task, exported with its deployable model."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from mpq.search.config import load_search_config
+    from mpq.search.finetune import describe, finetune_config, trial_config
+    from mpq.search.study import open_study
+    from mpq.spaces.io import load_config
+
+    try:
+        if (trial is None) == (quant_config is None):
+            raise ValueError("finetune: give --trial N or --config FILE (one of them)")
+        cfg = load_search_config(config)
+        changes = {"steps": steps, "lr": lr, "progressive": progressive, "lsq": lsq}
+        settings = cfg.qat.model_validate(
+            {**cfg.qat.model_dump(), **{k: v for k, v in changes.items() if v is not None}}
+        )
+        study, kernels = None, {}
+        if trial is not None:
+            study = open_study(cfg, resume=True)
+            qc, kernels = trial_config(study, trial)
+        else:
+            qc = load_config(quant_config)  # type: ignore[arg-type]
+        name = f"trial-{trial}" if trial is not None else Path(str(quant_config)).stem
+        target = out or Path(cfg.output_dir) / "finetuned" / name
+        progress = Progress(
+            TextColumn("QAT"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps, loss {task.fields[loss]:.4g}"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        with progress:
+            task = progress.add_task("qat", total=settings.steps, loss=float("nan"))
+            info = finetune_config(
+                cfg,
+                qc,
+                settings,
+                target,
+                kernels,
+                lambda n, loss: progress.update(task, completed=n, loss=loss),
+            )
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    console.print(describe(info))
+    if cfg.tracking.enabled and study is not None:
+        from mpq.search.tracking import Tracker
+
+        Tracker(cfg, console).finetuned(study, info, trial, target / "qat_loss.png")
+
+
+@app.command()
 def allocate(
     config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)")],
     budget: Annotated[float, typer.Option(help="size budget: a fraction of the 8-bit size")] = 0.5,

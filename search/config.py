@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mpq.evaluators.qat import QatSettings
 from mpq.spaces.io import parse_model, read_data
 from mpq.spaces.space import SearchSpace
 
@@ -174,6 +175,10 @@ class SearchConfig(BaseModel):
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    qat: QatSettings = Field(
+        default_factory=QatSettings,
+        description="quantization-aware training of one configuration (mpq finetune)",
+    )
 
     @field_validator("objectives")
     @classmethod

@@ -218,10 +218,10 @@ def export_trial(
         "config.yaml": dump_text(config, "c.yaml").encode(),
         "config.json": dump_text(config, "c.json").encode(),
         "ran_config.yaml": dump_text(ran, "c.yaml").encode(),
-        ARTIFACT: _torch_bytes(state),
+        ARTIFACT: torch_bytes(state),
     }
     if deployable["artifact"] == "onnx":
-        files.update(_onnx_files(ev, config, ran))
+        files.update(onnx_files(ev, config, ran))
     confirmed = confirm(cfg, ev, ran)
     files["MODEL_CARD.md"] = model_card(cfg, study, t, deployable, confirmed).encode()
     try:
@@ -277,7 +277,7 @@ def describe_export(info: dict[str, Any], t: FrozenTrial) -> str:
     return line
 
 
-def _torch_bytes(obj: Any) -> bytes:
+def torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)  # serialised in memory, so a full disk fails in plain file I/O
     return buf.getvalue()
@@ -289,7 +289,7 @@ def _npz(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _onnx_files(ev: Any, config: QuantConfig, ran: QuantConfig) -> dict[str, bytes]:
+def onnx_files(ev: Any, config: QuantConfig, ran: QuantConfig) -> dict[str, bytes]:
     """``model.onnx``, its ``io.json``, one step of inputs and the simulated model's outputs."""
     lowered = ev.lower(config)
     session = lowered.module

@@ -54,6 +54,7 @@ def config_reference_markdown() -> str:
         ]
         if model is SearchSpace:
             rows = [r for r in rows if not r[0].startswith("defaults.")]
+        rows = [r for r in rows if not r[0].endswith("fused_with")]  # set by groups only
         lines = [f"#### {title}", "", "| field | type | default | meaning |", "|---|---|---|---|"]
         lines += [f"| `{k}` | `{_cell(t)}` | `{_cell(d)}` | {_cell(m)} |" for k, t, d, m in rows]
         parts.append("\n".join(lines))

@@ -309,6 +309,31 @@ class Tracker:
         self.client.set_tag(parent, "trials", str(n))
         self.client.set_terminated(parent, "FINISHED")
 
+    def finetuned(
+        self, study: optuna.Study, info: dict[str, Any], trial: int | None, png: Path
+    ) -> None:
+        """Log an ``mpq finetune`` as a run nested under the study's: the loss curve as a
+        metric per step, the plot and ``qat.json``."""
+        self.start(study)
+        if self.parent_id is None or self.down:
+            return
+        run = finetune_run(info, trial)
+        run.tags |= {STUDY_TAG: study.study_name, "mlflow.parentRunId": self.parent_id}
+        self._guard(self._log_finetune, run, info["loss"], png)
+
+    def _log_finetune(self, run: TrialRun, losses: list[float], png: Path) -> None:
+        name = "finetune" + ("" if run.number < 0 else f"-trial-{run.number}")
+        rid = self.client.create_run(self._experiment_id(), run_name=name, tags=run.tags)
+        rid_s = rid.info.run_id
+        self._log(rid_s, run.params, run.metrics)
+        loss = [Metric("qat_loss", v, 0, i + 1) for i, v in enumerate(losses)]
+        for i in range(0, len(loss), 1000):
+            self.client.log_batch(rid_s, metrics=loss[i : i + 1000])
+        for path, text in run.texts.items():
+            self.client.log_text(rid_s, text, path)
+        self.client.log_artifact(rid_s, str(png))
+        self.client.set_terminated(rid_s, run.status)
+
     def confirm(self, study: optuna.Study, number: int, metrics: dict[str, float]) -> None:
         """Log an exported trial's held-out confirmation on its run (``confirm_*`` metrics)."""
         measured = Measurements.from_attrs(metrics).as_metrics()
@@ -324,6 +349,20 @@ class Tracker:
         for k, v in values.items():
             self.client.log_metric(rid, k, v)
         self.client.set_tag(rid, "exported", "true")
+
+
+def finetune_run(info: dict[str, Any], trial: int | None) -> TrialRun:
+    """The run of one ``mpq finetune``: its settings, the loss per step, success before and
+    after, time and bytes (nested under the study's run)."""
+    settings = {f"qat.{k}": str(v) for k, v in info["settings"].items()}
+    metrics = {f"ptq_{k}": v for k, v in info["ptq"].items()}
+    metrics |= {f"qat_{k}": v for k, v in info["qat"].items()}
+    metrics |= {"qat_seconds": info["seconds"], "size_bytes": float(info["size_bytes"])}
+    tags = {KIND_TAG: "finetune", "out_dir": info["out_dir"]}
+    if trial is not None:
+        tags[TRIAL_TAG + "_finetuned"] = str(trial)
+    texts = {"qat.json": json.dumps({k: v for k, v in info.items() if k != "loss"}, indent=1)}
+    return TrialRun(-1 if trial is None else trial, tags, settings, metrics, texts, "FINISHED")
 
 
 def _line(exc: BaseException) -> str:

@@ -84,6 +84,40 @@ class TiedLM(nn.Module):
         return self.out(torch.relu(self.proj(self.embed(tokens))))
 
 
+class Mlp(nn.Module):
+    """A classifier whose logits are peaked (like a trained one): 2-bit post-training
+    quantization loses a good share of its decisions, quantization-aware training wins some
+    back (the QAT tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        with torch.no_grad():
+            self.head.weight.mul_(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 16)
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def build_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return Mlp().eval()
+
+
+def mlp_calibration() -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(64, 16, generator=g),) for _ in range(16)]
+
+
+def mlp_task(model: nn.Module, budget: int) -> dict[str, float]:
+    """'Success' = share of ``budget`` held-out inputs where the class equals the float one's."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(budget, 16, generator=g)
+    with torch.inference_mode():
+        agree = (model(x).argmax(-1) == build_mlp()(x).argmax(-1)).float()
+    return {"success": float(agree.mean()), "n": float(budget)}
+
+
 def example_inputs(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(1)
     if isinstance(model, ConvNet):
@@ -92,6 +126,8 @@ def example_inputs(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...]
         return (torch.randint(0, 20, (batch, 5), generator=g),)
     if isinstance(model, TinyTransformer | Stacked):
         return (torch.randn(batch, 6, 32, generator=g),)
+    if isinstance(model, Mlp):
+        return (torch.randn(batch, 16, generator=g),)
     if isinstance(model, WideInput):
         return (torch.randn(batch, 1024, generator=g),)
     return (torch.randint(0, 50, (batch, 5), generator=g),)
