@@ -76,6 +76,11 @@ class QatSettings(BaseModel):
         None, description="module:function -> batches to train on (default: calibration)"
     )
     seed: int = Field(0, description="order of the batches")
+    when: Literal["never", "infeasible"] = Field(
+        "never",
+        description="in the search: never, or for a trial whose post-training success misses "
+        "the constraint while its size and latency would reach the front (a QAT stage)",
+    )
 
 
 @dataclass
@@ -282,11 +287,17 @@ def finetune(
             needed where a user step's batches are not model inputs, such as (x, label)).
 
     Raises:
-        ValueError: no batch, a loss that is not a finite scalar tensor (the step named), or a
-            layer the simulated model does not hold.
+        ValueError: no batch, nothing quantized to an integer format, a loss that is not a
+            finite scalar tensor (the step named), or a layer the simulated model does not
+            hold.
     """
     if not batches:
         raise ValueError("QAT: no batch to train on")
+    if all(c.w_bits > INT_BITS_MAX and c.a_bits > INT_BITS_MAX for c in config.layers.values()):
+        raise ValueError(
+            "QAT: the configuration (as it runs) has no integer weight or activation: "
+            "nothing for quantization-aware training to recover"
+        )
     start = time.perf_counter()
     config.check(layers)
     shadow = copy.deepcopy(model).float().train()

@@ -1,4 +1,5 @@
-"""Small statistics shared by tasks and the search: the binomial interval of a success rate."""
+"""Small statistics shared by tasks and the search: the binomial interval of a success rate,
+and the paired difference of two success rates measured on the same episodes."""
 
 from __future__ import annotations
 
@@ -21,3 +22,31 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
     lo = 0.0 if successes == 0 else max(0.0, center - half)
     hi = 1.0 if successes == trials else min(1.0, center + half)  # exact at the ends
     return lo, hi
+
+
+def paired_difference(a: str, b: str, level: float = 0.95) -> tuple[float, float, float]:
+    """Success of ``a`` minus success of ``b`` on the same episodes, with its interval.
+
+    ``a`` and ``b`` are per-episode outcomes (``"0"``/``"1"``, the same episodes in the same
+    order, as a task's ``outcomes``). Only the ``m`` episodes where they disagree carry
+    information (McNemar): ``a`` wins ``k`` of them, ``k ~ Binomial(m, p)`` and the difference
+    is ``(2p - 1) m / n``; the interval is the exact (Clopper-Pearson) one on ``p``, mapped
+    the same way (conditional on ``m``). Two models that agree on every episode differ by
+    exactly 0, interval ``[0, 0]``: the episodes cannot tell them apart, and no noise
+    separates them either.
+
+    Raises:
+        ValueError: the outcomes are not of the same episodes (lengths differ) or empty.
+    """
+    from scipy.stats import binomtest
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_difference: {len(a)} and {len(b)} outcomes, not one episode set")
+    n = len(a)
+    wins = sum(1 for x, y in zip(a, b, strict=True) if x == "1" and y == "0")
+    losses = sum(1 for x, y in zip(a, b, strict=True) if x == "0" and y == "1")
+    m = wins + losses
+    if m == 0:
+        return 0.0, 0.0, 0.0
+    ci = binomtest(wins, m).proportion_ci(confidence_level=level, method="exact")
+    return (wins - losses) / n, (2 * ci.low - 1) * m / n, (2 * ci.high - 1) * m / n

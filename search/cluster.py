@@ -30,6 +30,13 @@ def _on_node(*args: Any) -> dict[str, Any]:
     return out
 
 
+def _qat_on_node(*args: Any) -> dict[str, Any]:
+    """``worker.qat_trial`` on a Ray worker, with the node it ran on."""
+    out = worker.qat_trial(*args)
+    out["node"] = ray.get_runtime_context().get_node_id()
+    return out
+
+
 class TrialTasks:
     """The trials' Ray tasks, with the resources a trial asks of the cluster."""
 
@@ -42,6 +49,9 @@ class TrialTasks:
             "resources": dict(cfg.ray.resources_per_trial),
         }
         self._evaluate = ray.remote(_on_node).options(
+            **resources, max_retries=cfg.ray.max_retries, retry_exceptions=False
+        )
+        self._qat = ray.remote(_qat_on_node).options(
             **resources, max_retries=cfg.ray.max_retries, retry_exceptions=False
         )
         self._table = ray.remote(worker.build_table).options(**resources)
@@ -61,6 +71,25 @@ class TrialTasks:
             config_json,
             artifact,
             episodes,
+            self.cfg.trial_memory_mb,
+            latency_table,
+            self.kernel_table,
+        )
+
+    def submit_qat(
+        self,
+        config_json: str,
+        artifact: worker.ArtifactFigures,
+        episodes: int,
+        latency_table: str | None,
+    ) -> Any:
+        """Start a trial's QAT stage (``worker.qat_trial``); returns its reference."""
+        return self._qat.remote(
+            self.spec,
+            config_json,
+            artifact,
+            episodes,
+            self.cfg.qat.model_dump_json(),
             self.cfg.trial_memory_mb,
             latency_table,
             self.kernel_table,

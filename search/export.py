@@ -127,6 +127,7 @@ def model_card(
         if confirmed
         else "No held-out confirmation: set `confirm_task` and `confirm_budget` in the config.",
         "",
+        *_qat_note(a.get(TrialAttr.QAT, {})),
         _latency_note(cfg, ref, a.get(TrialAttr.LATENCY_INFO, {})),
         f"Also `{ARTIFACT}`: the packed weights of what runs, for PyTorch "
         "(`mpq.search.export.load_artifact(path, ran_config, model, calibration=...)`); "
@@ -139,6 +140,20 @@ def model_card(
         "```",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _qat_note(qat: dict[str, Any]) -> list[str]:
+    """The QAT stage's lines of the model card (none where it did not run)."""
+    if not qat.get("checkpoint"):
+        return []
+    return [
+        f"Fine-tuned with quantization-aware training in the search: {qat.get('steps')} steps "
+        f"({qat.get('seconds', 0):.0f} s, progressive: {qat.get('progressive')}, learned "
+        f"ranges: {qat.get('lsq')}); success {qat.get('ptq_success', float('nan')):.3f} after "
+        "post-training quantization alone. The weights that ship are the fine-tuned ones, "
+        "quantized by the same formula and packing.",
+        "",
+    ]
 
 
 def _figures_table(
@@ -210,6 +225,8 @@ def export_trial(
     config = record.config
     ev = get_evaluator(eval_spec(cfg))
     ev.pin_kernels(dict(record.kernels))  # the kernels the trial ran (same numerics)
+    if record.qat.get("checkpoint"):  # the trial's QAT stage: its fine-tuned weights ship
+        ev = ev.with_model(qat_model(cfg, ev.model, record))
     ran = ev.as_ran(config)
     deployable = ev.artifact(config)
     _check_same_as_trial(cfg, ev, record, deployable)
@@ -238,6 +255,28 @@ def export_trial(
         "confirmed": confirmed,
         "out_dir": str(out_dir),
     }
+
+
+def qat_model(cfg: SearchConfig, model: torch.nn.Module, record: TrialRecord) -> torch.nn.Module:
+    """The fine-tuned float model of a trial's QAT stage (``output_dir/qat/trial-N.pt``,
+    loaded with ``weights_only=True``).
+
+    Raises:
+        ValueError: the checkpoint is missing or does not fit the model.
+    """
+    import copy
+
+    path = Path(cfg.output_dir) / str(record.qat["checkpoint"])
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        tuned = copy.deepcopy(model)
+        tuned.load_state_dict(state)
+    except (OSError, RuntimeError) as exc:
+        raise ValueError(
+            f"export of trial {record.number}: its QAT weights {str(path)!r} do not load: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    return tuned.eval()
 
 
 def _check_same_as_trial(

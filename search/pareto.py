@@ -19,6 +19,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from mpq.search.record import (
+    SEARCH,
     StudyAttr,
     TrialAttr,
     TrialRecord,
@@ -167,7 +168,59 @@ def trial_row(study: optuna.Study, record: TrialRecord) -> dict[str, Any]:
         "ran_mean_w_bits": record.mean_w_bits(),  # of what ran (asked: MLflow's mean_w_bits)
         "feasible": record.feasible,
         "proposed_by": record.proposed_by,
+        # the QAT stage: success before it (post-training), None where it did not run
+        "ptq_success": record.qat.get("ptq_success"),
+        "qat_steps": record.qat.get("steps"),
     }
+
+
+def seed_dominations(study: optuna.Study) -> list[dict[str, Any]]:
+    """Front trials the search proposed that dominate a feasible seed trial (a one-shot
+    allocation: uniform, greedy, ILP), with the success difference paired on the same episodes
+    (``stats.paired_difference`` on the task's ``outcomes``).
+
+    ``beyond_noise``: the domination holds with the search trial's success taken at the lower
+    end of the paired 95% interval (``success_lo_diff >= 0``): not one lucky draw. Where the
+    task reports no outcomes the difference is None and nothing is beyond noise.
+    """
+    from mpq.evaluators.stats import paired_difference
+
+    directions = study.directions
+    found = [TrialRecord.from_frozen(t) for t in front_trials(study)]
+    seeds = [
+        r
+        for r in records(study, (TrialState.COMPLETE,))
+        if r.proposed_by != SEARCH and r.duplicate_of is None and r.feasible and r.values
+    ]
+    rows = []
+    for s in (r for r in found if r.proposed_by == SEARCH and r.values):
+        for d in seeds:
+            if not dominated(d.values, [s.values], directions):  # type: ignore[arg-type]
+                continue
+            a, b = s.attrs.get("outcomes"), d.attrs.get("outcomes")
+            diff = lo = hi = None
+            if isinstance(a, str) and isinstance(b, str) and len(a) == len(b):
+                diff, lo, hi = paired_difference(a, b)
+            ms, md = s.measurements, d.measurements
+            rows.append(
+                {
+                    "trial": s.number,
+                    "seed_trial": d.number,
+                    "seed": d.proposed_by,
+                    "size_ratio": (md.size_bytes / ms.size_bytes)
+                    if md.size_bytes and ms.size_bytes
+                    else None,
+                    "speedup_ratio": (ms.speedup / md.speedup)
+                    if ms.speedup and md.speedup
+                    else None,
+                    "success_diff": diff,
+                    "success_lo_diff": lo,
+                    "success_hi_diff": hi,
+                    "episodes": len(a) if isinstance(a, str) else None,
+                    "beyond_noise": lo is not None and lo >= 0,
+                }
+            )
+    return rows
 
 
 def front_table(study: optuna.Study) -> pd.DataFrame:

@@ -36,6 +36,7 @@ class TrialAttr(StrEnum):
     KERNELS = "kernels"  # layer -> kernel that ran
     FALLBACKS = "fallbacks"  # layer -> why it ran otherwise than asked
     LATENCY_INFO = "latency_info"  # how the latency was measured (CPU, threads, visits)
+    QAT = "qat"  # the QAT stage: PTQ success before it, steps, seconds, checkpoint (relative)
 
 
 class StudyAttr(StrEnum):
@@ -55,6 +56,7 @@ class Stage(StrEnum):
 
     SCREEN = "screen"
     FULL = "full"
+    QAT = "qat"  # fine-tuned (quantization-aware training), then the full task budget
 
 
 SEARCH = "search"  # proposed_by of a trial the sampler proposed
@@ -160,6 +162,7 @@ class TrialRecord:
     latency_info: Mapping[str, Any]
     attrs: Mapping[str, Any]  # the raw user attributes, for what has no typed field
     predicted: Mapping[str, float] = field(default_factory=dict)  # the sampler's, if any
+    qat: Mapping[str, Any] = field(default_factory=dict)  # the QAT stage, if it ran
 
     @classmethod
     def from_frozen(cls, t: FrozenTrial) -> TrialRecord:
@@ -185,6 +188,7 @@ class TrialRecord:
             latency_info=dict(a.get(TrialAttr.LATENCY_INFO, {})),
             attrs=dict(a),
             predicted=dict(t.system_attrs.get(PREDICTED, {})),
+            qat=dict(a.get(TrialAttr.QAT, {})),
         )
 
     @property

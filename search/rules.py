@@ -71,6 +71,26 @@ def cannot_be_feasible(cfg: SearchConfig, success_hi: float, float_success: floa
     return drop is not None and success_hi < float_success - drop
 
 
+def qat_worth(
+    cfg: SearchConfig,
+    result: Mapping[str, Any],
+    float_success: float,
+    finished: Sequence[Sequence[float]],
+    episodes: int | None = None,
+) -> bool:
+    """Give a trial the QAT stage (``qat.when: infeasible``): its post-training success misses
+    the success constraint (the upper end of its interval after screening, with ``episodes``;
+    the point after the full budget), while with the float model's success -- the most QAT can
+    win back -- its size and latency would not be dominated by a ``finished`` feasible trial."""
+    if cfg.qat.when != "infeasible":
+        return False
+    success = success_upper(result, episodes) if episodes else float(result["success"])
+    if not cannot_be_feasible(cfg, success, float_success):
+        return False
+    optimistic = {**result, "success": float_success}
+    return not dominated(objective_values(cfg, optimistic), finished, cfg.directions)
+
+
 def prune_after_screen(
     cfg: SearchConfig,
     screen: Mapping[str, Any],

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -28,13 +29,14 @@ from optuna.trial import FrozenTrial, TrialState
 from mpq.evaluators.backends.base import check_no_fallback
 from mpq.evaluators.evaluator import get_evaluator
 from mpq.evaluators.size import config_size
+from mpq.files import write_atomic
 from mpq.search import fingerprint, hygiene, rules, study_setup
 from mpq.search.cluster import TrialTasks
 from mpq.search.config import SearchConfig
 from mpq.search.pareto import feasible_complete, front_trials
 from mpq.search.record import Stage, TrialAttr, jsonable
 from mpq.search.study import config_from_params, distributions, open_study
-from mpq.search.worker import ArtifactFigures, eval_spec
+from mpq.search.worker import QAT_WEIGHTS, ArtifactFigures, eval_spec
 from mpq.spaces.space import LayerOptions, QuantConfig
 
 
@@ -85,6 +87,7 @@ class Running:
     ref: Any
     started: float
     screen: dict[str, Any] = field(default_factory=dict)
+    ptq: dict[str, Any] = field(default_factory=dict)  # before the QAT stage, if it runs
 
 
 @dataclass
@@ -244,23 +247,56 @@ class Runner:
 
     def _advance(self, run: Running, result: dict[str, Any]) -> None:
         result = rules.paired_latency(result, self.float_reference.get("latency_ms"))
+        float_success = float(self.float_reference["success"])
+        artifact = ArtifactFigures.MEASURED if self.latency_table else ArtifactFigures.NONE
         if run.stage == Stage.SCREEN:
             run.screen = result
-            if rules.prune_after_screen(
-                self.cfg, result, float(self.float_reference["success"]), self._feasible_values()
-            ):
+            finished = self._feasible_values()
+            if rules.qat_worth(self.cfg, result, float_success, finished, self.cfg.screen_budget):
+                self._start_qat(run, result, artifact)  # a full PTQ budget would be wasted
+                return
+            if rules.prune_after_screen(self.cfg, result, float_success, finished):
                 self._tell(run, result, TrialState.PRUNED)
                 return
             run.stage = Stage.FULL
-            artifact = ArtifactFigures.MEASURED if self.latency_table else ArtifactFigures.NONE
             run.ref = self.tasks.submit(
                 run.config.model_dump_json(), artifact, self.cfg.task_budget, self.latency_table
             )
             return
+        if run.stage == Stage.QAT:
+            self._tell(run, self._after_qat(run, result), TrialState.COMPLETE)
+            return
         metrics = {**run.screen, **result}
         for key in ("episodes", "eval_s"):  # both stages spent them
             metrics[key] = run.screen.get(key, 0) + result.get(key, 0)
+        if rules.qat_worth(self.cfg, metrics, float_success, self._feasible_values()):
+            self._start_qat(run, metrics, ArtifactFigures.NONE)  # its figures are measured
+            return
         self._tell(run, metrics, TrialState.COMPLETE)
+
+    def _start_qat(self, run: Running, ptq: dict[str, Any], artifact: ArtifactFigures) -> None:
+        """The QAT stage: fine-tune, then the full task budget on the fine-tuned model."""
+        run.ptq, run.stage = ptq, Stage.QAT
+        run.ref = self.tasks.submit_qat(
+            run.config.model_dump_json(), artifact, self.cfg.task_budget, self.latency_table
+        )
+
+    def _after_qat(self, run: Running, result: dict[str, Any]) -> dict[str, Any]:
+        """The trial's figures after QAT (success of the fine-tuned model; size and latency
+        the same artifact's), with the PTQ success before it and where the weights are kept
+        (``output_dir/qat/trial-N.pt``, what the export ships)."""
+        result = dict(result)
+        weights, qat = result.pop(QAT_WEIGHTS), result.pop(TrialAttr.QAT)
+        path = Path("qat") / f"trial-{run.trial.number}.pt"
+        write_atomic(Path(self.cfg.output_dir) / path, weights)
+        metrics = {**run.ptq, **result}
+        for key in ("episodes", "eval_s"):
+            metrics[key] = run.ptq.get(key, 0) + result.get(key, 0)
+        before = {
+            f"ptq_{k}": run.ptq[k] for k in ("success", "success_lo", "success_hi") if k in run.ptq
+        }
+        metrics[TrialAttr.QAT] = {**qat, **before, "checkpoint": str(path)}
+        return metrics
 
     def _feasible_values(self) -> list[tuple[float, ...]]:
         """Objective values of the finished feasible trials (what can dominate a candidate)."""

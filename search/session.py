@@ -22,6 +22,7 @@ from mpq.search.pareto import (
     format_success,
     front_table,
     hypervolume,
+    seed_dominations,
 )
 from mpq.search.runner import Runner, SearchResult, preflight
 from mpq.search.worker import eval_spec
@@ -162,6 +163,33 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def domination_lines(study: Any) -> list[str]:
+    """What the search found beyond the one-shot allocations it started from: each front point
+    it proposed that dominates a seed, with the paired success difference."""
+    rows = seed_dominations(study)
+    if not rows:
+        return ["no front point proposed by the search dominates a seed trial"]
+    out = [
+        "front points proposed by the search that dominate a seed (success paired on the "
+        "same episodes, 95%):"
+    ]
+    for r in rows:
+        success = "success: no per-episode outcomes"
+        if r["success_diff"] is not None:
+            verdict = "beyond noise" if r["beyond_noise"] else "within noise"
+            success = (
+                f"success {r['success_diff']:+.3f} [{r['success_lo_diff']:+.3f}, "
+                f"{r['success_hi_diff']:+.3f}] over {r['episodes']} episodes, {verdict}"
+            )
+        size = f"{r['size_ratio']:.2f}x smaller" if r["size_ratio"] else "size -"
+        speed = f"{r['speedup_ratio']:.2f}x the speed-up" if r["speedup_ratio"] else "speed -"
+        out.append(
+            f"  trial {r['trial']} dominates {r['seed']} (trial {r['seed_trial']}): {size}, "
+            f"{speed}, {success}"
+        )
+    return out
+
+
 def print_summary(
     console: Console, cfg: SearchConfig, result: SearchResult, ref: dict[str, Any]
 ) -> None:
@@ -177,8 +205,13 @@ def print_summary(
         "mean w bits": lambda r: _fmt(r.get("ran_mean_w_bits")),
         "proposed by": lambda r: str(r.get("proposed_by")),
     }
+    if df.get("qat_steps") is not None and df["qat_steps"].notna().any():
+        columns["needs QAT (PTQ success)"] = lambda r: (
+            f"yes ({r['ptq_success']:.3f})" if r.get("qat_steps") else "no"
+        )
     for name in columns:
-        table.add_column(name, justify="left" if name == "proposed by" else "right", no_wrap=True)
+        left = name == "proposed by" or name.startswith("needs QAT")
+        table.add_column(name, justify="left" if left else "right", no_wrap=True)
     for _, row in df.iterrows():
         attrs = {k: (None if pd.isna(v) else v) for k, v in row.items()}
         table.add_row(*[show(attrs) for show in columns.values()])
@@ -193,6 +226,8 @@ def print_summary(
             else ""
         )
     )
+    for line in domination_lines(result.study):
+        console.print(line)
     console.print(f"hypervolume {hypervolume(result.study):.4f}  storage {cfg.storage_url()}")
     if result.interrupted:
         console.print("[yellow]interrupted[/]: finished trials are kept; --resume continues")

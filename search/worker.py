@@ -86,6 +86,70 @@ def evaluate_trial(
     return out
 
 
+QAT_WEIGHTS = "qat_weights"  # a QAT stage's result: the fine-tuned state dict (torch.save bytes)
+
+
+def qat_trial(
+    spec: EvalSpec,
+    config_json: str,
+    artifact: ArtifactFigures,
+    episodes: int,
+    settings_json: str,
+    memory_mb: int | None = None,
+    latency_table: str | None = None,
+    kernel_table: str | None = None,
+) -> dict[str, Any]:
+    """A trial's QAT stage on a worker: fine-tune the configuration as it runs
+    (``Evaluator.finetuned``), then measure the fine-tuned model like ``evaluate_trial``: its
+    artifact figures (``artifact``) and ``episodes`` of the task. Returns the figures, a
+    ``qat`` record (steps, seconds, first and last loss) and the fine-tuned weights
+    (``QAT_WEIGHTS``: the driver keeps them for the export).
+
+    Raises:
+        ValueError: training failed (a loss that is not finite), the fine-tuned artifact's bytes
+            differ from the configuration's, or a measurement came back non-finite.
+    """
+    import io
+
+    import torch
+
+    from mpq.evaluators.qat import QatSettings
+
+    start = time.perf_counter()
+    with _memory_limit(memory_mb):
+        evaluator = get_evaluator(spec)
+        evaluator.use_kernels(kernel_table)
+        config = QuantConfig.model_validate_json(config_json)
+        settings = QatSettings.model_validate_json(settings_json)
+        tuned, result = evaluator.finetuned(config, settings)
+        out: dict[str, Any] = {}
+        if artifact == ArtifactFigures.MEASURED:
+            out.update(tuned.screen(config))
+        if spec.measure_latency:
+            before, after = evaluator.artifact(config), tuned.artifact(config)
+            if after["size_bytes"] != before["size_bytes"]:
+                raise ValueError(
+                    f"QAT: the fine-tuned artifact has {after['size_bytes']:,} bytes, the "
+                    f"configuration {before['size_bytes']:,}"
+                )
+        out.update(tuned.success(config, episodes))
+        out["episodes"] = episodes
+    out["qat"] = {  # TrialAttr.QAT, completed by the driver
+        "steps": len(result.losses),
+        "seconds": round(result.seconds, 2),
+        "loss_first": result.losses[0],
+        "loss_last": result.losses[-1],
+        "progressive": settings.progressive,
+        "lsq": settings.lsq,
+    }
+    buf = io.BytesIO()
+    torch.save(tuned.model.state_dict(), buf)
+    out[QAT_WEIGHTS] = buf.getvalue()
+    out["eval_s"] = time.perf_counter() - start
+    finite_or_error(out, ("success",))
+    return out
+
+
 def build_table(
     spec: EvalSpec,
     options_json: str,

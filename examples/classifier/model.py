@@ -86,9 +86,11 @@ def accuracy_task(model: nn.Module, budget: int) -> dict[str, float]:
     from mpq.evaluators.stats import wilson_interval
 
     x, y = make_images(budget, seed=1)
-    correct = int((model(x).argmax(-1) == y).sum())
+    right = model(x).argmax(-1) == y
+    correct = int(right.sum())
     lo, hi = wilson_interval(correct, budget)
-    return {"success": correct / budget, "success_lo": lo, "success_hi": hi}
+    outcomes = "".join("1" if r else "0" for r in right.tolist())  # per image, fixed order
+    return {"success": correct / budget, "success_lo": lo, "success_hi": hi, "outcomes": outcomes}
 
 
 def calibration() -> list[tuple[torch.Tensor]]:
@@ -99,3 +101,16 @@ def calibration() -> list[tuple[torch.Tensor]]:
 
 def example_inputs() -> tuple[torch.Tensor]:
     return (make_images(1, seed=3)[0],)
+
+
+def train_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Labelled images for quantization-aware training (``qat.data``): the training seed,
+    never the evaluation one."""
+    x, y = make_images(2048, seed=0)
+    return [(x[i : i + 64], y[i : i + 64]) for i in range(0, 2048, 64)]
+
+
+def train_step(student: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``qat.step``: the task loss on labels (cross-entropy), through the quantized forward."""
+    x, y = batch
+    return nn.functional.cross_entropy(student(x), y)

@@ -144,6 +144,9 @@ def test_a_step_that_returns_no_loss_or_nan_is_one_line() -> None:
         )
     with pytest.raises(ValueError, match=r"^QAT: no batch to train on$"):
         finetune(model, layers, config, [], QatSettings(steps=3))
+    half = QuantConfig.uniform(layers, LayerChoice(w_bits=16, a_bits=16))
+    with pytest.raises(ValueError, match=r"^QAT: the configuration \(as it runs\) has no integer"):
+        finetune(model, layers, half, batches, QatSettings(steps=3))
 
 
 def test_a_user_step_trains_the_quantized_forward_pass() -> None:

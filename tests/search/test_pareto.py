@@ -11,11 +11,13 @@ from mpq.search.pareto import front_table, front_trials, hypervolume, hypervolum
 from mpq.search.plots import bit_map, front_frame
 
 
-def _study(points: list[tuple[float, float, float, float]]) -> optuna.Study:
+def _study(
+    points: list[tuple[float, float, float, float]], extra: dict[int, dict] | None = None
+) -> optuna.Study:
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     study.set_user_attr("objectives", ["success", "size_bytes", "latency_ms"])
     study.set_user_attr("float_reference", {"success": 1.0, "size_bytes": 1000, "latency_ms": 2.0})
-    for success, size, latency, drop in points:
+    for i, (success, size, latency, drop) in enumerate(points):
         t = create_trial(
             values=[success, size, latency],
             state=TrialState.COMPLETE,
@@ -27,6 +29,7 @@ def _study(points: list[tuple[float, float, float, float]]) -> optuna.Study:
                 "latency_ms": latency,
                 "constraints": [drop],
                 "config": {"layers": {"fc": {"w_bits": 4}}},
+                **(extra or {}).get(i, {}),
             },
             system_attrs={"constraints": [drop]},
         )
@@ -105,3 +108,28 @@ def test_hypervolume_of_no_trials_is_zero() -> None:
     """An empty selection (a seed label no trial carries) is no front, not the whole study."""
     study = _study([(0.9, 500, 1.0, -1)])
     assert hypervolume(study, []) == 0.0 and hypervolume(study) > 0.0
+
+
+def test_a_search_point_dominates_a_seed_beyond_noise_only_on_paired_episodes() -> None:
+    from mpq.search.pareto import seed_dominations
+
+    points = [(0.9, 500, 1.0, -1), (0.9, 400, 0.9, -1), (0.92, 450, 1.0, -1)]
+    seed_outcomes = "1" * 90 + "0" * 10
+    extra = {
+        0: {"seed": "greedy-50pct", "outcomes": seed_outcomes},
+        1: {"outcomes": seed_outcomes},  # the same episodes won: exactly equal success
+        2: {"outcomes": "1" * 90 + "1" * 2 + "0" * 8},  # +2 points, within noise
+    }
+    study = _study(points, extra)
+    rows = {r["trial"]: r for r in seed_dominations(study)}
+    assert set(rows) == {1, 2}
+    assert rows[2]["success_diff"] == pytest.approx(0.02)
+    assert rows[2]["success_lo_diff"] < 0 and not rows[2]["beyond_noise"]  # 2 of 2 episodes
+    r = rows[1]
+    assert r["seed_trial"] == 0 and r["seed"] == "greedy-50pct"
+    assert (r["success_diff"], r["success_lo_diff"], r["success_hi_diff"]) == (0.0, 0.0, 0.0)
+    assert r["beyond_noise"] and r["size_ratio"] == pytest.approx(500 / 400)
+    # one episode lost, another won: the same success, no longer beyond noise
+    extra[1] = {"outcomes": "1" * 89 + "0" + "1" + "0" * 9}
+    r = next(r for r in seed_dominations(_study(points, extra)) if r["trial"] == 1)
+    assert r["success_diff"] == 0.0 and r["success_lo_diff"] < 0 and not r["beyond_noise"]

@@ -295,3 +295,67 @@ def test_the_model_based_sampler_proposes_and_records_its_predictions(
         assert r.predicted["size_bytes"] > 0
     keys = [r.config.key() for r in searched if r.config is not None]
     assert len(keys) == len(set(keys))  # never a configuration asked before
+
+
+def test_the_qat_stage_fine_tunes_what_post_training_quantization_loses(
+    ray_local: None, tmp_path: Path
+) -> None:
+    """A trial whose PTQ success misses the constraint but whose size would reach the front is
+    fine-tuned; its success is the fine-tuned model's, whose weights the export ships."""
+    import torch
+
+    from mpq.evaluators.apply import apply_config
+    from mpq.evaluators.artifact import unpack_state
+    from mpq.evaluators.quantize import fake_quantize_weight
+    from mpq.search.export import ARTIFACT, export_trial
+    from mpq.search.record import Stage, TrialRecord
+    from mpq.spaces.discover import discover_layers
+    from tests.models import build_mlp, mlp_task
+
+    cfg = conv_config(
+        tmp_path,
+        model="tests.models:build_mlp",
+        task="tests.models:mlp_task",
+        calibration="tests.models:mlp_calibration",
+        task_budget=128,
+        trials=5,
+        sampler="random",
+        sensitivity={"enabled": False},
+        space={
+            "defaults": {
+                "w_bits": [2, 8],
+                "a_bits": [8],
+                "granularity": ["per_group"],
+                "group_size": [16],
+            }
+        },
+        qat={"when": "infeasible", "steps": 30, "lr": 1e-3},
+    )
+    study = _run(cfg).study
+    tuned = [
+        TrialRecord.from_frozen(t)
+        for t in study.get_trials(states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("stage") == Stage.QAT
+    ]
+    assert tuned, "no trial got the QAT stage"
+    record = tuned[0]
+    qat = record.qat
+    assert qat["steps"] == 30 and qat["ptq_success"] < 0.97  # it missed the constraint
+    weights = torch.load(Path(cfg.output_dir) / qat["checkpoint"], weights_only=True)
+    model = build_mlp()
+    model.load_state_dict(weights)
+    assert record.config is not None
+    layers = discover_layers(model)
+    simulated = apply_config(model, record.config_as_ran, layers=layers)
+    assert mlp_task(simulated, 128)["success"] == record.measurements.success
+    info = export_trial(cfg, study, study.trials[record.number], tmp_path / "best")
+    assert info["size_bytes"] == record.measurements.size_bytes
+    packed = unpack_state(torch.load(tmp_path / "best" / ARTIFACT, weights_only=True))
+    for la in layers:
+        c = record.config_as_ran.layers[la.name]
+        expected = fake_quantize_weight(
+            weights[f"{la.module}.{la.param}"], c.w_bits, c.granularity, c.group_size, True
+        )
+        torch.testing.assert_close(packed[f"{la.module}.{la.param}"], expected)
+    card = (tmp_path / "best" / "MODEL_CARD.md").read_text()
+    assert "quantization-aware training in the search: 30 steps" in card

@@ -27,6 +27,9 @@ def test_shipped_checkpoint_loads_and_succeeds() -> None:
         metrics
     )
     assert metrics["success_lo"] <= metrics["success"] <= metrics["success_hi"]
+    outcomes = metrics["outcomes"]  # each episode, level by level: the success, unpooled
+    assert len(outcomes) == 20 * len(LEVELS) and set(outcomes) <= {"0", "1"}
+    assert outcomes.count("1") / len(outcomes) == metrics["success"]
     assert (
         Path(build_policy.__code__.co_filename).parent.joinpath("babyai_vla.pt").stat().st_size
         < 20e6

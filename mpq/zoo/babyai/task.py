@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,16 +74,17 @@ def evaluate_episodes(
     budget: int,
     levels: tuple[str, ...] = LEVELS,
     seed_base: int = EVAL_SEED_BASE,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """The task: ``budget`` episodes of each level; success per level and overall.
 
     Returns metrics ``success`` (all episodes pooled), ``success_lo``/``success_hi`` (95%
-    Wilson), ``success/<level>`` with its interval, ``mean_episode_length`` and
-    ``episodes_per_s``.
+    Wilson), ``success/<level>`` with its interval, ``mean_episode_length``,
+    ``episodes_per_s`` and ``outcomes`` (each episode's 0/1, level by level, seed order: two
+    configurations compare on the same episodes).
     """
     start = time.perf_counter()
-    metrics: dict[str, float] = {}
-    total_ok, total_n, lengths = 0, 0, []
+    metrics: dict[str, Any] = {}
+    total_ok, total_n, lengths, outcomes = 0, 0, [], []
     for li, level in enumerate(levels):
         seeds = [level_seed(seed_base, li, i) for i in range(budget)]
         ok, length = rollout_level(model, level, seeds)
@@ -92,14 +94,15 @@ def evaluate_episodes(
         metrics[f"success_lo/{short}"], metrics[f"success_hi/{short}"] = lo, hi
         total_ok, total_n = total_ok + int(ok.sum()), total_n + len(ok)
         lengths.append(length)
+        outcomes.append("".join("1" if x else "0" for x in ok))
     metrics["success"] = total_ok / total_n
     metrics["success_lo"], metrics["success_hi"] = wilson_interval(total_ok, total_n)
     metrics["mean_episode_length"] = float(np.concatenate(lengths).mean())
     metrics["episodes_per_s"] = total_n / (time.perf_counter() - start)
-    return metrics
+    return {**metrics, "outcomes": "".join(outcomes)}  # per episode, level by level
 
 
-def confirm_episodes(model: nn.Module, budget: int) -> dict[str, float]:
+def confirm_episodes(model: nn.Module, budget: int) -> dict[str, Any]:
     """``evaluate_episodes`` on the confirmation seeds (``CONFIRM_SEED_BASE``), which the search
     never plays: an unbiased success for the configuration export picks."""
     from mpq.zoo.babyai.demos import CONFIRM_SEED_BASE
