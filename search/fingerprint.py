@@ -90,7 +90,11 @@ def fingerprint(cfg: SearchConfig, model: nn.Module) -> dict[str, Any]:
             },
         ),
         "target": target,
-    }
+    } | (
+        # the QAT stage changes the success of the trials it runs on (absent when off, so a
+        # study without it keeps its fingerprint)
+        {"qat": cfg.qat.model_dump(mode="json")} if cfg.qat.when != "never" else {}
+    )
 
 
 def short_hash(fp: dict[str, Any]) -> str:

@@ -73,3 +73,12 @@ def test_weights_hash_covers_every_state_dtype() -> None:
     first = fingerprint.weights_sha256(model)
     model[1].num_batches_tracked += 1
     assert fingerprint.weights_sha256(model) != first
+
+
+def test_the_qat_stage_is_part_of_it_only_when_on(tmp_path: Path) -> None:
+    model = build_convnet()
+    base = fingerprint.fingerprint(conv_config(tmp_path), model)
+    off = fingerprint.fingerprint(conv_config(tmp_path, qat={"steps": 9}), model)
+    assert off == base  # QAT settings without the stage change no trial's figures
+    on = fingerprint.fingerprint(conv_config(tmp_path, qat={"when": "infeasible"}), model)
+    assert [c.split(":")[0] for c in fingerprint.differences(base, on)] == ["qat"]
