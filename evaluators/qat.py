@@ -300,68 +300,98 @@ def finetune(
         )
     start = time.perf_counter()
     config.check(layers)
-    shadow = copy.deepcopy(model).float().train()
-    teacher = model.eval()
-    params = dict(shadow.named_parameters())
-    ranges: dict[str, LsqRange] = {}
+    trainer = _Trainer(model, batches, settings, step, on_step)
     stages = stage_configs(config, settings.progressive)
     per_stage = [settings.steps // len(stages)] * len(stages)
     per_stage[-1] += settings.steps - sum(per_stage)
-    gen = torch.Generator().manual_seed(settings.seed)
-    order = itertools.cycle(torch.randperm(len(batches), generator=gen).tolist())
-    losses: list[float] = []
     log: list[dict[str, Any]] = []
-    n = 0
+    student = None
     for stage, steps in zip(stages, per_stage, strict=True):
         with torch.no_grad():  # static ranges calibrated on this stage's weights
-            sim = apply_config(shadow.eval(), stage, calibration or batches, observer, layers)
-        sim.eval()  # the deployed forward pass (frozen norms, no dropout); gradients still flow
-        names = _param_map(shadow, sim)
-        sim_names = set(names)
+            shadow = trainer.shadow.eval()
+            sim = apply_config(shadow, stage, calibration or batches, observer, layers)
+        student = trainer.student(sim.eval(), stage, layers)  # eval: the deployed forward
+        trainer.train(student, steps)
+        log.append({"w_bits": _bits_summary(stage), "steps": steps})
+    assert student is not None
+    with torch.no_grad():
+        for s, r in student.ranges.items():  # the learned ranges become the weights' min-max
+            r.clamp_(trainer.params[student.names[s]])
+        for name, p in trainer.params.items():
+            check_finite(p, f"QAT: parameter {name}")
+    return QatResult(trainer.shadow.eval(), trainer.losses, log, time.perf_counter() - start)
+
+
+class _Trainer:
+    """The float shadow, its optimizer steps and their losses, over one or more stages."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[Any],
+        settings: QatSettings,
+        step: Callable[[nn.Module, Any], Any] | None,
+        on_step: Callable[[int, float], None] | None,
+    ) -> None:
+        self.teacher = model.eval()
+        self.shadow = copy.deepcopy(model).float()
+        self.params = dict(self.shadow.named_parameters())
+        self.batches, self.settings, self.step, self.on_step = batches, settings, step, on_step
+        gen = torch.Generator().manual_seed(settings.seed)
+        self.order = itertools.cycle(torch.randperm(len(batches), generator=gen).tolist())
+        self.losses: list[float] = []
+
+    def student(
+        self, sim: nn.Module, stage: QuantConfig, layers: tuple[LayerInfo, ...]
+    ) -> _Student:
+        """The quantized forward pass of ``stage`` on the shadow's parameters (new learned
+        ranges per stage, where asked: the widths change)."""
+        names = _param_map(self.shadow, sim)
         quantized = {
-            _sim_name(sim_names, la): stage.layers[la.name]
+            _sim_name(set(names), la): stage.layers[la.name]
             for la in layers
             if stage.layers[la.name].w_bits != KEEP
         }
-        if settings.lsq:  # a new range per stage (the widths change)
+        ranges = {}
+        if self.settings.lsq:
             ranges = {
-                s: LsqRange(params[names[s]], c)
+                s: LsqRange(self.params[names[s]], c)
                 for s, c in quantized.items()
                 if c.w_bits <= INT_BITS_MAX
             }
-        trainable = list(params.values()) + [p for r in ranges.values() for p in r.parameters()]
-        opt = torch.optim.Adam(trainable, lr=settings.lr)
-        student = _Student(sim, names, params, quantized, ranges)
+        return _Student(sim, names, self.params, quantized, ranges)
+
+    def train(self, student: _Student, steps: int) -> None:
+        trainable = list(self.params.values())
+        trainable += [p for r in student.ranges.values() for p in r.parameters()]
+        opt = torch.optim.Adam(trainable, lr=self.settings.lr)
         for _ in range(steps):
-            batch = batches[next(order)]
-            if step is not None:
-                loss = step(student, batch)
-                what = "the training step"
-            else:
-                with torch.no_grad():
-                    target = first_tensor(_call(teacher, batch)).float()
-                loss = distill_loss(first_tensor(_call(student, batch)), target, settings.loss)
-                what = f"the {settings.loss} distillation loss"
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError(
-                    f"QAT step {n}: {what} returned {type(loss).__name__}, not a scalar tensor"
-                )
-            if not torch.isfinite(loss):
-                raise ValueError(f"QAT step {n}: {what} is {float(loss.detach())} (not finite)")
+            loss = self._loss(student, self.batches[next(self.order)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
-            n += 1
-            if on_step is not None:
-                on_step(n, losses[-1])
-        log.append({"w_bits": _bits_summary(stage), "steps": steps})
-    with torch.no_grad():
-        for s, r in ranges.items():  # the learned ranges become the weights' min-max
-            r.clamp_(params[names[s]])
-        for name, p in params.items():
-            check_finite(p, f"QAT: parameter {name}")
-    return QatResult(shadow.eval(), losses, log, time.perf_counter() - start)
+            self.losses.append(float(loss.detach()))
+            if self.on_step is not None:
+                self.on_step(len(self.losses), self.losses[-1])
+
+    def _loss(self, student: _Student, batch: Any) -> torch.Tensor:
+        """The step's loss, checked: a finite scalar tensor."""
+        n = len(self.losses)
+        if self.step is not None:
+            loss, what = self.step(student, batch), "the training step"
+        else:
+            with torch.no_grad():
+                target = first_tensor(_call(self.teacher, batch)).float()
+            kind = self.settings.loss
+            loss = distill_loss(first_tensor(_call(student, batch)), target, kind)
+            what = f"the {kind} distillation loss"
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(
+                f"QAT step {n}: {what} returned {type(loss).__name__}, not a scalar tensor"
+            )
+        if not torch.isfinite(loss):
+            raise ValueError(f"QAT step {n}: {what} is {float(loss.detach())} (not finite)")
+        return loss
 
 
 def _bits_summary(config: QuantConfig) -> dict[int, int]:

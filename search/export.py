@@ -27,14 +27,13 @@ from mpq.evaluators.artifact import pack_state, payload_bytes, unpack_state
 from mpq.evaluators.model import build_model, load_state_dict
 from mpq.files import write_atomic
 from mpq.search.config import SearchConfig
-from mpq.search.pareto import aa_speedup, format_speedup, format_success, front_trials
-from mpq.search.record import Measurements, StudyAttr, TrialAttr, TrialRecord, loss_signs
+from mpq.search.model_card import ARTIFACT, model_card
+from mpq.search.pareto import format_success, front_trials
+from mpq.search.record import Measurements, TrialRecord, loss_signs
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.io import dump_text
 from mpq.spaces.space import QuantConfig
 from mpq.zoo import resolve_model
-
-ARTIFACT = "model.mpq.pt"
 
 
 def pick_trial(
@@ -92,109 +91,6 @@ def _knee(study: optuna.Study, pool: list[FrozenTrial]) -> FrozenTrial:
         )
 
     return min(zip(pool, rows, strict=True), key=lambda pr: dist(pr[1]))[0]
-
-
-_SHIPPED = {
-    "onnx": "`model.onnx` (plain onnxruntime runs it; inputs and outputs in `io.json`)",
-    "measure-only": "none: backend `{backend}` is measure-only; size is the packing formula of "
-    "what ran",
-    "none": "none: no backend measured this study; size is mpq's packing formula",
-}
-
-
-def model_card(
-    cfg: SearchConfig,
-    study: optuna.Study,
-    t: FrozenTrial,
-    deployable: dict[str, Any],
-    confirmed: dict[str, float] | None = None,
-) -> str:
-    """``MODEL_CARD.md``: what ships, its figures beside float's, how they were measured."""
-    ref = dict(study.user_attrs.get(StudyAttr.FLOAT_REFERENCE, {}))
-    a = t.user_attrs
-    shipped = _SHIPPED[deployable["artifact"]].format(backend=cfg.latency.backend)
-    lines = [
-        f"# {cfg.name}: trial {t.number}",
-        "",
-        f"Model `{cfg.model}`, task `{cfg.task}` ({cfg.task_budget} episodes per level, fixed "
-        "evaluation seeds, the same for every configuration). Every figure below is of the "
-        f"model that ships, as it runs (`ran_config.yaml`); deployable file: {shipped}.",
-        "",
-        *_figures_table(cfg, ref, a, confirmed),
-        "",
-        "The search's success is the best of many noisy estimates on the same episodes, so it "
-        "leans optimistic; the held-out row is measured once, on episodes the search never saw."
-        if confirmed
-        else "No held-out confirmation: set `confirm_task` and `confirm_budget` in the config.",
-        "",
-        *_qat_note(a.get(TrialAttr.QAT, {})),
-        _latency_note(cfg, ref, a.get(TrialAttr.LATENCY_INFO, {})),
-        f"Also `{ARTIFACT}`: the packed weights of what runs, for PyTorch "
-        "(`mpq.search.export.load_artifact(path, ran_config, model, calibration=...)`); "
-        f"the configuration as searched asked for {a.get('asked_size_bytes', 0):,} bytes.",
-        "",
-        "Kernels that ran, and choices lowered to what runs:",
-        "",
-        "```json",
-        json.dumps({k: a.get(k, {}) for k in (TrialAttr.KERNELS, TrialAttr.FALLBACKS)}, indent=1),
-        "```",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _qat_note(qat: dict[str, Any]) -> list[str]:
-    """The QAT stage's lines of the model card (none where it did not run)."""
-    if not qat.get("checkpoint"):
-        return []
-    return [
-        f"Fine-tuned with quantization-aware training in the search: {qat.get('steps')} steps "
-        f"({qat.get('seconds', 0):.0f} s, progressive: {qat.get('progressive')}, learned "
-        f"ranges: {qat.get('lsq')}); success {qat.get('ptq_success', float('nan')):.3f} after "
-        "post-training quantization alone. The weights that ship are the fine-tuned ones, "
-        "quantized by the same formula and packing.",
-        "",
-    ]
-
-
-def _figures_table(
-    cfg: SearchConfig, ref: dict[str, Any], a: dict[str, Any], confirmed: dict[str, float] | None
-) -> list[str]:
-    """The card's table: success (search and held-out), size, latency; float beside."""
-    lines = [
-        "| | float | this configuration |",
-        "|---|---|---|",
-        "| task success, search episodes (95% interval) | "
-        f"{format_success(ref)} | {format_success(a)} |",
-    ]
-    if confirmed:
-        lines.append(
-            f"| task success, held-out episodes ({cfg.confirm_budget} per level, "
-            f"`{cfg.confirm_task}`) | | {format_success(confirmed)} |"
-        )
-    ratio = ref.get("size_bytes", 0) / max(a.get("size_bytes", 1), 1)
-    lines.append(
-        f"| size (bytes of what ships) | {ref.get('size_bytes', 0):,} | "
-        f"{a.get('size_bytes', 0):,} (compression {ratio:.2f}x) |"
-    )
-    if a.get("latency_ms"):
-        lines.append(
-            f"| latency (ms, batch 1) | {ref.get('latency_ms', float('nan')):.3f} "
-            f"| {a['latency_ms']:.3f} (speed-up {format_speedup(a)}) |"
-        )
-    return lines
-
-
-def _latency_note(cfg: SearchConfig, ref: dict[str, Any], info: dict[str, Any]) -> str:
-    """How the latency was measured: backend, threads, visits, CPU, the A/A check."""
-    return (
-        f"Latency: backend `{cfg.latency.backend}`, {info.get('threads', '?')} thread(s), "
-        f"float and this configuration interleaved over {info.get('visits', '?')} fresh-session "
-        f"visit pairs of {info.get('runs', '?')} runs each in the node's exclusive timing slot "
-        f"(speed-up: geometric mean over pairs, 95% interval), on {info.get('cpu', '?')} "
-        f"[{info.get('isa', '?')}] ({info.get('versions', '?')}); the float model against a "
-        f"fresh copy of itself read {format_speedup(aa_speedup(ref))} (A/A). Latency in ms is the "
-        "float latency over the speed-up."
-    )
 
 
 def export_trial(

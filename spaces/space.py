@@ -10,7 +10,6 @@ discovered layer; a ``QuantConfig`` picks one ``LayerChoice`` for every layer.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import hashlib
 import itertools
@@ -21,6 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from mpq.spaces.discover import LayerInfo
+from mpq.spaces.groups import fuse_groups
+from mpq.spaces.names import is_glob, unknown_name_error
 
 SCHEMA_VERSION = 1
 W_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 16, 32)
@@ -244,20 +245,6 @@ Override = create_model(  # type: ignore[call-overload]
 )
 
 
-def _is_glob(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
-
-
-def unknown_name_error(where: str, name: str, known: list[str]) -> ValueError:
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    hint = (
-        f"; closest: {close}"
-        if close
-        else f"; layers: {known[:6]}{'...' if len(known) > 6 else ''}"
-    )
-    return ValueError(f"{where}: unknown layer {name!r}{hint}")
-
-
 class SearchSpace(BaseModel):
     """What can be chosen, per layer; a file (YAML/JSON), never code."""
 
@@ -295,12 +282,12 @@ class SearchSpace(BaseModel):
         """
         by_name = {layer.name: layer for layer in layers}
         known = list(by_name)
-        exact = {o.match: o for o in self.overrides if not _is_glob(o.match)}
-        globs = [o for o in self.overrides if _is_glob(o.match)]
+        exact = {o.match: o for o in self.overrides if not is_glob(o.match)}
+        globs = [o for o in self.overrides if is_glob(o.match)]
         for i, o in enumerate(self.overrides):
             hit = (
                 o.match in by_name
-                if not _is_glob(o.match)
+                if not is_glob(o.match)
                 else any(fnmatch.fnmatchcase(n, o.match) for n in known)
             )
             if not hit:
@@ -323,45 +310,7 @@ class SearchSpace(BaseModel):
                     f for f in override.model_fields_set if getattr(override, f) is not None
                 }
             resolved[layer.name] = _narrow(layer, options, explicit, source)
-        return self._fuse(resolved, source)
-
-    def _fuse(self, resolved: dict[str, LayerOptions], source: str) -> dict[str, LayerOptions]:
-        """Mark each group's layers ``fused_with`` its first layer (in model order).
-
-        Raises:
-            ValueError: a pattern matches no layer, a group has fewer than two layers, a layer
-                is in two groups, or two layers of a group have different options.
-        """
-        known = list(resolved)
-        taken: dict[str, int] = {}
-        out = dict(resolved)
-        for i, group in enumerate(self.groups):
-            members: list[str] = []
-            for j, pattern in enumerate(group):
-                hits = [n for n in known if n == pattern or fnmatch.fnmatchcase(n, pattern)]
-                if not hits:
-                    raise unknown_name_error(f"{source}: groups[{i}][{j}]", pattern, known)
-                members += [n for n in hits if n not in members]
-            members.sort(key=known.index)
-            if len(members) < 2:
-                raise ValueError(f"{source}: groups[{i}] needs two or more layers, got {members}")
-            for name in members:
-                if name in taken:
-                    raise ValueError(
-                        f"{source}: groups[{i}]: layer {name!r} is in groups[{taken[name]}] too"
-                    )
-                taken[name] = i
-                if resolved[name] != resolved[members[0]]:
-                    a, b = resolved[members[0]].model_dump(), resolved[name].model_dump()
-                    dim = next(k for k in a if a[k] != b[k])
-                    raise ValueError(
-                        f"{source}: groups[{i}]: {members[0]!r} and {name!r} have different "
-                        f"{dim} options ({list(a[dim])} vs {list(b[dim])}); a fused group is "
-                        "one decision"
-                    )
-            for name in members:
-                out[name] = resolved[name].model_copy(update={"fused_with": members[0]})
-        return out
+        return fuse_groups(resolved, self.groups, source)
 
 
 def _narrow(
