@@ -133,6 +133,11 @@ def trial_run(study_name: str, parent_id: str, t: FrozenTrial, ref: dict[str, An
         }
         texts["kernels.json"] = json.dumps(kernels, indent=1)
     metrics = trial_metrics(record, Measurements.from_attrs(ref).size_bytes)
+    if record.qat.get("checkpoint"):  # the QAT stage: success before it, its cost
+        tags["qat"] = "true"
+        for key in ("ptq_success", "steps", "seconds", "loss_first", "loss_last"):
+            if isinstance(record.qat.get(key), int | float):
+                metrics[f"qat_{key}"] = float(record.qat[key])
     status = _STATUS.get(record.state, "FAILED")
     return TrialRun(record.number, tags, flat_params(record), metrics, texts, status)
 

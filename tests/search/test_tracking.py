@@ -151,6 +151,11 @@ def test_a_trial_run_holds_asked_and_ran_bits() -> None:
     assert run.status == "FINISHED"
     unlowered = trial_run("s", "parent", _trial(ran_config=None), {"size_bytes": 1000})
     assert "ran.fc.w_bits" not in unlowered.params  # never claim what did not run
+    assert "qat" not in run.tags and "qat_steps" not in run.metrics
+    qat = {"steps": 30, "seconds": 4.5, "ptq_success": 0.4, "checkpoint": "qat/trial-0.pt"}
+    tuned = trial_run("s", "parent", _trial(qat=qat), {"size_bytes": 1000})
+    assert tuned.tags["qat"] == "true" and tuned.metrics["qat_ptq_success"] == 0.4
+    assert tuned.metrics["qat_steps"] == 30 and tuned.metrics["success"] == 0.9  # after QAT
 
 
 def test_a_bug_in_mpq_is_not_reported_as_an_outage(tmp_path: Path) -> None:
