@@ -26,7 +26,10 @@ err_console = Console(stderr=True, width=None if Console().is_terminal else 200)
 
 
 ModelArg = Annotated[
-    str, typer.Argument(help=f"module:function builder or one of {list(MODEL_ALIASES)}")
+    str,
+    typer.Argument(
+        help=f"module:function builder or one of {list(MODEL_ALIASES)}", metavar="MODEL"
+    ),
 ]
 CheckpointOpt = Annotated[Path | None, typer.Option(help="state_dict to load (weights_only=True)")]
 
@@ -87,18 +90,23 @@ def space(
 
 @app.command()
 def search(
-    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)")],
-    resume: Annotated[bool, typer.Option(help="continue the study of the same name")] = False,
+    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)", metavar="CONFIG")],
+    resume: Annotated[
+        bool, typer.Option(help="continue the study of the same name", metavar="")
+    ] = False,
     trials: Annotated[int | None, typer.Option(help="trials to finish in all")] = None,
     ray_address: Annotated[str | None, typer.Option(help="attach to this Ray cluster")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
-    no_tracking: Annotated[bool, typer.Option("--no-tracking", help="skip MLflow")] = False,
+    no_tracking: Annotated[
+        bool, typer.Option("--no-tracking", help="skip MLflow", metavar="")
+    ] = False,
     new_study: Annotated[
         bool,
         typer.Option(
             "--new-study",
             help="the setup changed (model, task, space, budgets, backend, CPU): start a study "
             "of its own beside the old one",
+            metavar="",
         ),
     ] = False,
 ) -> None:
@@ -124,7 +132,9 @@ def search(
 
 
 @app.command()
-def sync(config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)")]) -> None:
+def sync(
+    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)", metavar="CONFIG")],
+) -> None:
     """Back-fill MLflow runs for finished trials that have none (after a tracking outage)."""
     from mpq.search.config import load_search_config
     from mpq.search.study import open_study
@@ -141,7 +151,7 @@ def sync(config: Annotated[Path, typer.Argument(help="search config (.yaml/.json
 
 @app.command()
 def ui(
-    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)")],
+    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)", metavar="CONFIG")],
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 5000,
 ) -> None:
@@ -178,7 +188,7 @@ def ui(
 
 @app.command()
 def export(
-    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)")],
+    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)", metavar="CONFIG")],
     out: Annotated[Path, typer.Option(help="output folder")] = Path("mpq-export"),
     trial: Annotated[int | None, typer.Option(help="export this trial number")] = None,
     rule: Annotated[str, typer.Option(help="knee | best")] = "knee",
@@ -187,7 +197,8 @@ def export(
         float | None, typer.Option(help="best success within latency")
     ] = None,
     new_study: Annotated[
-        bool, typer.Option("--new-study", help="the study `mpq search --new-study` started")
+        bool,
+        typer.Option("--new-study", help="the study `mpq search --new-study` started", metavar=""),
     ] = False,
 ) -> None:
     """Write a chosen configuration, its deployable model, packed artifact and model card."""
@@ -220,7 +231,7 @@ def export(
 
 @app.command()
 def finetune(
-    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)")],
+    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)", metavar="CONFIG")],
     trial: Annotated[int | None, typer.Option(help="fine-tune this trial's configuration")] = None,
     quant_config: Annotated[
         Path | None, typer.Option("--config", help="or this configuration file")
@@ -229,9 +240,12 @@ def finetune(
     steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
     lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
     progressive: Annotated[
-        bool | None, typer.Option("--progressive/--one-step", help="step the bits down")
+        bool | None,
+        typer.Option("--progressive/--one-step", help="step the bits down", metavar=""),
     ] = None,
-    lsq: Annotated[bool | None, typer.Option("--lsq/--min-max", help="learned ranges")] = None,
+    lsq: Annotated[
+        bool | None, typer.Option("--lsq/--min-max", help="learned ranges", metavar="")
+    ] = None,
 ) -> None:
     """Quantization-aware training of one configuration (a trial's or a file's): success
     before and after on the study's task, exported with its deployable model."""
@@ -287,7 +301,7 @@ def finetune(
 
 @app.command()
 def allocate(
-    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)")],
+    config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)", metavar="CONFIG")],
     budget: Annotated[float, typer.Option(help="size budget: a fraction of the 8-bit size")] = 0.5,
     method: Annotated[str, typer.Option(help="ilp | greedy")] = "ilp",
     out: Annotated[Path, typer.Option(help="write the configuration (.yaml/.json)")] = Path(
@@ -324,7 +338,9 @@ def allocate(
 
 @app.command("apply")
 def apply_cmd(
-    config: Annotated[Path, typer.Argument(help="a configuration (.yaml/.json)")],
+    config: Annotated[
+        Path, typer.Argument(help="a configuration (.yaml/.json)", metavar="CONFIG")
+    ],
     model: ModelArg,
     checkpoint: CheckpointOpt = None,
     out: Annotated[Path | None, typer.Option(help="write the packed artifact here")] = None,
