@@ -156,7 +156,6 @@ def ui(
     port: Annotated[int, typer.Option(help="port")] = 5000,
 ) -> None:
     """Open the MLflow UI on the study's tracking store (binds 127.0.0.1 unless asked)."""
-    import subprocess
     import sys
 
     from mpq.search.config import load_search_config
@@ -183,7 +182,9 @@ def ui(
         "--port",
         str(port),
     ]
-    raise typer.Exit(subprocess.call(cmd))
+    from mpq.process import run_until_signalled
+
+    raise typer.Exit(run_until_signalled(cmd))
 
 
 @app.command()

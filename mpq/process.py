@@ -1,4 +1,5 @@
-"""Process-wide settings of a command-line run, made once where the CLI starts.
+"""Process-wide settings of a command-line run, made once where the CLI starts, and the one
+way the CLI runs a server (``run_until_signalled``: it stops what it started).
 
 Libraries do not set log levels, warning filters or ``sys.path`` at import; ``configure()``
 does, for the ``mpq`` command (and for ``search.session.run_search``, which scripts call).
@@ -6,8 +7,11 @@ does, for the ``mpq`` command (and for ``search.session.run_search``, which scri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import subprocess
 import sys
 import warnings
 
@@ -33,3 +37,25 @@ def configure() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+
+
+def run_until_signalled(cmd: list[str]) -> int:
+    """Run a server in a process group of its own; on SIGINT or SIGTERM stop that whole group
+    (MLflow's server forks uvicorn and huey workers, which a plain call would leave listening)
+    and exit 130 / 143. Returns the server's exit status when it stops by itself."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def stop(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    return proc.wait()

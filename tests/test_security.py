@@ -4,6 +4,7 @@ tests/evaluators/test_model.py, tests/spaces/test_io.py, tests/search/test_expor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -35,7 +36,7 @@ def _listening_hosts(port: int) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux /proc/net/tcp")
-def test_mpq_ui_binds_loopback_only(tmp_path: Path) -> None:
+def test_mpq_ui_binds_loopback_only_and_stops_its_server_on_sigterm(tmp_path: Path) -> None:
     config = tmp_path / "search.yaml"
     config.write_text(
         f"name: ui\nmodel: m:f\ntask: m:t\ncalibration: m:c\noutput_dir: {tmp_path}\n"
@@ -56,6 +57,13 @@ def test_mpq_ui_binds_loopback_only(tmp_path: Path) -> None:
         else:
             pytest.fail("mpq ui did not answer on 127.0.0.1")
         assert _listening_hosts(port) == {"0100007F"}  # 127.0.0.1, not 0.0.0.0 or ::
+        proc.send_signal(signal.SIGTERM)  # to mpq alone, as a service manager would
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while _listening_hosts(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _listening_hosts(port), "mpq ui left its server listening after SIGTERM"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the test's group
         proc.wait(timeout=30)
