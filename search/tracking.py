@@ -164,6 +164,10 @@ def study_metrics(ref: dict[str, Any]) -> dict[str, float]:
     return {f"float.{k.replace('/', '.')}": v for k, v in metrics.items()}
 
 
+# MLflow 3's experiment type (the UI reads it: runs table, not the GenAI traces view)
+EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+
+
 class Tracker:
     """Logs a study to MLflow; every call survives a tracking outage."""
 
@@ -186,13 +190,25 @@ class Tracker:
             self._outage(exc)
 
     def _experiment(self) -> str:
+        """The study's experiment, created where missing, typed as model development (MLflow
+        3 opens an experiment without a type in its GenAI view: traces, not runs)."""
         exp = self.client.get_experiment_by_name(self.cfg.name)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_DEVELOPMENT:
+                self.client.set_experiment_tag(
+                    exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT
+                )
             return str(exp.experiment_id)
         location = None
         if self.uri.startswith("sqlite:"):
             location = (Path(self.cfg.output_dir).resolve() / "mlartifacts").as_uri()
-        return str(self.client.create_experiment(self.cfg.name, artifact_location=location))
+        return str(
+            self.client.create_experiment(
+                self.cfg.name,
+                artifact_location=location,
+                tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT},
+            )
+        )
 
     def _outage(self, exc: BaseException) -> None:
         if not self.down:

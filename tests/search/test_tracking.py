@@ -46,6 +46,7 @@ def test_runs_match_optuna_storage(
     study, tracker = _search(cfg)
     client = MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name("tracked")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # a runs table
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parent = [r for r in runs if r.data.tags.get("mpq_kind") == "study"]
     children = [r for r in runs if r.data.tags.get("mpq_kind") == "trial"]
