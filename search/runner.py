@@ -95,6 +95,7 @@ class SearchResult:
     study: optuna.Study
     float_reference: dict[str, Any]
     interrupted: bool = False
+    plots: list[Path] = field(default_factory=list)  # written by run_search
 
 
 class Runner:

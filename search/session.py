@@ -13,7 +13,7 @@ from rich.table import Table
 
 from mpq.evaluators.evaluator import get_evaluator
 from mpq.process import configure
-from mpq.search import fingerprint, study_setup
+from mpq.search import fingerprint, plots, study_setup
 from mpq.search.cluster import ray_session
 from mpq.search.config import SearchConfig, load_search_config
 from mpq.search.pareto import (
@@ -81,8 +81,11 @@ def run_search(
         if tracker:
             tracker.start(runner.study)
         result = runner.run()
+    drop = cfg.constraints.max_success_drop
+    min_success = None if drop is None else float(result.float_reference["success"]) - drop
+    result.plots = plots.write_all(result.study, Path(cfg.output_dir) / "plots", min_success)
     if tracker:
-        tracker.finish(result.study)
+        tracker.finish(result.study, result.plots)
     return result
 
 
@@ -128,6 +131,8 @@ def run_session(
         result = run_search(cfg, resume, console, report, resolved)
     print_summary(console, cfg, result, result.float_reference)
     export_best(console, cfg, result, path)
+    if result.plots:
+        console.print("plots: " + "  ".join(str(p) for p in result.plots))
     return result
 
 

@@ -302,8 +302,10 @@ class Tracker:
             self.client.log_batch(rid, metrics=batch_m, params=batch_p, tags=[])
 
     # -- end of study -------------------------------------------------------------------------
-    def finish(self, study: optuna.Study) -> None:
-        """Back-fill, tag the front, log hypervolume, the front table and the plots."""
+    def finish(self, study: optuna.Study, plot_paths: list[Path] | None = None) -> None:
+        """Back-fill, tag the front, log hypervolume, the front table and the plots (the
+        files ``plot_paths``, else made here)."""
+        import shutil
         import tempfile
 
         from mpq.search import plots
@@ -314,7 +316,9 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             front_table(study).to_csv(out / "pareto_front.csv", index=False)
-            plots.write_all(study, out)
+            for path in plot_paths if plot_paths is not None else plots.write_all(study, out):
+                if path.parent != out:
+                    shutil.copy(path, out / path.name)
             if self.parent_id is not None and not self.down:
                 self._guard(self._finish, front, history, out, len(study.trials))
 

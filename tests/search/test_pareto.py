@@ -63,10 +63,14 @@ def test_hypervolume_grows_with_a_better_point() -> None:
 
 
 def test_plot_frames() -> None:
-    study = _study([(0.9, 500, 1.0, -1), (0.8, 600, 1.5, -1)])
+    study = _study([(0.9, 500, 1.0, -1), (0.8, 600, 1.5, -1), (0.95, 900, 1.2, -1)])
     df = front_frame(study)
-    assert df["on_front"].tolist() == [True, False]
-    assert bit_map(study).to_dict() == {"trial 0": {"fc": 4}}
+    assert df["on_front"].tolist() == [True, False, True]
+    assert df["kind"].tolist() == ["Pareto front", "other trials", "Pareto front"]
+    # what each front point leads on (a 2-axis projection alone would not tell)
+    assert df["leads"].tolist() == ["smallest, fastest", "", "most successful"]
+    assert df["bits"].tolist()[0] == "w 1x4 | a 1x32"
+    assert bit_map(study).to_dict() == {"trial 0": {"fc": 4}, "trial 2": {"fc": 4}}
 
 
 def test_plots_without_latency(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -133,3 +137,20 @@ def test_a_search_point_dominates_a_seed_beyond_noise_only_on_paired_episodes() 
     extra[1] = {"outcomes": "1" * 89 + "0" + "1" + "0" * 9}
     r = next(r for r in seed_dominations(_study(points, extra)) if r["trial"] == 1)
     assert r["success_diff"] == 0.0 and r["success_lo_diff"] < 0 and not r["beyond_noise"]
+
+
+def test_pruned_trials_are_plotted_at_their_screening_figures(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mpq.search.plots import PRUNED, write_all
+
+    study = _study([(0.9, 500, 1.0, -1)])
+    study.add_trial(
+        create_trial(
+            state=TrialState.PRUNED,
+            user_attrs={"success": 0.2, "size_bytes": 300, "latency_ms": 0.8, "stage": "screen"},
+        )
+    )
+    df = front_frame(study)
+    assert df["kind"].tolist() == ["Pareto front", PRUNED]
+    assert df["success"].tolist() == [0.9, 0.2]
+    paths = write_all(study, tmp_path / "plots", min_success=0.85)
+    assert all(p.stat().st_size > 1000 for p in paths)
