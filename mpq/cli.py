@@ -190,7 +190,9 @@ def ui(
 @app.command()
 def export(
     config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)", metavar="CONFIG")],
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("mpq-export"),
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default: <output_dir>/export/trial-N)")
+    ] = None,
     trial: Annotated[int | None, typer.Option(help="export this trial number")] = None,
     rule: Annotated[str, typer.Option(help="knee | best")] = "knee",
     max_size_bytes: Annotated[int | None, typer.Option(help="best success within size")] = None,
@@ -204,7 +206,7 @@ def export(
 ) -> None:
     """Write a chosen configuration, its deployable model, packed artifact and model card."""
     from mpq.search.config import load_search_config
-    from mpq.search.export import describe_export, export_trial, pick_trial
+    from mpq.search.export import describe_export, export_trial, pick_reason, pick_trial
     from mpq.search.study import open_study
 
     try:
@@ -219,10 +221,13 @@ def export(
             raise ValueError(f"--rule {rule!r} not in ['best', 'knee']")
         study = open_study(cfg, resume=True)
         chosen = pick_trial(study, trial, rule, max_size_bytes, max_latency_ms)
-        info = export_trial(cfg, study, chosen, out)
+        why = pick_reason(study, chosen, trial, rule, max_size_bytes, max_latency_ms)
+        target = out or Path(cfg.output_dir) / "export" / f"trial-{chosen.number}"
+        info = export_trial(cfg, study, chosen, target, why)
     except ValueError as exc:
         fail(str(exc))
         return
+    console.print(f"picked trial {chosen.number}: {why}")
     console.print(describe_export(info, chosen))
     if cfg.tracking.enabled and info["confirmed"]:
         from mpq.search.tracking import Tracker

@@ -76,6 +76,38 @@ def pick_trial(
     return max(pool, key=best)
 
 
+def pick_reason(
+    study: optuna.Study,
+    t: FrozenTrial,
+    trial: int | None = None,
+    rule: str = "knee",
+    max_size_bytes: int | None = None,
+    max_latency_ms: float | None = None,
+) -> str:
+    """Why ``pick_trial`` picked ``t``: the rule and the values it compared."""
+    n = len(front_trials(study))
+    success = TrialRecord.from_frozen(t).measurements.success or 0.0
+    if trial is not None:
+        return f"trial {trial} as asked (--trial)"
+    if max_size_bytes is not None or max_latency_ms is not None:
+        caps = " and ".join(
+            c
+            for c in (
+                f"size <= {max_size_bytes:,} bytes" if max_size_bytes is not None else "",
+                f"latency <= {max_latency_ms} ms" if max_latency_ms is not None else "",
+            )
+            if c
+        )
+        return f"the highest success ({success:.3f}) among the front points with {caps}"
+    if rule == "knee":
+        return (
+            f"the knee of the front: of its {n} points, the nearest to the ideal point (the "
+            "front's best success, size and latency) once each objective is scaled to [0, 1] "
+            "over the front"
+        )
+    return f"the highest success ({success:.3f}) of the {n} front points, ties to the smaller"
+
+
 def _knee(study: optuna.Study, pool: list[FrozenTrial]) -> FrozenTrial:
     signs = loss_signs(study.directions)
     rows = [[s * v for s, v in zip(signs, t.values, strict=True)] for t in pool]
@@ -94,7 +126,7 @@ def _knee(study: optuna.Study, pool: list[FrozenTrial]) -> FrozenTrial:
 
 
 def export_trial(
-    cfg: SearchConfig, study: optuna.Study, t: FrozenTrial, out_dir: Path
+    cfg: SearchConfig, study: optuna.Study, t: FrozenTrial, out_dir: Path, why: str = ""
 ) -> dict[str, Any]:
     """Write what ships for trial ``t`` into ``out_dir``:
 
@@ -103,8 +135,10 @@ def export_trial(
       torch). ``io.json`` names its inputs and outputs; ``example_inputs.npz`` and
       ``expected_outputs.npz`` hold one step and the simulated model's outputs for it;
     - ``config.yaml``/``config.json`` (as searched), ``ran_config.yaml`` (what runs);
-    - ``model.mpq.pt``: the packed weights of what runs (``load_artifact``, in PyTorch);
-    - ``MODEL_CARD.md``, with the success confirmed on held-out episodes (``confirm_task``).
+    - ``model.mpq.pt``: the packed weights of what runs, and ``manifest.json`` (the model,
+      calibration and why this trial): ``mpq.load(out_dir)`` rebuilds it in PyTorch;
+    - ``MODEL_CARD.md``, with why this trial (``why``), the success confirmed on held-out
+      episodes (``confirm_task``) and how to run it.
 
     Raises:
         ValueError: the deployable model does not have the trial's bytes or kernels (the
@@ -136,7 +170,10 @@ def export_trial(
     if deployable["artifact"] == "onnx":
         files.update(onnx_files(ev, config, ran))
     confirmed = confirm(cfg, ev, ran)
-    files["MODEL_CARD.md"] = model_card(cfg, study, t, deployable, confirmed).encode()
+    io_spec = json.loads(files["io.json"]) if "io.json" in files else None
+    card = model_card(cfg, study, t, deployable, confirmed, io_spec, why)
+    files["MODEL_CARD.md"] = card.encode()
+    files[MANIFEST] = (json.dumps(manifest(cfg, study, t, why), indent=1) + "\n").encode()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
@@ -280,12 +317,64 @@ def confirm(cfg: SearchConfig, ev: Any, ran: QuantConfig) -> dict[str, float]:
         return run_task(task, ev.quantized(ran), cfg.confirm_budget)
 
 
+MANIFEST = "manifest.json"
+
+
+def manifest(cfg: SearchConfig, study: optuna.Study, t: FrozenTrial, why: str) -> dict[str, Any]:
+    """What ``mpq.load`` needs besides the packed weights: the model's builder and checkpoint,
+    the calibration (static activation ranges), the observer; and where it came from."""
+    return {
+        "study": study.study_name,
+        "trial": t.number,
+        "why": why,
+        "model": cfg.model,
+        "checkpoint": cfg.checkpoint,
+        "calibration": cfg.calibration,
+        "observer": cfg.observer,
+        "artifact": ARTIFACT,
+        "config": "ran_config.yaml",
+    }
+
+
+def load_export(path: str | Path) -> torch.nn.Module:
+    """The quantized model of an export folder, in PyTorch (``mpq.load``): the packed weights
+    (``weights_only=True``) unpacked to exactly the simulated-quantized values, the activation
+    quantization of what ran re-attached (static ranges calibrated on the manifest's
+    calibration).
+
+    Raises:
+        ValueError: not an export folder (no manifest), or its files do not load.
+    """
+    from mpq.evaluators.callables import load_callable
+    from mpq.spaces.io import load_config
+
+    folder = Path(path)
+    try:
+        info = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"{str(folder)!r} is not an mpq export (no readable {MANIFEST}): {exc}"
+        ) from None
+    ran = load_config(folder / info["config"])
+    static = any(c.act_mode == "static" or c.out_bits != 32 for c in ran.layers.values())
+    calibration = list(load_callable(info["calibration"], "calibration")()) if static else None
+    return load_artifact(
+        folder / info["artifact"],
+        ran,
+        info["model"],
+        info.get("checkpoint"),
+        calibration,
+        info.get("observer", "minmax"),
+    )
+
+
 def load_artifact(
     path: str | Path,
     config: QuantConfig,
     model_spec: str,
     checkpoint: str | None = None,
     calibration: list[Any] | None = None,
+    observer: str = "minmax",
 ) -> torch.nn.Module:
     """Rebuild a working quantized model from an exported artifact (``weights_only=True``).
 
@@ -295,4 +384,6 @@ def load_artifact(
     model = build_model(resolve_model(model_spec), checkpoint)
     layers = discover_layers(model)
     model.load_state_dict(unpack_state(load_state_dict(path), layers))
-    return apply_config(model, config, calibration, layers=layers, quantize_weights=False)
+    return apply_config(
+        model, config, calibration, observer, layers=layers, quantize_weights=False
+    )

@@ -30,8 +30,11 @@ def model_card(
     t: FrozenTrial,
     deployable: dict[str, Any],
     confirmed: dict[str, float] | None = None,
+    io_spec: dict[str, Any] | None = None,
+    why: str = "",
 ) -> str:
-    """``MODEL_CARD.md``: what ships, its figures beside float's, how they were measured."""
+    """``MODEL_CARD.md``: what ships, why this trial, its figures beside float's, how they
+    were measured, and how to run it (plain onnxruntime, or PyTorch through ``mpq.load``)."""
     ref = dict(study.user_attrs.get(StudyAttr.FLOAT_REFERENCE, {}))
     a = t.user_attrs
     shipped = _SHIPPED[deployable["artifact"]].format(backend=cfg.latency.backend)
@@ -42,6 +45,7 @@ def model_card(
         "evaluation seeds, the same for every configuration). Every figure below is of the "
         f"model that ships, as it runs (`ran_config.yaml`); deployable file: {shipped}.",
         "",
+        *([f"Why this trial: {why}.", ""] if why else []),
         *_figures_table(cfg, ref, a, confirmed),
         "",
         "The search's success is the best of many noisy estimates on the same episodes, so it "
@@ -51,10 +55,9 @@ def model_card(
         "",
         *_qat_note(a.get(TrialAttr.QAT, {})),
         _latency_note(cfg, ref, a.get(TrialAttr.LATENCY_INFO, {})),
-        f"Also `{ARTIFACT}`: the packed weights of what runs, for PyTorch "
-        "(`mpq.search.export.load_artifact(path, ran_config, model, calibration=...)`); "
-        f"the configuration as searched asked for {a.get('asked_size_bytes', 0):,} bytes.",
+        f"The configuration as searched asked for {a.get('asked_size_bytes', 0):,} bytes.",
         "",
+        *how_to_run(io_spec),
         "Kernels that ran, and choices lowered to what runs:",
         "",
         "```json",
@@ -62,6 +65,42 @@ def model_card(
         "```",
     ]
     return "\n".join(lines) + "\n"
+
+
+def how_to_run(io_spec: dict[str, Any] | None) -> list[str]:
+    """The card's "How to run it": plain onnxruntime with the file's own input and output
+    names and shapes (``io.json``), and PyTorch through ``mpq.load``."""
+    lines = ["## How to run it", ""]
+    if io_spec:
+        ins = ", ".join(f"`{i['name']}` {i['dtype']} {i['shape']}" for i in io_spec["inputs"])
+        outs = ", ".join(f"`{o['name']}` {o['dtype']} {o['shape']}" for o in io_spec["outputs"])
+        lines += [
+            "With plain onnxruntime (no mpq, no torch):",
+            "",
+            "```python",
+            "import numpy as np, onnxruntime as ort",
+            'session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])',
+            'step = dict(np.load("example_inputs.npz"))  # one control step, batch 1',
+            "outputs = session.run(None, step)  # in io.json's order",
+            "```",
+            "",
+            f"Inputs: {ins}. Outputs: {outs}. One call is one control step at batch 1, as the "
+            "latency was measured; a stateful policy returns its next state among the outputs, "
+            "to pass back as the matching input at the next step. `expected_outputs.npz` holds "
+            "the outputs of `example_inputs.npz` (the simulated model's: a check that the file "
+            "runs as measured).",
+            "",
+        ]
+    lines += [
+        f"In PyTorch, from the packed weights (`{ARTIFACT}`, loaded with `weights_only=True`):",
+        "",
+        "```python",
+        "import mpq",
+        'model = mpq.load("<this folder>")  # the quantized model as it ran, activations too',
+        "```",
+        "",
+    ]
+    return lines
 
 
 def _qat_note(qat: dict[str, Any]) -> list[str]:

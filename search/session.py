@@ -140,12 +140,13 @@ def export_best(
     console: Console, cfg: SearchConfig, result: SearchResult, path: str | Path
 ) -> None:
     """Export the knee of the front to ``<output_dir>/best`` and say how to look further."""
-    from mpq.search.export import describe_export, export_trial, pick_trial
+    from mpq.search.export import describe_export, export_trial, pick_reason, pick_trial
     from mpq.search.pareto import front_trials
 
     if front_trials(result.study):
         chosen = pick_trial(result.study, rule="knee")
-        info = export_trial(cfg, result.study, chosen, Path(cfg.output_dir) / "best")
+        why = pick_reason(result.study, chosen, rule="knee")
+        info = export_trial(cfg, result.study, chosen, Path(cfg.output_dir) / "best", why)
         console.print(f"knee of the front: {describe_export(info, chosen)}")
         if cfg.tracking.enabled and info["confirmed"]:
             from mpq.search.tracking import Tracker

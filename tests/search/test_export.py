@@ -64,6 +64,12 @@ def test_export_round_trip(searched, tmp_path: Path) -> None:  # type: ignore[no
         assert torch.allclose(loaded(x), rebuilt(x), atol=1e-5)
     state = load_state_dict(out / ARTIFACT)  # plain tensors: weights_only=True
     assert all(isinstance(v, torch.Tensor) for v in state.values())
+    import mpq  # the documented way: the folder alone
+
+    with torch.inference_mode():
+        assert torch.equal(mpq.load(out)(x), loaded(x))
+    with pytest.raises(ValueError, match=r"is not an mpq export \(no readable manifest.json\)"):
+        mpq.load(tmp_path)
 
 
 _PLAIN_ONNXRUNTIME = """
@@ -102,6 +108,18 @@ def test_exported_onnx_runs_on_plain_onnxruntime(searched, tmp_path: Path) -> No
         assert proc.returncode == 0, proc.stderr[-2000:]
         rows = [line.split() for line in proc.stdout.splitlines()]
         assert rows and all(float(r[-1]) <= 2e-3 for r in rows), proc.stdout
+        # the model card's snippet runs as written, in the folder, without torch or mpq
+        card = (out / "MODEL_CARD.md").read_text()
+        snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+        blocked = 'import sys\nfor m in ("torch", "mpq"):\n    sys.modules[m] = None\n'
+        check = "\nassert len(outputs) == len(session.get_outputs())\n"
+        proc = subprocess.run(
+            [sys.executable, "-c", blocked + snippet + check],
+            cwd=out,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_cli_apply_gives_the_same_size(searched, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -135,6 +153,28 @@ def test_pick_rules(searched) -> None:  # type: ignore[no-untyped-def]
         pick_trial(study, max_size_bytes=10)
     with pytest.raises(ValueError, match="--trial 999: the study has trials 0.."):
         pick_trial(study, trial=999)
+    from mpq.search.export import pick_reason
+
+    n = len(front)
+    assert pick_reason(study, best, rule="best") == (
+        f"the highest success ({best.values[0]:.3f}) of the {n} front points, ties to the smaller"
+    )
+    assert pick_reason(study, within, max_size_bytes=small).endswith(f"size <= {small:,} bytes")
+    assert pick_reason(study, best, rule="knee").startswith(f"the knee of the front: of its {n}")
+
+
+def test_cli_export_says_why_and_writes_under_the_output_folder(searched) -> None:  # type: ignore[no-untyped-def]
+    import yaml
+
+    cfg, _ = searched
+    path = Path(cfg.output_dir) / "search.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["export", str(path), "--rule", "best"])
+    assert result.exit_code == 0, result.output
+    assert "the highest success" in result.output
+    chosen = int(result.output.split("picked trial ", 1)[1].split(":", 1)[0])
+    out = Path(cfg.output_dir) / "export" / f"trial-{chosen}"
+    assert "Why this trial: the highest success" in (out / "MODEL_CARD.md").read_text()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
