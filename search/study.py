@@ -195,6 +195,8 @@ def open_study(cfg: SearchConfig, resume: bool) -> optuna.Study:
     stored = study.user_attrs.get(StudyAttr.OBJECTIVES)
     if stored is None:
         study.set_user_attr(StudyAttr.OBJECTIVES, list(cfg.objectives))
+        # Optuna's own names for the values: optuna-dashboard and trials_dataframe show them
+        study.set_metric_names(list(cfg.objectives))
     elif list(stored) != list(cfg.objectives):
         raise ValueError(
             f"study {cfg.name!r} has objectives {stored}, config {list(cfg.objectives)}"
