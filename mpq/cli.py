@@ -95,6 +95,19 @@ def search(
         bool, typer.Option(help="continue the study of the same name", metavar="")
     ] = False,
     trials: Annotated[int | None, typer.Option(help="trials to finish in all")] = None,
+    output_dir: Annotated[
+        str | None, typer.Option(help="study database, plots, exports (config: output_dir)")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="trials at once (config: ray.workers)")
+    ] = None,
+    task_budget: Annotated[
+        int | None, typer.Option(help="episodes per full evaluation (config: task_budget)")
+    ] = None,
+    sampler: Annotated[
+        str | None, typer.Option(help="nsga2 | tpe | random | gp | mpq (config: sampler)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="sampler seed (config: seed)")] = None,
     ray_address: Annotated[str | None, typer.Option(help="attach to this Ray cluster")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
     no_tracking: Annotated[
@@ -109,6 +122,9 @@ def search(
             metavar="",
         ),
     ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", help="no progress bar or per-trial lines", metavar="")
+    ] = False,
 ) -> None:
     """Search per-layer bit allocations; print the Pareto front."""
     from mpq.search.session import run_session
@@ -117,12 +133,18 @@ def search(
         result = run_session(
             config,
             resume=resume,
-            trials=trials,
-            ray_address=ray_address,
-            tracking_uri=tracking_uri,
             tracking=not no_tracking,
             console=console,
             new_study=new_study,
+            quiet=quiet,
+            trials=trials,
+            output_dir=output_dir,
+            workers=workers,
+            task_budget=task_budget,
+            sampler=sampler,
+            seed=seed,
+            ray_address=ray_address,
+            tracking_uri=tracking_uri,
         )
     except ValueError as exc:
         fail(str(exc))

@@ -37,6 +37,25 @@ def configure() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+    # notices on every run that say nothing about this run: MLflow's database migrations
+    # (alembic), matplotlib's font cache, Ray's "token authentication is enabled" (kept on,
+    # which is what mpq wants; its "disabled" warning, a real risk, still shows)
+    for name in ("alembic", "matplotlib.font_manager"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    token_setup = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropMessage) for f in token_setup.filters):
+        token_setup.addFilter(_DropMessage("Token authentication is enabled for this Ray"))
+
+
+class _DropMessage(logging.Filter):
+    """Drops the log records whose message starts with ``prefix`` (one notice, not a level)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def run_until_signalled(cmd: list[str]) -> int:

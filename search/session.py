@@ -8,12 +8,20 @@ from typing import Any
 
 import pandas as pd
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from mpq.evaluators.evaluator import get_evaluator
 from mpq.process import configure
 from mpq.search import fingerprint, plots, study_setup
+from mpq.search import study as study_mod
 from mpq.search.cluster import ray_session
 from mpq.search.config import SearchConfig, load_search_config
 from mpq.search.pareto import (
@@ -28,23 +36,48 @@ from mpq.search.runner import Runner, SearchResult, preflight
 from mpq.search.worker import eval_spec
 from mpq.spaces.space import LayerOptions, QuantConfig
 
+# ``mpq search`` flags -> the config field each one overrides for this run
+FLAG_FIELDS: dict[str, tuple[str, ...]] = {
+    "trials": ("trials",),
+    "output_dir": ("output_dir",),
+    "workers": ("ray", "workers"),
+    "task_budget": ("task_budget",),
+    "sampler": ("sampler",),
+    "seed": ("seed",),
+    "ray_address": ("ray", "address"),
+    "tracking_uri": ("tracking", "uri"),
+}
 
-def build_config(
-    path: str | Path,
-    trials: int | None = None,
-    ray_address: str | None = None,
-    tracking_uri: str | None = None,
-    tracking: bool = True,
-) -> SearchConfig:
-    cfg = load_search_config(path, trials=trials)
-    updates: dict[str, Any] = {}
-    if ray_address:
-        updates["ray"] = cfg.ray.model_copy(update={"address": ray_address})
-    if tracking_uri or not tracking:
-        updates["tracking"] = cfg.tracking.model_copy(
-            update={"uri": tracking_uri or cfg.tracking.uri, "enabled": tracking}
-        )
-    return cfg.model_copy(update=updates) if updates else cfg
+
+def build_config(path: str | Path, tracking: bool = True, **flags: Any) -> SearchConfig:
+    """The config file with this run's flags (``FLAG_FIELDS``; None: not given) on top.
+
+    Raises:
+        ValueError: one line naming the file for a bad file, the flag for a bad flag value
+            (``--trials: Input should be greater than or equal to 1``).
+    """
+    from pydantic import ValidationError
+
+    cfg = load_search_config(path)
+    data = cfg.model_dump()
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        *parents, leaf = FLAG_FIELDS[flag]
+        node = data
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    if not tracking:
+        data["tracking"]["enabled"] = False
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(str(p) for p in err["loc"])
+        flag = next((f for f, field in FLAG_FIELDS.items() if field == loc), None)
+        where = f"--{flag.replace('_', '-')}" if flag else f"{path}: {'.'.join(loc)}"
+        raise ValueError(f"{where}: {err['msg']}") from None
 
 
 def run_search(
@@ -54,6 +87,7 @@ def run_search(
     progress: Callable[[dict[str, int]], None] | None = None,
     resolved: dict[str, LayerOptions] | None = None,
     extra: Sequence[tuple[str, QuantConfig]] = (),
+    on_trial: Callable[[Any, Any], None] | None = None,
 ) -> SearchResult:
     """Run (or resume) the search of ``cfg``: the one start-up sequence of ``mpq search``, the
     benchmarks and scripts. Ray is started for it (or attached, or the running one reused),
@@ -62,6 +96,7 @@ def run_search(
     ``resolved``: the space as ``runner.preflight`` returned it, when the caller checked it.
     ``extra``: ``(proposed_by, config)`` pairs to measure first, after the seed trials
     (enqueued on every call: a resumed study measures a repeated one as a duplicate, free).
+    ``on_trial``: called with (study, frozen trial) for every finished trial, after tracking.
 
     Raises:
         ValueError: a bad config, space, model, task, storage or cluster, in one line.
@@ -74,8 +109,13 @@ def run_search(
 
         tracker = Tracker(cfg, console)
     with ray_session(cfg):
-        on_trial = tracker.on_trial if tracker else None
-        runner = Runner(cfg, resume, on_trial=on_trial, progress=progress, resolved=resolved)
+        callbacks = [c for c in (tracker.on_trial if tracker else None, on_trial) if c]
+
+        def finished(study: Any, trial: Any) -> None:
+            for callback in callbacks:
+                callback(study, trial)
+
+        runner = Runner(cfg, resume, on_trial=finished, progress=progress, resolved=resolved)
         runner.prepare()
         study_setup.enqueue_configs(runner.study, runner.resolved, extra)
         if tracker:
@@ -92,21 +132,23 @@ def run_search(
 def run_session(
     path: str | Path,
     resume: bool = False,
-    trials: int | None = None,
-    ray_address: str | None = None,
-    tracking_uri: str | None = None,
     tracking: bool = True,
     console: Console | None = None,
     new_study: bool = False,
+    quiet: bool = False,
+    **flags: Any,
 ) -> SearchResult:
     """``mpq search``: run (or resume) the search described by the config file at ``path``,
-    with a progress bar, then print the front and export its knee.
+    with a progress bar and one line per finished trial, then print the front and export its
+    knee. ``flags``: this run's overrides (``FLAG_FIELDS``). Everything that can be checked is
+    checked before Ray starts: config, flags, space, model, storage, the study's state.
 
     ``new_study``: run under the config's name plus the fingerprint's short hash (resumed when
     that study exists), for a setup that changed since the study of the plain name ran.
+    ``quiet``: no progress bar and no per-trial lines (CI logs): the summary only.
     """
     console = console or Console()
-    cfg = build_config(path, trials, ray_address, tracking_uri, tracking)
+    cfg = build_config(path, tracking, **flags)
     resolved = preflight(cfg, str(path))
     model = get_evaluator(eval_spec(cfg)).model
     if new_study:
@@ -114,6 +156,13 @@ def run_session(
         console.print(f"study {cfg.name!r} in {cfg.output_dir} (--new-study)")
     if resume:  # a study measured under another setup is refused before Ray starts
         fingerprint.check_stored(cfg, model)
+    else:
+        study_mod.refuse_existing(cfg)
+    if quiet:
+        result = run_search(cfg, resume, console, None, resolved)
+        print_summary(console, cfg, result, result.float_reference)
+        export_best(console, cfg, result, path)
+        return result
     with _progress(console) as bar:
         task = bar.add_task("float reference and sensitivity", total=cfg.trials)
 
@@ -128,7 +177,9 @@ def run_session(
                 ),
             )
 
-        result = run_search(cfg, resume, console, report, resolved)
+        result = run_search(
+            cfg, resume, console, report, resolved, on_trial=lambda s, t: _trial_line(bar, s, t)
+        )
     print_summary(console, cfg, result, result.float_reference)
     export_best(console, cfg, result, path)
     if result.plots:
@@ -165,8 +216,39 @@ def _progress(console: Console) -> Progress:
         MofNCompleteColumn(),
         TextColumn("{task.description}"),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
         console=console,
     )
+
+
+def trial_line(study: Any, t: Any) -> str:
+    """One finished trial in a line: number, who proposed it, success, size, speed-up, state
+    (and why it failed)."""
+    from mpq.search.record import TrialRecord, float_reference
+
+    r = TrialRecord.from_frozen(t)
+    m = r.measurements
+    parts = [f"trial {r.number:>3} {r.proposed_by:<14}"]
+    if m.success is not None:
+        parts.append(f"success {format_success(t.user_attrs)}")
+    if m.size_bytes:
+        ratio = m.compression(float_reference(study.user_attrs).size_bytes)
+        parts.append(f"{m.size_bytes / 1e6:.2f} MB" + (f" ({ratio:.1f}x)" if ratio else ""))
+    if m.speedup:
+        parts.append(f"speed-up {format_speedup(t.user_attrs)}")
+    state = r.state.name.lower() + (
+        "" if r.feasible or r.state.name != "COMPLETE" else ", infeasible"
+    )
+    if r.duplicate_of is not None:
+        state += f", duplicate of {r.duplicate_of}"
+    if r.fail_reason:
+        state += f": {r.fail_reason[:120]}"
+    return "  ".join(parts) + f"  [{state}]"
+
+
+def _trial_line(bar: Progress, study: Any, t: Any) -> None:
+    bar.console.print(trial_line(study, t), highlight=False, soft_wrap=True)
 
 
 def domination_lines(study: Any) -> list[str]:

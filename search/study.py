@@ -171,6 +171,19 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def refuse_existing(cfg: SearchConfig, storage: optuna.storages.BaseStorage | None = None) -> None:
+    """Raise ``ValueError`` when the study exists (a new search must not continue it
+    silently); cheap, so ``mpq search`` checks it before starting Ray."""
+    if storage is None and cfg.storage is None and not Path(cfg.output_dir, "study.db").exists():
+        return  # no database yet: nothing to refuse (and none is created by looking)
+    storage = storage or make_storage(cfg.storage_url())
+    if cfg.name in optuna.study.get_all_study_names(storage):
+        raise ValueError(
+            f"study {cfg.name!r} already exists in {cfg.storage_url()}; "
+            "use --resume to continue it or pick another name"
+        )
+
+
 def open_study(cfg: SearchConfig, resume: bool) -> optuna.Study:
     """Create the study; with ``resume``, continue it if it exists (else create it).
 
@@ -179,12 +192,8 @@ def open_study(cfg: SearchConfig, resume: bool) -> optuna.Study:
             objectives differ from the config's.
     """
     storage = make_storage(cfg.storage_url())
-    names = optuna.study.get_all_study_names(storage)
-    if cfg.name in names and not resume:
-        raise ValueError(
-            f"study {cfg.name!r} already exists in {cfg.storage_url()}; "
-            "use --resume to continue it or pick another name"
-        )
+    if not resume:
+        refuse_existing(cfg, storage)
     study = optuna.create_study(
         storage=storage,
         study_name=cfg.name,

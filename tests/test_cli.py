@@ -122,3 +122,62 @@ def test_space_shows_fused_groups(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     row = next(ln for ln in result.output.splitlines() if "conv2 " in ln)
     assert row.rstrip(" │").endswith("conv1")  # conv2 follows conv1's decision
+
+
+def _conv_yaml(tmp_path: Path) -> Path:
+    p = tmp_path / "search.yaml"
+    p.write_text(
+        "name: conv\nmodel: tests.models:build_convnet\ntask: tests.models:convnet_task\n"
+        f"calibration: tests.models:convnet_calibration\noutput_dir: {tmp_path / 'out'}\n"
+    )
+    return p
+
+
+def test_a_bad_flag_is_named_as_the_flag_not_the_file(tmp_path: Path) -> None:
+    p = _conv_yaml(tmp_path)
+    result = runner.invoke(app, ["search", str(p), "--trials", "0"])
+    assert result.exit_code == 2
+    assert "--trials: Input should be greater than or equal to 1" in result.output
+    result = runner.invoke(app, ["search", str(p), "--sampler", "cmaes"])
+    assert result.exit_code == 2 and "--sampler: Input should be" in result.output
+
+
+def test_an_existing_study_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    import ray
+
+    from mpq.search.session import build_config
+    from mpq.search.study import open_study
+
+    p = _conv_yaml(tmp_path)
+    open_study(build_config(p), resume=False)
+    result = runner.invoke(app, ["search", str(p)])
+    assert result.exit_code == 2
+    assert "study 'conv' already exists" in result.output and "use --resume" in result.output
+    assert not ray.is_initialized()
+
+
+def test_flags_override_the_config_for_this_run(tmp_path: Path) -> None:
+    from mpq.search.session import build_config
+
+    p = _conv_yaml(tmp_path)
+    cfg = build_config(
+        p,
+        tracking=False,
+        trials=5,
+        workers=1,
+        task_budget=7,
+        sampler="mpq",
+        seed=3,
+        output_dir=str(tmp_path / "elsewhere"),
+        tracking_uri="http://127.0.0.1:1",
+    )
+    assert (cfg.trials, cfg.ray.workers, cfg.task_budget, cfg.sampler, cfg.seed) == (
+        5,
+        1,
+        7,
+        "mpq",
+        3,
+    )
+    assert cfg.output_dir == str(tmp_path / "elsewhere") and not cfg.tracking.enabled
+    assert cfg.tracking.uri == "http://127.0.0.1:1"
+    assert build_config(p).trials == 24  # the file's own values otherwise

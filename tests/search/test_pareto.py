@@ -154,3 +154,27 @@ def test_pruned_trials_are_plotted_at_their_screening_figures(tmp_path) -> None:
     assert df["success"].tolist() == [0.9, 0.2]
     paths = write_all(study, tmp_path / "plots", min_success=0.85)
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_one_line_per_finished_trial() -> None:
+    from mpq.search.session import trial_line
+
+    study = _study(
+        [(0.9, 500_000, 1.0, -1), (0.5, 400_000, 0.9, 1)],
+        {
+            0: {
+                "seed": "greedy-50pct",
+                "success_lo": 0.85,
+                "success_hi": 0.94,
+                "speedup": 2.0,
+                "speedup_lo": 1.9,
+                "speedup_hi": 2.1,
+            }
+        },
+    )
+    study.set_user_attr("float_reference", {"success": 1.0, "size_bytes": 1_000_000})
+    line = trial_line(study, study.trials[0])
+    assert line.startswith("trial   0 greedy-50pct")
+    assert "success 0.900 (0.850-0.940)" in line and "0.50 MB (2.0x)" in line
+    assert "speed-up 2.000x [1.900, 2.100]" in line and line.endswith("[complete]")
+    assert trial_line(study, study.trials[1]).endswith("[complete, infeasible]")
