@@ -1,4 +1,5 @@
-"""MLflow tracking: one parent run per study, one nested run per trial (``MlflowClient`` only).
+"""MLflow tracking: one run per study, one run per trial beside it (tagged with the study's run,
+not nested: the runs table shows the trials), ``MlflowClient`` only.
 
 Trials are keyed by the tag ``mpq_trial`` (the Optuna trial number), so logging is idempotent:
 ``sync`` (and every resume) back-fills the trials that have no run yet, e.g. after the tracking
@@ -108,7 +109,9 @@ def trial_run(study_name: str, parent_id: str, t: FrozenTrial, ref: dict[str, An
         STUDY_TAG: study_name,
         TRIAL_TAG: str(record.number),
         KIND_TAG: "trial",
-        "mlflow.parentRunId": parent_id,
+        # not MLflow's parentRunId: nested runs are folded under their parent in the runs
+        # table, and a person looking at a study wants its trials in view, sortable
+        STUDY_RUN_TAG: parent_id,
         "state": record.state.name.lower(),
         "feasible": str(record.feasible).lower(),
         "on_front": "false",
@@ -164,6 +167,7 @@ def study_metrics(ref: dict[str, Any]) -> dict[str, float]:
     return {f"float.{k.replace('/', '.')}": v for k, v in metrics.items()}
 
 
+STUDY_RUN_TAG = "mpq_study_run"  # a trial's run -> its study's run
 # MLflow 3's experiment type (the UI reads it: runs table, not the GenAI traces view)
 EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 
@@ -316,8 +320,9 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             front_table(study).to_csv(out / "pareto_front.csv", index=False)
-            for path in plot_paths if plot_paths is not None else plots.write_all(study, out):
-                if path.parent != out:
+            made = plot_paths if plot_paths is not None else plots.write_all(study, out / "p")
+            for path in made:  # PNGs: MLflow's artifact viewer runs no plotly (HTML: blank)
+                if path.suffix == ".png":
                     shutil.copy(path, out / path.name)
             if self.parent_id is not None and not self.down:
                 self._guard(self._finish, front, history, out, len(study.trials))
@@ -337,13 +342,13 @@ class Tracker:
     def finetuned(
         self, study: optuna.Study, info: dict[str, Any], trial: int | None, png: Path
     ) -> None:
-        """Log an ``mpq finetune`` as a run nested under the study's: the loss curve as a
+        """Log an ``mpq finetune`` as a run tagged with the study's: the loss curve as a
         metric per step, the plot and ``qat.json``."""
         self.start(study)
         if self.parent_id is None or self.down:
             return
         run = finetune_run(info, trial)
-        run.tags |= {STUDY_TAG: study.study_name, "mlflow.parentRunId": self.parent_id}
+        run.tags |= {STUDY_TAG: study.study_name, STUDY_RUN_TAG: self.parent_id}
         self._guard(self._log_finetune, run, info["loss"], png)
 
     def _log_finetune(self, run: TrialRun, losses: list[float], png: Path) -> None:
@@ -378,7 +383,7 @@ class Tracker:
 
 def finetune_run(info: dict[str, Any], trial: int | None) -> TrialRun:
     """The run of one ``mpq finetune``: its settings, the loss per step, success before and
-    after, time and bytes (nested under the study's run)."""
+    after, time and bytes (tagged with the study's run)."""
     settings = {f"qat.{k}": str(v) for k, v in info["settings"].items()}
     metrics = {f"ptq_{k}": v for k, v in info["ptq"].items()}
     metrics |= {f"qat_{k}": v for k, v in info["qat"].items()}

@@ -1,5 +1,7 @@
 """The MLflow UI, served by a real ``mlflow server`` on 127.0.0.1, opened in headless Chromium:
-the study's runs must be on the page. A screenshot is saved to test-output/mlflow_ui.png."""
+what a person needs to see must be on the page: the runs table with every trial and its
+objectives, the study's run, the Pareto plot rendered in the artifact view. Screenshots go to
+test-output/ (mlflow_ui.png, mlflow_ui_study.png, mlflow_ui_pareto.png)."""
 
 from __future__ import annotations
 
@@ -46,18 +48,29 @@ def test_mlflow_ui_shows_the_study(ray_local: None, tmp_path: Path) -> None:
         tracker.finish(runner.run().study)
         runs_url = f"{server.uri}/#/experiments/{tracker.experiment_id}/runs"
         study_url = f"{runs_url}/{tracker.parent_id}"
+        plot_url = f"{study_url}/artifacts/pareto_front.png"
         profile = tmp_path / "chrome-profile"
 
         def dom(url: str) -> str:
             args = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", url]
             return subprocess.run(args, capture_output=True, text=True, timeout=120).stdout
 
-        assert "ui-study" in dom(runs_url)  # the study's parent run in the experiment's table
-        page = dom(study_url)  # the parent run: its metrics and its nested trial runs
+        table = dom(runs_url)  # the experiment opens on its runs table (model development)
+        assert "ui-study" in table and "Traces" not in table.split("Training runs")[0][-200:]
+        # every trial is a row of its own, in view (not folded under the study's run), with
+        # the objectives as columns
+        assert all(f"trial-{i}" in table for i in range(4)), "trial runs not in the table"
+        assert all(m in table for m in ("success", "size_bytes", "latency_ms"))
+        page = dom(study_url)  # the study's run: the float reference and the hypervolume
         assert "float.success" in page and "hypervolume" in page
-        assert all(f"trial-{i}" in page for i in range(4))
+        viewer = dom(plot_url)  # the Pareto plot renders as an image in the artifact view
+        assert "pareto_front.png" in viewer and "<img" in viewer
         OUT.mkdir(exist_ok=True)
-        for name, url in (("mlflow_ui.png", runs_url), ("mlflow_ui_study.png", study_url)):
+        for name, url in (
+            ("mlflow_ui.png", runs_url),
+            ("mlflow_ui_study.png", study_url),
+            ("mlflow_ui_pareto.png", plot_url),
+        ):
             shot = OUT / name
             subprocess.run(
                 [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", url],
