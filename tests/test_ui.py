@@ -56,7 +56,7 @@ def test_mlflow_ui_shows_the_study(ray_local: None, tmp_path: Path) -> None:
             return subprocess.run(args, capture_output=True, text=True, timeout=120).stdout
 
         table = dom(runs_url)  # the experiment opens on its runs table (model development)
-        assert "ui-study" in table and "Traces" not in table.split("Training runs")[0][-200:]
+        assert "ui-study" in table
         # every trial is a row of its own, in view (not folded under the study's run), with
         # the objectives as columns
         assert all(f"trial-{i}" in table for i in range(4)), "trial runs not in the table"
