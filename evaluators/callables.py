@@ -1,10 +1,34 @@
-"""A user's code named in a config: ``"package.module:function"`` -> the function."""
+"""A user's code named in a config: ``"package.module:function"`` -> the function, and the one
+way mpq calls it (``call_user``: what it raises becomes one line naming it)."""
 
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from typing import Any
+
+DEBUG_ENV = "MPQ_DEBUG"  # set (mpq --debug): a user callable's exception keeps its traceback
+
+
+def call_user(fn: Callable[..., Any], spec: str, what: str, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, where ``fn`` is the user's ``spec``.
+
+    Raises:
+        ValueError: one line, ``model 'pkg.mod:build' raised RuntimeError: boom``, for any
+            exception ``fn`` raises (with ``MPQ_DEBUG`` set: the exception itself, traceback
+            and all).
+    """
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        text = str(exc).strip()
+        first = f": {text.splitlines()[0][:300]}" if text else ""
+        raise ValueError(
+            f"{what} {spec!r} raised {type(exc).__name__}{first} (mpq --debug shows the traceback)"
+        ) from None
 
 
 def load_callable(spec: str, what: str = "callable") -> Callable[..., Any]:

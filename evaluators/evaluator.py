@@ -20,7 +20,7 @@ from mpq.evaluators import timing_slot
 from mpq.evaluators.apply import apply_config
 from mpq.evaluators.backends import get_backend
 from mpq.evaluators.backends.base import FallbackError, Lowered
-from mpq.evaluators.callables import load_callable
+from mpq.evaluators.callables import call_user, load_callable
 from mpq.evaluators.kernel_tune import KernelTable
 from mpq.evaluators.latency import paired_speedup
 from mpq.evaluators.latency_table import LatencyTable, model_target
@@ -64,12 +64,16 @@ class Evaluator:
         self.model: nn.Module = build_model(spec.model, spec.checkpoint)
         self.layers: tuple[LayerInfo, ...] = discover_layers(self.model)
         self.task = load_callable(spec.task, "task")
-        batches = list(load_callable(spec.calibration, "calibration")())
+        calibration = load_callable(spec.calibration, "calibration")
+        batches = list(call_user(calibration, spec.calibration, "calibration"))
         if not batches:
             raise ValueError(f"calibration {spec.calibration!r} returned no batch")
         self.calibration = batches
         if spec.example_inputs:
-            self.example_inputs = _as_tuple(load_callable(spec.example_inputs, "example_inputs")())
+            example = load_callable(spec.example_inputs, "example_inputs")
+            self.example_inputs = _as_tuple(
+                call_user(example, spec.example_inputs, "example_inputs")
+            )
         else:
             self.example_inputs = _as_tuple(batches[0])
         self.reference = reference_outputs(self.model, self.calibration)
@@ -287,7 +291,7 @@ class Evaluator:
         float model when ``config`` is None."""
         with timing_slot.compute():
             model = self.model if config is None else self.quantized(self.as_ran(config))
-            return run_task(self.task, model, budget)
+            return run_task(self.task, model, budget, self.spec.task)
 
     def float_reference(self, budget: int) -> dict[str, Any]:
         keep = QuantConfig.uniform(self.layers, LayerChoice())

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpq.evaluators.callables import load_callable
+from mpq.evaluators.callables import call_user, load_callable
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -53,7 +53,7 @@ def build_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
             checkpoint does not load or does not match the model's parameters.
     """
     builder = load_callable(spec, "model")
-    model = builder()
+    model = call_user(builder, spec, "model")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {spec!r}: builder returned {type(model).__name__}, not nn.Module")
     if checkpoint is not None:

@@ -212,3 +212,7 @@ def hungry_task(model: nn.Module, budget: int) -> dict[str, float]:
         block = torch.ones(1024, 1024, 1024, dtype=torch.float32)  # 4 GiB
         return {"success": float(block[0, 0, 0])}
     return convnet_task(model, budget)
+
+
+def raising_builder() -> nn.Module:
+    raise RuntimeError("boom\nsecond line of the user's message")

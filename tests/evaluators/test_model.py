@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,6 +69,19 @@ def test_bad_callable_specs(spec: str, message: str) -> None:
         load_callable(spec, "model")
 
 
+def test_a_builder_that_raises_is_one_line_or_its_traceback_with_debug(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"^model 'tests.models:raising_builder' raised RuntimeError: boom \(mpq --debug",
+    ):
+        build_model("tests.models:raising_builder")
+    monkeypatch.setenv("MPQ_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="^boom\nsecond line"):
+        build_model("tests.models:raising_builder")
+
+
 def test_builder_must_return_a_module() -> None:
     with pytest.raises(ValueError, match="builder returned tuple, not nn.Module"):
         build_model("tests.models:example_inputs.__defaults__.__class__")
@@ -75,10 +89,21 @@ def test_builder_must_return_a_module() -> None:
 
 def test_task_result_is_checked() -> None:
     model = ConvNet()
-    with pytest.raises(ValueError, match="task returned no 'success' metric"):
+    with pytest.raises(ValueError, match="task 'task' returned no 'success' metric"):
         run_task(lambda m, b: {"accuracy": 1.0}, model, 4)
-    with pytest.raises(ValueError, match=r"non-finite metrics \['success'\]"):
-        run_task(lambda m, b: {"success": float("nan")}, model, 4)
+    with pytest.raises(
+        ValueError, match=r"^task 'm:t' returned success=nan, not a finite number$"
+    ):
+        run_task(lambda m, b: {"success": float("nan")}, model, 4, "m:t")
+    with pytest.raises(ValueError, match=r"^task 'm:t' returned success='high', not a finite"):
+        run_task(lambda m, b: {"success": "high"}, model, 4, "m:t")
+    with pytest.raises(ValueError, match=r"^task 'm:t' returned success=1.5, outside \[0, 1\]"):
+        run_task(lambda m, b: {"success": 1.5}, model, 4, "m:t")
+    with pytest.raises(
+        ValueError, match=r"^task 'm:t' raised ZeroDivisionError: division by zero"
+    ):
+        run_task(lambda m, b: {"success": 1 / 0}, model, 4, "m:t")
+    assert run_task(lambda m, b: {"success": np.float32(0.5)}, model, 4) == {"success": 0.5}
     with pytest.raises(ValueError, match="budget=0 must be > 0"):
         run_task(lambda m, b: {"success": 1.0}, model, 0)
     assert run_task(lambda m, b: {"success": b / 10}, model, 4) == {"success": 0.4}
