@@ -35,9 +35,20 @@ CheckpointOpt = Annotated[Path | None, typer.Option(help="state_dict to load (we
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="full tracebacks of errors in your callables", metavar=""),
+    ] = False,
+) -> None:
     """mpq: find the smallest, fastest quantized model whose task success holds."""
     configure()
+    if debug:
+        import os
+
+        from mpq.evaluators.callables import DEBUG_ENV
+
+        os.environ[DEBUG_ENV] = "1"  # Ray's local workers inherit it
 
 
 def fail(message: str) -> None:

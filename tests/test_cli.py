@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from mpq.cli import app
@@ -181,3 +182,15 @@ def test_flags_override_the_config_for_this_run(tmp_path: Path) -> None:
     assert cfg.output_dir == str(tmp_path / "elsewhere") and not cfg.tracking.enabled
     assert cfg.tracking.uri == "http://127.0.0.1:1"
     assert build_config(p).trials == 24  # the file's own values otherwise
+
+
+def test_a_raising_builder_is_one_line_and_debug_shows_the_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MPQ_DEBUG", "")  # restored (unset) after the test: --debug sets it
+    result = runner.invoke(app, ["space", "tests.models:raising_builder"])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "raised RuntimeError: boom" in lines[0]
+    result = runner.invoke(app, ["--debug", "space", "tests.models:raising_builder"])
+    assert isinstance(result.exception, RuntimeError)  # the user's own exception, traceback
