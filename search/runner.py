@@ -34,7 +34,7 @@ from mpq.search import fingerprint, hygiene, rules, study_setup
 from mpq.search.cluster import TrialTasks
 from mpq.search.config import SearchConfig
 from mpq.search.pareto import feasible_complete, front_trials
-from mpq.search.record import Stage, TrialAttr, jsonable
+from mpq.search.record import Stage, StudyAttr, TrialAttr, jsonable
 from mpq.search.study import config_from_params, distributions, open_study
 from mpq.search.worker import QAT_WEIGHTS, ArtifactFigures, eval_spec
 from mpq.spaces.space import LayerOptions, QuantConfig
@@ -136,10 +136,22 @@ class Runner:
         """Float reference and seed trials (once per study); ``run`` builds the latency
         table."""
         evaluator = get_evaluator(self.spec)
-        self.float_reference = study_setup.float_reference(
-            self.study, self.cfg, evaluator, self.resolved
-        )
+        try:
+            self.float_reference = study_setup.float_reference(
+                self.study, self.cfg, evaluator, self.resolved
+            )
+        except Exception:
+            self._drop_if_empty()
+            raise
         return self.float_reference
+
+    def _drop_if_empty(self) -> None:
+        """Delete the study when it holds nothing yet (no trial, no float reference): a
+        failure before the first trial leaves no empty study that the fixed rerun would be
+        told "already exists" about."""
+        empty = not self.study.get_trials(deepcopy=False)
+        if empty and StudyAttr.FLOAT_REFERENCE not in self.study.user_attrs:
+            optuna.delete_study(study_name=self.study.study_name, storage=self.study._storage)
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> SearchResult:

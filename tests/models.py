@@ -216,3 +216,7 @@ def hungry_task(model: nn.Module, budget: int) -> dict[str, float]:
 
 def raising_builder() -> nn.Module:
     raise RuntimeError("boom\nsecond line of the user's message")
+
+
+def stringly_task(model: nn.Module, budget: int) -> dict[str, object]:
+    return {"success": "high"}

@@ -359,3 +359,13 @@ def test_the_qat_stage_fine_tunes_what_post_training_quantization_loses(
         torch.testing.assert_close(packed[f"{la.module}.{la.param}"], expected)
     card = (tmp_path / "best" / "MODEL_CARD.md").read_text()
     assert "quantization-aware training in the search: 30 steps" in card
+
+
+def test_a_failure_before_the_first_trial_leaves_no_empty_study(tmp_path: Path) -> None:
+    from mpq.search.study import open_study
+
+    cfg = conv_config(tmp_path, task="tests.models:stringly_task")
+    with pytest.raises(ValueError, match=r"^task 'tests.models:stringly_task' returned success="):
+        Runner(cfg).prepare()
+    fixed = conv_config(tmp_path)  # the same name and storage, the task fixed
+    assert open_study(fixed, resume=False).study_name == "conv"  # not "already exists"
