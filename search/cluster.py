@@ -211,6 +211,27 @@ def init_ray(cfg: SearchConfig) -> bool:
     return True
 
 
+def capped_workers(cfg: SearchConfig) -> tuple[SearchConfig, str | None]:
+    """``cfg`` with ``ray.workers`` capped at the trials the CPUs can run at once (this
+    machine's for a local Ray, the cluster's once attached), and the line that says so (None
+    when nothing changed): more would only queue, each trial's time limit running."""
+    per = cfg.ray.cpus_per_trial
+    if cfg.ray.address is None and not ray.is_initialized():
+        cpus, where = float(os.cpu_count() or 1), "this machine has"
+    elif ray.is_initialized():
+        cpus, where = float(ray.cluster_resources().get("CPU", 0)), "the cluster has"
+    else:
+        return cfg, None
+    fits = max(1, math.floor(cpus / per)) if per > 0 else cfg.ray.workers
+    if cfg.ray.workers <= fits:
+        return cfg, None
+    note = (
+        f"ray.workers={cfg.ray.workers} but {where} {cpus:g} CPUs ({per:g} per trial): "
+        f"running {fits} trials at a time"
+    )
+    return cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"workers": fits})}), note
+
+
 def shutdown_ray() -> None:
     ray.shutdown()
 

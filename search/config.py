@@ -26,10 +26,14 @@ class Constraints(BaseModel):
 
     model_config = _FROZEN
     max_success_drop: float | None = Field(
-        0.05, description="success >= float success - this (absolute, e.g. 0.05 = 5 points)"
+        0.05,
+        ge=0,
+        le=1,
+        description="success >= float success - this (absolute, e.g. 0.05 = 5 points; a "
+        "negative drop would ask more than the float model, which nothing meets)",
     )
-    max_size_bytes: int | None = Field(None, description="size budget in bytes")
-    max_latency_ms: float | None = Field(None, description="latency budget in milliseconds")
+    max_size_bytes: int | None = Field(None, gt=0, description="size budget in bytes")
+    max_latency_ms: float | None = Field(None, gt=0, description="latency budget in milliseconds")
 
 
 class Sensitivity(BaseModel):

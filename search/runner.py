@@ -55,7 +55,28 @@ def preflight(cfg: SearchConfig, source: str) -> dict[str, LayerOptions]:
     if cfg.latency.enabled and not cfg.latency.allow_fallback:
         choices = {name: options.choices() for name, options in resolved.items()}
         check_no_fallback(evaluator.backend, evaluator.layers, choices, f"{source}: space")
+    cap = cfg.constraints.max_size_bytes
+    if cap is not None:  # can anything in the space meet it? (packing formula, exact)
+        smallest = QuantConfig(
+            layers={
+                n: min(o.choices(), key=lambda c, n=n: _layer_bytes(evaluator, n, c))
+                for n, o in resolved.items()
+            }
+        )
+        least = config_size(evaluator.model, evaluator.layers, smallest).total_bytes
+        if least > cap:
+            raise ValueError(
+                f"{source}: constraints.max_size_bytes={cap:,}: the smallest configuration "
+                f"of the space has {least:,} bytes; nothing can meet it"
+            )
     return resolved
+
+
+def _layer_bytes(evaluator: Any, name: str, choice: Any) -> int:
+    from mpq.evaluators.size import layer_size_bytes
+
+    layer = next(la for la in evaluator.layers if la.name == name)
+    return layer_size_bytes(layer, choice)
 
 
 def bind_sampler(study: optuna.Study, resolved: dict[str, LayerOptions], evaluator: Any) -> None:

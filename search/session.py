@@ -22,7 +22,7 @@ from mpq.evaluators.evaluator import get_evaluator
 from mpq.process import configure
 from mpq.search import fingerprint, plots, study_setup
 from mpq.search import study as study_mod
-from mpq.search.cluster import ray_session
+from mpq.search.cluster import capped_workers, ray_session
 from mpq.search.config import SearchConfig, load_search_config
 from mpq.search.pareto import (
     aa_speedup,
@@ -103,12 +103,19 @@ def run_search(
     """
     configure()
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    cfg, note = capped_workers(cfg)  # a local Ray: this machine's CPUs
+    if note:
+        (console or Console(stderr=True)).print(f"[yellow]note:[/] {note}")
     tracker = None
     if cfg.tracking.enabled:
         from mpq.search.tracking import Tracker
 
         tracker = Tracker(cfg, console)
     with ray_session(cfg):
+        if cfg.ray.address is not None:  # attached: the cluster's CPUs
+            cfg, note = capped_workers(cfg)
+            if note:
+                (console or Console(stderr=True)).print(f"[yellow]note:[/] {note}")
         callbacks = [c for c in (tracker.on_trial if tracker else None, on_trial) if c]
 
         def finished(study: Any, trial: Any) -> None:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from mpq.files import write_atomic
+from mpq.spaces.errors import validation_error_line
 from mpq.spaces.space import QuantConfig, SearchSpace
 
 M = TypeVar("M", bound=BaseModel)
@@ -44,18 +45,6 @@ def read_data(path: str | Path) -> Any:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ValueError(f"{path}: malformed YAML{where}: {problem}") from None
-
-
-def validation_error_line(source: str, exc: ValidationError) -> ValueError:
-    """The first pydantic error as one line: ``source: field.path: message (got value)``."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-    msg = err["msg"].removeprefix("Value error, ")
-    got = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
-    if len(got) > 80:
-        got = got[:77] + "...)"
-    more = f" [+{exc.error_count() - 1} more]" if exc.error_count() > 1 else ""
-    return ValueError(f"{source}: {loc}: {msg}{got}{more}")
 
 
 def parse_model(cls: type[M], data: Any, source: str) -> M:

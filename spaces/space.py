@@ -17,9 +17,18 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from mpq.spaces.discover import LayerInfo
+from mpq.spaces.errors import validation_error_line
 from mpq.spaces.groups import fuse_groups
 from mpq.spaces.names import is_glob, unknown_name_error
 
@@ -303,7 +312,11 @@ class SearchSpace(BaseModel):
             override = exact.get(layer.name) or next(
                 (o for o in globs if fnmatch.fnmatchcase(layer.name, o.match)), None
             )
-            options = override.apply(self.defaults) if override else self.defaults
+            try:
+                options = override.apply(self.defaults) if override else self.defaults
+            except ValidationError as exc:  # the same one-line dialect as the file's own
+                where = f"{source}: overrides[{self.overrides.index(override)}]"
+                raise validation_error_line(where, exc) from None
             explicit: set[str] = set()  # fields the exact override set (None = not set)
             if override is not None and override.match == layer.name:
                 explicit = {

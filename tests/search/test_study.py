@@ -187,3 +187,44 @@ def test_a_fused_group_is_one_decision() -> None:
         r"of its fused group \(one decision\)$",
     ):
         study_mod.params_from_config(resolved, split)
+
+
+def test_more_workers_than_cpus_are_capped_and_said(tmp_path: Path) -> None:
+    import os
+
+    from mpq.search.cluster import capped_workers
+
+    cfg = conv_config(tmp_path, ray={"workers": 1000})
+    capped, note = capped_workers(cfg)
+    cpus = os.cpu_count() or 1
+    assert capped.ray.workers == cpus
+    assert note == (
+        f"ray.workers=1000 but this machine has {cpus} CPUs (1 per trial): running {cpus} "
+        "trials at a time"
+    )
+    assert capped_workers(conv_config(tmp_path, ray={"workers": 1})) == (
+        conv_config(tmp_path, ray={"workers": 1}),
+        None,
+    )
+
+
+def test_constraints_nothing_can_meet_are_refused_before_the_search(tmp_path: Path) -> None:
+    from mpq.search.runner import preflight
+
+    with pytest.raises(ValueError, match=r"max_success_drop\n?.*greater than or equal to 0"):
+        conv_config(tmp_path, constraints={"max_success_drop": -0.1})
+    cfg = conv_config(tmp_path, constraints={"max_size_bytes": 100})
+    with pytest.raises(
+        ValueError,
+        match=r"^s: constraints.max_size_bytes=100: the smallest configuration of the space "
+        r"has [\d,]+ bytes; nothing can meet it$",
+    ):
+        preflight(cfg, "s")
+
+
+def test_a_bad_override_speaks_the_same_one_line_dialect() -> None:
+    space = SearchSpace(overrides=(Override(match="*", w_bits=(1,)),))
+    with pytest.raises(
+        ValueError, match=r"^s: overrides\[0\]: w_bits: w_bits=1 not in \(2, 3, 4, 5, 6, 8, 16"
+    ):
+        space.resolve(LAYERS, "s")
