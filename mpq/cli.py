@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -51,6 +53,32 @@ def _root(
         os.environ[DEBUG_ENV] = "1"  # Ray's local workers inherit it
 
 
+@contextlib.contextmanager
+def one_line() -> Iterator[None]:
+    """Every error a user can cause ends here: one line on stderr, exit status 2. A config,
+    a callable, a file or folder of the OS's (with its path), a storage (its real cause)."""
+    from mpq.search.study import root_cause
+
+    try:
+        yield
+    except ValueError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        fail(f"{where}{exc.strerror or exc}")
+    except Exception as exc:
+        if not _is_storage_error(exc):
+            raise
+        fail(f"storage: {root_cause(exc)}")
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    import optuna
+    import sqlalchemy.exc
+
+    return isinstance(exc, optuna.exceptions.StorageInternalError | sqlalchemy.exc.SQLAlchemyError)
+
+
 def fail(message: str) -> None:
     """One line on stderr, exit status 2."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -65,14 +93,11 @@ def space(
     out: Annotated[Path | None, typer.Option(help="write the space (.yaml/.json)")] = None,
 ) -> None:
     """Discover the quantizable layers of MODEL and print the space of choices."""
-    try:
+    with one_line():
         net = build_model(resolve_model(model), checkpoint)
         layers = discover_layers(net)
         sp = load_space(space_file) if space_file else SearchSpace()
         resolved = sp.resolve(layers, str(space_file or "space"))
-    except ValueError as exc:
-        fail(str(exc))
-        return
     table = Table(title=f"{model}: {len(layers)} quantizable layers")
     columns = ("layer", "kind", "params", "shape", "w_bits", "a_bits", "granularity", "tied")
     for col in (*columns, "fused with"):
@@ -140,7 +165,7 @@ def search(
     """Search per-layer bit allocations; print the Pareto front."""
     from mpq.search.session import run_session
 
-    try:
+    with one_line():
         result = run_session(
             config,
             resume=resume,
@@ -157,9 +182,6 @@ def search(
             ray_address=ray_address,
             tracking_uri=tracking_uri,
         )
-    except ValueError as exc:
-        fail(str(exc))
-        return
     if result.interrupted:
         raise typer.Exit(130)
 
@@ -173,12 +195,9 @@ def sync(
     from mpq.search.study import open_study
     from mpq.search.tracking import sync as sync_runs
 
-    try:
+    with one_line():
         cfg = load_search_config(config)
         added = sync_runs(cfg, open_study(cfg, resume=True), console)
-    except ValueError as exc:
-        fail(str(exc))
-        return
     console.print(f"{added} trial run(s) back-filled in {cfg.tracking_uri()}")
 
 
@@ -193,11 +212,8 @@ def ui(
 
     from mpq.search.config import load_search_config
 
-    try:
+    with one_line():
         cfg = load_search_config(config)
-    except ValueError as exc:
-        fail(str(exc))
-        return
     uri = cfg.tracking_uri()
     if not uri.startswith("sqlite:"):
         console.print(f"the study tracks to {uri}; open it there")
@@ -242,7 +258,7 @@ def export(
     from mpq.search.export import describe_export, export_trial, pick_reason, pick_trial
     from mpq.search.study import open_study
 
-    try:
+    with one_line():
         cfg = load_search_config(config)
         if new_study:
             from mpq.evaluators.evaluator import get_evaluator
@@ -257,9 +273,6 @@ def export(
         why = pick_reason(study, chosen, trial, rule, max_size_bytes, max_latency_ms)
         target = out or Path(cfg.output_dir) / "export" / f"trial-{chosen.number}"
         info = export_trial(cfg, study, chosen, target, why)
-    except ValueError as exc:
-        fail(str(exc))
-        return
     console.print(f"picked trial {chosen.number}: {why}")
     console.print(describe_export(info, chosen))
     if cfg.tracking.enabled and info["confirmed"]:
@@ -295,7 +308,7 @@ def finetune(
     from mpq.search.study import open_study
     from mpq.spaces.io import load_config
 
-    try:
+    with one_line():
         if (trial is None) == (quant_config is None):
             raise ValueError("finetune: give --trial N or --config FILE (one of them)")
         cfg = load_search_config(config)
@@ -328,9 +341,6 @@ def finetune(
                 kernels,
                 lambda n, loss: progress.update(task, completed=n, loss=loss),
             )
-    except ValueError as exc:
-        fail(str(exc))
-        return
     console.print(describe(info))
     if cfg.tracking.enabled and study is not None:
         from mpq.search.tracking import Tracker
@@ -356,7 +366,7 @@ def allocate(
     from mpq.search.runner import preflight
     from mpq.search.worker import eval_spec
 
-    try:
+    with one_line():
         sens.check_allocation(method, budget)  # before the sensitivity is measured
         cfg = load_search_config(config)
         resolved = preflight(cfg, str(config))
@@ -365,9 +375,6 @@ def allocate(
             s = sens.measure_sensitivity(ev, resolved, Path(cfg.output_dir))
         qc = sens.allocation_at(ev, resolved, s, method, budget)
         save(qc, out)
-    except ValueError as exc:
-        fail(str(exc))
-        return
     size = config_size(ev.model, ev.layers, qc).total_bytes
     console.print(
         f"{method} at {budget:g} of the 8-bit size: {size:,} bytes, summed sensitivity "
@@ -391,14 +398,11 @@ def apply_cmd(
     from mpq.evaluators.size import config_size, float_size_bytes
     from mpq.spaces.io import load_config
 
-    try:
+    with one_line():
         qc = load_config(config)
         net = build_model(resolve_model(model), checkpoint)
         layers = discover_layers(net)
         qc.check(layers, str(config))
-    except ValueError as exc:
-        fail(str(exc))
-        return
     size = config_size(net, layers, qc).total_bytes
     console.print(f"{model}: {float_size_bytes(net):,} float bytes -> {size:,} bytes")
     if out is not None:

@@ -134,6 +134,18 @@ class TrackingConfig(BaseModel):
     required: bool = Field(False, description="fail at start when the tracking store is down")
 
 
+def masked_url(url: str) -> str:
+    """``postgresql://mpq:***@db/mpq`` for ``postgresql://mpq:secret@db/mpq``: a database
+    password never reaches logs, MLflow or error messages."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("@", 1)[-1] if "@" in url else url
+
+
 class SearchConfig(BaseModel):
     """``mpq search CONFIG``: what to search, how to measure, where to keep it."""
 
@@ -216,6 +228,10 @@ class SearchConfig(BaseModel):
         if self.storage:
             return self.storage
         return f"sqlite:///{Path(self.output_dir).resolve() / 'study.db'}"
+
+    def storage_shown(self) -> str:
+        """The storage URL with any password masked: what logs and messages may show."""
+        return masked_url(self.storage_url())
 
     def tracking_uri(self) -> str:
         if self.tracking.uri:

@@ -136,6 +136,25 @@ def run_search(
     return result
 
 
+def check_output_dir(path: str | Path) -> None:
+    """The output folder exists (made where missing) and is a folder this process can write.
+
+    Raises:
+        ValueError: one line with the path and the real cause.
+    """
+    import os
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"output_dir {str(p)!r} is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"output_dir {str(p)!r}: {exc.strerror or exc}") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {str(p)!r} is not writable by this user")
+
+
 def run_session(
     path: str | Path,
     resume: bool = False,
@@ -156,6 +175,7 @@ def run_session(
     """
     console = console or Console()
     cfg = build_config(path, tracking, **flags)
+    check_output_dir(cfg.output_dir)
     resolved = preflight(cfg, str(path))
     model = get_evaluator(eval_spec(cfg)).model
     if new_study:
@@ -323,7 +343,7 @@ def print_summary(
     )
     for line in domination_lines(result.study):
         console.print(line)
-    console.print(f"hypervolume {hypervolume(result.study):.4f}  storage {cfg.storage_url()}")
+    console.print(f"hypervolume {hypervolume(result.study):.4f}  storage {cfg.storage_shown()}")
     if result.interrupted:
         console.print("[yellow]interrupted[/]: finished trials are kept; --resume continues")
 

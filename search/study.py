@@ -20,7 +20,7 @@ import optuna
 import sqlalchemy.exc
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
-from mpq.search.config import SearchConfig
+from mpq.search.config import SearchConfig, masked_url
 from mpq.search.hygiene import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S
 from mpq.search.record import StudyAttr
 from mpq.spaces.space import DIMENSIONS, Dimension, LayerOptions, QuantConfig
@@ -140,22 +140,45 @@ def make_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     lock = contextlib.nullcontext()
     if url.startswith("sqlite:///"):
         db = Path(url.removeprefix("sqlite:///"))
-        db.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"storage folder {str(db.parent)!r}: {exc.strerror or exc}") from None
         lock = _file_lock(db.with_name(f".{db.name}.lock"))
-    with lock:
-        for attempt in range(attempts):
-            try:
-                return optuna.storages.RDBStorage(
-                    url,
-                    engine_kwargs=engine,
-                    heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                    grace_period=GRACE_PERIOD_S,
-                )
-            except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as exc:
-                race = "already exists" in str(exc) or "alembic_version" in str(exc)
-                if not race or attempt == attempts - 1:
-                    raise
-                time.sleep(0.5 * (attempt + 1))
+    try:
+        with lock:
+            return _connect(url, engine, attempts)
+    except OSError as exc:  # the lock file: a read-only folder
+        raise ValueError(f"storage {masked_url(url)}: {exc.strerror or exc}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+        raise ValueError(f"storage {masked_url(url)}: {root_cause(exc)}") from None
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost error's first line (SQLite's "unable to open database file", not
+    Optuna's "e.g. exceeding max length" guess around it)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip()
+    return text.splitlines()[0] if text else type(orig).__name__
+
+
+def _connect(url: str, engine: dict[str, Any], attempts: int) -> optuna.storages.RDBStorage:
+    """The RDB storage, retried while another process is creating the same schema."""
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=GRACE_PERIOD_S,
+            )
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as exc:
+            race = "already exists" in str(exc) or "alembic_version" in str(exc)
+            if not race or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
 
 
@@ -179,7 +202,7 @@ def refuse_existing(cfg: SearchConfig, storage: optuna.storages.BaseStorage | No
     storage = storage or make_storage(cfg.storage_url())
     if cfg.name in optuna.study.get_all_study_names(storage):
         raise ValueError(
-            f"study {cfg.name!r} already exists in {cfg.storage_url()}; "
+            f"study {cfg.name!r} already exists in {cfg.storage_shown()}; "
             "use --resume to continue it or pick another name"
         )
 

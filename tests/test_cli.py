@@ -194,3 +194,22 @@ def test_a_raising_builder_is_one_line_and_debug_shows_the_traceback(
     assert len(lines) == 1 and "raised RuntimeError: boom" in lines[0]
     result = runner.invoke(app, ["--debug", "space", "tests.models:raising_builder"])
     assert isinstance(result.exception, RuntimeError)  # the user's own exception, traceback
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    p = _conv_yaml(tmp_path)
+    (tmp_path / "out").write_text("not a folder")
+    result = runner.invoke(app, ["search", str(p)])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"output_dir '{tmp_path / 'out'}' is a file" in lines[0]
+
+
+def test_a_storage_that_cannot_open_is_one_line_with_the_real_cause(tmp_path: Path) -> None:
+    p = _conv_yaml(tmp_path)
+    (tmp_path / "out" / "study.db").mkdir(parents=True)  # sqlite cannot open a folder
+    result = runner.invoke(app, ["search", str(p), "--resume"])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "unable to open database file" in lines[0], result.output
+    assert "exceeding max length" not in result.output

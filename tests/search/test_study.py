@@ -228,3 +228,13 @@ def test_a_bad_override_speaks_the_same_one_line_dialect() -> None:
         ValueError, match=r"^s: overrides\[0\]: w_bits: w_bits=1 not in \(2, 3, 4, 5, 6, 8, 16"
     ):
         space.resolve(LAYERS, "s")
+
+
+def test_a_database_password_is_masked_wherever_the_url_is_shown(tmp_path: Path) -> None:
+    from mpq.search.config import masked_url
+
+    url = "postgresql://mpq:s3cret@db.example:5432/studies"
+    assert masked_url(url) == "postgresql://mpq:***@db.example:5432/studies"
+    cfg = conv_config(tmp_path, storage=url)
+    assert "s3cret" not in cfg.storage_shown()
+    assert masked_url("sqlite:////tmp/x/study.db") == "sqlite:////tmp/x/study.db"
