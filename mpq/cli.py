@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mpq.evaluators.model import build_model
+from mpq.files import owned_folder
 from mpq.process import configure
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.io import load_space, save
@@ -192,12 +193,12 @@ def sync(
 ) -> None:
     """Back-fill MLflow runs for finished trials that have none (after a tracking outage)."""
     from mpq.search.config import load_search_config
-    from mpq.search.study import open_study
+    from mpq.search.study import load_existing
     from mpq.search.tracking import sync as sync_runs
 
     with one_line():
         cfg = load_search_config(config)
-        added = sync_runs(cfg, open_study(cfg, resume=True), console)
+        added = sync_runs(cfg, load_existing(cfg), console)
     console.print(f"{added} trial run(s) back-filled in {cfg.tracking_uri()}")
 
 
@@ -256,7 +257,7 @@ def export(
     """Write a chosen configuration, its deployable model, packed artifact and model card."""
     from mpq.search.config import load_search_config
     from mpq.search.export import describe_export, export_trial, pick_reason, pick_trial
-    from mpq.search.study import open_study
+    from mpq.search.study import load_existing
 
     with one_line():
         cfg = load_search_config(config)
@@ -268,10 +269,10 @@ def export(
             cfg = new_study_config(cfg, get_evaluator(eval_spec(cfg)).model)
         if rule not in ("knee", "best"):
             raise ValueError(f"--rule {rule!r} not in ['best', 'knee']")
-        study = open_study(cfg, resume=True)
+        study = load_existing(cfg)
         chosen = pick_trial(study, trial, rule, max_size_bytes, max_latency_ms)
         why = pick_reason(study, chosen, trial, rule, max_size_bytes, max_latency_ms)
-        target = out or Path(cfg.output_dir) / "export" / f"trial-{chosen.number}"
+        target = out or owned_folder(cfg.output_dir, "export", cfg.name) / f"trial-{chosen.number}"
         info = export_trial(cfg, study, chosen, target, why)
     console.print(f"picked trial {chosen.number}: {why}")
     console.print(describe_export(info, chosen))
@@ -305,7 +306,7 @@ def finetune(
 
     from mpq.search.config import load_search_config
     from mpq.search.finetune import describe, finetune_config, trial_config
-    from mpq.search.study import open_study
+    from mpq.search.study import load_existing
     from mpq.spaces.io import load_config
 
     with one_line():
@@ -318,12 +319,12 @@ def finetune(
         )
         study, kernels = None, {}
         if trial is not None:
-            study = open_study(cfg, resume=True)
+            study = load_existing(cfg)
             qc, kernels = trial_config(study, trial)
         else:
             qc = load_config(quant_config)  # type: ignore[arg-type]
         name = f"trial-{trial}" if trial is not None else Path(str(quant_config)).stem
-        target = out or Path(cfg.output_dir) / "finetuned" / name
+        target = out or owned_folder(cfg.output_dir, "finetuned", cfg.name) / name
         progress = Progress(
             TextColumn("QAT"),
             BarColumn(),

@@ -146,6 +146,11 @@ def guard(study: Any, cfg: SearchConfig, model: nn.Module) -> None:
         study.set_user_attr(ATTR, now)
 
 
+def check_study(study: Any, cfg: SearchConfig, model: nn.Module) -> None:
+    """``guard`` that writes nothing: for reading a study (export, fine-tuning)."""
+    check(study.study_name, study.user_attrs.get(ATTR), fingerprint(cfg, model), _measured(study))
+
+
 def check_stored(cfg: SearchConfig, model: nn.Module) -> None:
     """``guard`` without creating anything: for a study that already exists in the storage."""
     import optuna

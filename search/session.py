@@ -19,6 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from mpq.evaluators.evaluator import get_evaluator
+from mpq.files import owned_folder
 from mpq.process import configure
 from mpq.search import fingerprint, plots, study_setup
 from mpq.search import study as study_mod
@@ -130,7 +131,8 @@ def run_search(
         result = runner.run()
     drop = cfg.constraints.max_success_drop
     min_success = None if drop is None else float(result.float_reference["success"]) - drop
-    result.plots = plots.write_all(result.study, Path(cfg.output_dir) / "plots", min_success)
+    folder = owned_folder(cfg.output_dir, "plots", cfg.name)
+    result.plots = plots.write_all(result.study, folder, min_success)
     if tracker:
         tracker.finish(result.study, result.plots)
     return result
@@ -175,8 +177,8 @@ def run_session(
     """
     console = console or Console()
     cfg = build_config(path, tracking, **flags)
+    resolved = preflight(cfg, str(path))  # writes nothing
     check_output_dir(cfg.output_dir)
-    resolved = preflight(cfg, str(path))
     model = get_evaluator(eval_spec(cfg)).model
     if new_study:
         cfg, resume = fingerprint.new_study_config(cfg, model), True
@@ -224,7 +226,8 @@ def export_best(
     if front_trials(result.study):
         chosen = pick_trial(result.study, rule="knee")
         why = pick_reason(result.study, chosen, rule="knee")
-        info = export_trial(cfg, result.study, chosen, Path(cfg.output_dir) / "best", why)
+        target = owned_folder(cfg.output_dir, "best", cfg.name)
+        info = export_trial(cfg, result.study, chosen, target, why)
         console.print(f"knee of the front: {describe_export(info, chosen)}")
         if cfg.tracking.enabled and info["confirmed"]:
             from mpq.search.tracking import Tracker

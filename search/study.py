@@ -207,6 +207,29 @@ def refuse_existing(cfg: SearchConfig, storage: optuna.storages.BaseStorage | No
         )
 
 
+def load_existing(cfg: SearchConfig) -> optuna.Study:
+    """The study of ``cfg`` as stored, for reading it (export, fine-tuning, sync): nothing is
+    created, and one measured under another setup (the fingerprint: model, task, space,
+    budgets, backend, CPU) is refused, so nothing is written about it under the wrong name.
+
+    Raises:
+        ValueError: no such study, or its fingerprint differs from this config's.
+    """
+    from mpq.evaluators.evaluator import get_evaluator
+    from mpq.search import fingerprint
+    from mpq.search.worker import eval_spec
+
+    missing = ValueError(f"no study {cfg.name!r} in {cfg.storage_shown()}: run mpq search first")
+    if cfg.storage is None and not Path(cfg.output_dir, "study.db").exists():
+        raise missing  # and no database created by looking
+    storage = make_storage(cfg.storage_url())
+    if cfg.name not in optuna.study.get_all_study_names(storage):
+        raise missing
+    study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=make_sampler(cfg))
+    fingerprint.check_study(study, cfg, get_evaluator(eval_spec(cfg)).model)
+    return study
+
+
 def open_study(cfg: SearchConfig, resume: bool) -> optuna.Study:
     """Create the study; with ``resume``, continue it if it exists (else create it).
 

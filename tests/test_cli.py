@@ -61,7 +61,8 @@ def test_export_with_no_study_yet(tmp_path: Path) -> None:
         f"calibration: tests.models:convnet_calibration\noutput_dir: {tmp_path}\n"
     )
     result = runner.invoke(app, ["export", str(p), "--out", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "has no feasible complete trial yet" in result.output
+    assert result.exit_code == 2 and "no study 'empty' in sqlite:///" in result.output
+    assert "run mpq search first" in result.output and not (tmp_path / "study.db").exists()
 
 
 def test_search_with_fallback_disabled_and_a_choice_without_kernel(tmp_path: Path) -> None:

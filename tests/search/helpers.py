@@ -41,13 +41,14 @@ def measured_study(cfg: SearchConfig, configs: list[Any]) -> Any:
     from optuna.trial import TrialState, create_trial
 
     from mpq.evaluators.evaluator import get_evaluator
-    from mpq.search import rules
+    from mpq.search import fingerprint, rules
     from mpq.search.record import StudyAttr, TrialAttr, jsonable
     from mpq.search.study import open_study
     from mpq.search.worker import eval_spec
 
     study = open_study(cfg, resume=False)
     ev = get_evaluator(eval_spec(cfg))
+    fingerprint.guard(study, cfg, ev.model)  # as the runner records it
     ref = jsonable(ev.float_reference(cfg.task_budget))
     study.set_user_attr(StudyAttr.FLOAT_REFERENCE, ref)
     for config in configs:

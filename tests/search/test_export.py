@@ -239,3 +239,14 @@ def test_exported_config_is_plain_data(searched, tmp_path: Path) -> None:  # typ
     data = read_data(tmp_path / "p" / "config.yaml")
     assert isinstance(data, dict) and QuantConfig.model_validate(data)
     assert "!!python" not in (tmp_path / "p" / "config.yaml").read_text()
+
+
+def test_an_export_under_another_task_is_refused(searched) -> None:  # type: ignore[no-untyped-def]
+    """The study's fingerprint is the rule: no path writes a model card naming a task the
+    figures were not measured with."""
+    from mpq.search.study import load_existing
+
+    cfg, _ = searched
+    other = cfg.model_copy(update={"task": "tests.models:mlp_task"})
+    with pytest.raises(ValueError, match=r"was measured under a different setup \(task: "):
+        load_existing(other)
