@@ -42,6 +42,28 @@ def _fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> FrozenT
     return storage.get_trial(trial_id)
 
 
+STALE = "stale: the process running it stopped"  # a fail reason's start: resume re-queues seeds
+
+
+def fail_stale(study: optuna.Study, on_fail: Callable[[FrozenTrial], None]) -> None:
+    """Fail the RUNNING trials whose heartbeat is stale, with the reason (Optuna's own
+    ``fail_stale_trials`` records none, and a resumed study would not know why).
+
+    NOTE: the stale ids come from the storage's heartbeat API (``_get_stale_trial_ids``), which
+    Optuna's ``fail_stale_trials`` uses too.
+    """
+    storage = study._storage  # noqa: SLF001
+    for trial_id in storage._get_stale_trial_ids(study._study_id):  # noqa: SLF001
+        t = storage.get_trial(trial_id)
+        if t.state != TrialState.RUNNING:
+            continue
+        reason = f"{STALE} (no heartbeat for over {GRACE_PERIOD_S} s)"
+        try:
+            on_fail(_fail_trial(study, t, reason))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another search failed it first
+
+
 def fail_orphans(
     study: optuna.Study,
     ours: Collection[int],
@@ -69,7 +91,7 @@ def settle(study: optuna.Study, on_fail: Callable[[FrozenTrial], None]) -> None:
     and are waited for at most one grace period."""
     deadline = time.monotonic() + GRACE_PERIOD_S + HEARTBEAT_INTERVAL_S
     while True:
-        optuna.storages.fail_stale_trials(study)
+        fail_stale(study, on_fail)
         fail_orphans(study, (), on_fail)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running or time.monotonic() > deadline:

@@ -164,6 +164,7 @@ class Runner:
         except Exception:
             self._drop_if_empty()
             raise
+        study_setup.requeue_lost_seeds(self.study)  # a resumed study keeps its starting points
         return self.float_reference
 
     def _drop_if_empty(self) -> None:
@@ -212,7 +213,7 @@ class Runner:
 
     def _loop(self) -> None:
         while not self._stop:
-            optuna.storages.fail_stale_trials(self.study)
+            hygiene.fail_stale(self.study, self._track)
             self._fail_orphans()
             self._fill()
             if not self.running:

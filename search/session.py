@@ -134,7 +134,7 @@ def run_search(
     folder = owned_folder(cfg.output_dir, "plots", cfg.name)
     result.plots = plots.write_all(result.study, folder, min_success)
     if tracker:
-        tracker.finish(result.study, result.plots)
+        tracker.finish(result.study, result.plots, interrupted=result.interrupted)
     return result
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from mpq.evaluators.evaluator import Evaluator
 from mpq.search import sensitivity as sens
@@ -77,6 +78,34 @@ def enqueue_seeds(
 
 def _jsonable_sensitivity(s: sens.Sensitivity) -> dict[str, dict[str, float]]:
     return {k: {str(b): v for b, v in d.items()} for k, d in s.items()}
+
+
+LOST = ("stale:", "killed before it started", "interrupted")  # fail reasons of a lost trial
+
+
+def requeue_lost_seeds(study: optuna.Study) -> list[str]:
+    """Enqueue again each seed trial (uniform, greedy, ILP) that was lost, not failed on its
+    merits: its process was killed or interrupted (``LOST``), and no trial of the same
+    configuration finished, runs or waits. Returns the labels re-queued."""
+    trials = study.get_trials(deepcopy=False)
+    alive = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    # NOTE: a waiting (enqueued) trial has no params yet: Optuna keeps them in its
+    # ``fixed_params`` system attribute until the trial is asked
+    taken = [
+        t.params or t.system_attrs.get("fixed_params", {}) for t in trials if t.state in alive
+    ]
+    out = []
+    for t in trials:
+        label = t.user_attrs.get(TrialAttr.PROPOSED_BY)
+        reason = str(t.user_attrs.get(TrialAttr.FAIL_REASON, ""))
+        if t.state != TrialState.FAIL or not label or not reason.startswith(LOST):
+            continue
+        if t.params in taken:
+            continue
+        study.enqueue_trial(t.params, user_attrs={TrialAttr.PROPOSED_BY: label})
+        taken.append(t.params)
+        out.append(str(label))
+    return out
 
 
 def enqueue_configs(

@@ -306,7 +306,12 @@ class Tracker:
             self.client.log_batch(rid, metrics=batch_m, params=batch_p, tags=[])
 
     # -- end of study -------------------------------------------------------------------------
-    def finish(self, study: optuna.Study, plot_paths: list[Path] | None = None) -> None:
+    def finish(
+        self,
+        study: optuna.Study,
+        plot_paths: list[Path] | None = None,
+        interrupted: bool = False,
+    ) -> None:
         """Back-fill, tag the front, log hypervolume, the front table and the plots (the
         files ``plot_paths``, else made here)."""
         import shutil
@@ -325,9 +330,12 @@ class Tracker:
                 if path.suffix == ".png":
                     shutil.copy(path, out / path.name)
             if self.parent_id is not None and not self.down:
-                self._guard(self._finish, front, history, out, len(study.trials))
+                status = "KILLED" if interrupted else "FINISHED"  # Ctrl-C: not a finished study
+                self._guard(self._finish, front, history, out, len(study.trials), status)
 
-    def _finish(self, front: set[int], history: list[Metric], artifacts: Path, n: int) -> None:
+    def _finish(
+        self, front: set[int], history: list[Metric], artifacts: Path, n: int, status: str
+    ) -> None:
         parent = self.parent_id
         if parent is None:
             raise RuntimeError("tracking: finish without a parent run")
@@ -337,7 +345,7 @@ class Tracker:
             self.client.log_batch(parent, metrics=history[i : i + 1000])
         self.client.log_artifacts(parent, str(artifacts))
         self.client.set_tag(parent, "trials", str(n))
-        self.client.set_terminated(parent, "FINISHED")
+        self.client.set_terminated(parent, status)
 
     def finetuned(
         self, study: optuna.Study, info: dict[str, Any], trial: int | None, png: Path

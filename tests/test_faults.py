@@ -97,6 +97,12 @@ def test_sigkill_then_resume_loses_nothing(tmp_path: Path) -> None:
         if t.number not in before and t.state == TrialState.COMPLETE:
             assert "config_key" in t.user_attrs and "success" in t.user_attrs
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert all(t.user_attrs.get("fail_reason") for t in failed)  # each says why
+    for t in failed:  # a seed lost to the kill ran again after the resume
+        if t.user_attrs.get("seed"):
+            again = [u for u in study.trials if u.params == t.params and u.number > t.number]
+            assert any(u.state == TrialState.COMPLETE for u in again), t.user_attrs
     client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("faults")
     runs = client.search_runs([exp.experiment_id], "tags.mpq_kind = 'trial'", max_results=1000)
@@ -122,6 +128,10 @@ def test_sigint_stops_cleanly_and_prints_what_finished(tmp_path: Path) -> None:
     ]
     seen = [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials]
     assert interrupted and all(t.state == TrialState.FAIL for t in interrupted), seen
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("faults")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.mpq_kind = 'study'")
+    assert parent.info.status == "KILLED"  # an interrupted study is not a finished one
 
 
 def test_two_searches_on_one_study_at_once(tmp_path: Path) -> None:

@@ -238,3 +238,32 @@ def test_a_database_password_is_masked_wherever_the_url_is_shown(tmp_path: Path)
     cfg = conv_config(tmp_path, storage=url)
     assert "s3cret" not in cfg.storage_shown()
     assert masked_url("sqlite:////tmp/x/study.db") == "sqlite:////tmp/x/study.db"
+
+
+def test_lost_seeds_are_requeued_once_and_failed_ones_are_not(tmp_path: Path) -> None:
+    from optuna.distributions import IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from mpq.search.study_setup import requeue_lost_seeds
+
+    study = study_mod.open_study(conv_config(tmp_path), resume=False)
+    dist = {"fc.w_bits_rank": IntDistribution(0, 4)}
+    for rank, label, reason in (
+        (0, "uniform-8bit", "stale: the process running it stopped (no heartbeat)"),
+        (1, "uniform-4bit", "task 'm:t' returned success=nan, not a finite number"),
+        (2, None, "interrupted (SIGINT)"),
+        (3, "greedy-50pct", "interrupted (SIGINT)"),
+    ):
+        attrs = {"fail_reason": reason} | ({"seed": label} if label else {})
+        study.add_trial(
+            create_trial(
+                state=TrialState.FAIL,
+                params={"fc.w_bits_rank": rank},
+                distributions=dist,
+                user_attrs=attrs,
+            )
+        )
+    assert requeue_lost_seeds(study) == ["uniform-8bit", "greedy-50pct"]
+    assert requeue_lost_seeds(study) == []  # waiting already: not twice
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs["seed"] for t in waiting] == ["uniform-8bit", "greedy-50pct"]
