@@ -41,7 +41,8 @@ from mpq.spaces.space import LayerOptions, QuantConfig
 
 
 def preflight(cfg: SearchConfig, source: str) -> dict[str, LayerOptions]:
-    """Check what can be checked before anything is written: the model and task load, the space
+    """Check what can be checked before anything is written: the model loads, the task answers
+    one episode per level with a valid success rate (``run_task``'s checks), the space
     resolves on the model's layers and leaves something to search, and (``latency.allow_fallback:
     false``) the backend runs every choice of the space as asked. Returns the resolved space.
 
@@ -49,6 +50,7 @@ def preflight(cfg: SearchConfig, source: str) -> dict[str, LayerOptions]:
         ValueError: one line starting with ``source``, naming the field and value.
     """
     evaluator = get_evaluator(eval_spec(cfg))
+    evaluator.success(None, 1)  # the task answers, with a success rate, before anything is kept
     resolved = cfg.space.resolve(evaluator.layers, f"{source}: space")
     if not distributions(resolved):
         raise ValueError(f"{source}: space: every layer is fixed; nothing to search")

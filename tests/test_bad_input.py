@@ -170,3 +170,64 @@ def test_class_4_studies_sharing_an_output_folder_never_overwrite_each_other(
         write_atomic(folder / "MODEL_CARD.md", f"{name}\n")
     for folder, name in owner_of.items():
         assert (folder / "MODEL_CARD.md").read_text() == f"{name}\n"
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_bad_runs_leave_a_finished_study_byte_identical(tmp_path: Path) -> None:
+    """A finished study's folder (database, export, plots) is hashed; then each bad run
+    against it ends in one line, exit 2, and every file is byte-identical afterwards."""
+    from typer.testing import CliRunner
+
+    from mpq.cli import app
+    from mpq.search import plots
+    from mpq.search.export import export_trial, pick_trial
+    from mpq.spaces.space import LayerChoice, QuantConfig
+    from tests.search.helpers import conv_config, measured_study
+
+    cfg = conv_config(tmp_path)
+    configs = [QuantConfig.uniform(LAYERS, LayerChoice(w_bits=b, a_bits=8)) for b in (8, 4)]
+    study = measured_study(cfg, configs)
+    export_trial(cfg, study, pick_trial(study), Path(cfg.output_dir) / "best")
+    plots.write_all(study, Path(cfg.output_dir) / "plots")
+
+    def config_file(file: str, **changes: Any) -> Path:
+        data = conv_config(tmp_path, **changes).model_dump(mode="json", exclude_none=True)
+        path = tmp_path / file
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    good = config_file("good.yaml")
+    bad_runs = [
+        ["search", str(good), "--trials", "0"],
+        ["search", str(good)],  # exists: --resume needed
+        ["search", str(config_file("t.yaml", name="t", task="tests.models:stringly_task"))],
+        [
+            "search",
+            str(
+                config_file(
+                    "o.yaml", name="o", space={"overrides": [{"match": "*", "w_bits": [1]}]}
+                )
+            ),
+        ],
+        ["search", str(config_file("d.yaml", name="d", constraints={"max_size_bytes": 10}))],
+        ["search", str(config_file("k.yaml", task="tests.models:mlp_task")), "--resume"],
+        ["export", str(good), "--trial", "999"],
+        ["export", str(config_file("e.yaml", task="tests.models:mlp_task"))],
+    ]
+    before = _hashes(Path(cfg.output_dir))
+    runner = CliRunner()
+    for args in bad_runs:
+        result = runner.invoke(app, args)
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, (args, result.output)
+        assert lines[0].startswith("error: "), (args, result.output)
+        assert _hashes(Path(cfg.output_dir)) == before, args
