@@ -72,7 +72,46 @@ def build_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
                 f"checkpoint {str(checkpoint)!r} does not match model {spec!r}: "
                 f"{line or 'shape mismatch'}"
             ) from None
-    return model.eval()
+    return linear_form(model).eval()
+
+
+def linear_form(model: nn.Module) -> nn.Module:
+    """In place: each transposed linear layer (``transformers``' ``Conv1D`` in GPT-2: ``y = x @
+    W + b`` with ``W`` of shape (in, out)) becomes the ``nn.Linear`` it is (weight ``W^T``), so
+    discovery, quantization (per output channel, groups along the input), packing and every
+    backend's kernels treat it as one; the outputs are equal. Returns the model (itself where
+    it is such a layer)."""
+    if _is_transposed_linear(model):
+        return _to_linear(model)
+    for name, module in list(model.named_modules()):
+        if name and _is_transposed_linear(module):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _to_linear(module))
+    return model
+
+
+def _is_transposed_linear(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+    )
+
+
+def _to_linear(module: nn.Module) -> nn.Linear:
+    w = module.weight  # (in, out)
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(
+        w.shape[0], w.shape[1], bias=bias is not None, device=w.device, dtype=w.dtype
+    )
+    with torch.no_grad():
+        linear.weight.copy_(w.t())
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
 
 
 def _mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:

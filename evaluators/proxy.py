@@ -11,7 +11,7 @@ No episodes are run, so it costs one forward pass per calibration batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -19,8 +19,21 @@ from torch import nn
 
 
 def first_tensor(output: Any) -> torch.Tensor:
-    while isinstance(output, tuple | list):
-        output = output[0]
+    """The policy's main output: the first tensor of a tuple or list, the ``logits`` of a
+    mapping (``transformers``' ``ModelOutput`` is one), else its first tensor value."""
+    while not isinstance(output, torch.Tensor):
+        if isinstance(output, tuple | list) and output:
+            output = output[0]
+        elif isinstance(output, Mapping) and output:
+            tensors = [v for v in output.values() if isinstance(v, torch.Tensor)]
+            if "logits" in output:
+                output = output["logits"]
+            elif tensors:
+                output = tensors[0]
+            else:
+                break
+        else:
+            break
     if not isinstance(output, torch.Tensor):
         raise ValueError(f"model output {type(output).__name__} holds no tensor")
     return output

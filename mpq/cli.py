@@ -118,8 +118,9 @@ def space(
             opts.fused_with if opts.fused_with not in (None, layer.name) else "",
         )
     console.print(table)
-    n = sum(la.num_params for la in layers)
-    console.print(f"{n:,} quantizable parameters; 32 = keep float32, 16 = float16")
+    from mpq.spaces.discover import coverage
+
+    console.print(coverage(net, layers).line() + "; 32 = keep float32, 16 = float16")
     if out is not None:
         save(sp, out)
         console.print(f"space written to {out}")

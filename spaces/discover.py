@@ -128,5 +128,43 @@ def discover_layers(model: nn.Module) -> tuple[LayerInfo, ...]:
     return tuple(found)
 
 
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """How much of a model the space covers: parameters in quantizable layers out of all, and
+    the weight matrices (2-D or more) left out, by name and shape (reported, never silently
+    skipped)."""
+
+    covered_params: int
+    total_params: int
+    uncovered: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def line(self) -> str:
+        share = self.covered_params / max(self.total_params, 1)
+        text = (
+            f"the space covers {self.covered_params:,} of {self.total_params:,} parameters "
+            f"({100 * share:.1f}%)"
+        )
+        if self.uncovered:
+            names = ", ".join(f"{n} {list(s)}" for n, s in self.uncovered[:4])
+            more = f" and {len(self.uncovered) - 4} more" if len(self.uncovered) > 4 else ""
+            text += f"; weight matrices not covered: {names}{more}"
+        return text
+
+
+def coverage(model: nn.Module, layers: tuple[LayerInfo, ...]) -> Coverage:
+    """``Coverage`` of ``layers`` over ``model``'s parameters (shared tensors counted once)."""
+    covered = {f"{la.module}.{la.param}".lstrip(".") for la in layers}
+    covered |= {alias for la in layers for alias in la.tied}
+    total = inside = 0
+    left: list[tuple[str, tuple[int, ...]]] = []
+    for name, p in model.named_parameters():  # shared tensors once
+        total += p.numel()
+        if name in covered:
+            inside += p.numel()
+        elif p.dim() >= 2:
+            left.append((name, tuple(int(s) for s in p.shape)))
+    return Coverage(inside, total, tuple(left))
+
+
 def _asdict(info: LayerInfo) -> dict[str, object]:
     return {f: getattr(info, f) for f in LayerInfo.__slots__}
