@@ -44,9 +44,10 @@ Lowering that is recorded per layer, never hidden:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -108,10 +109,26 @@ from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import INT_BITS_MAX, KEEP, LayerChoice, QuantConfig
 
 
+@contextlib.contextmanager
+def plain_outputs(model: nn.Module) -> Iterator[None]:
+    """For the export only: a model with a ``transformers``-style config runs without a cache
+    (``use_cache`` off: a ``DynamicCache`` cannot be traced, and one step of the deployed
+    policy needs none); restored after."""
+    config = getattr(model, "config", None)
+    saved = {k: getattr(config, k) for k in ("use_cache",) if hasattr(config, k)}
+    for k in saved:
+        setattr(config, k, False)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)
+
+
 def export_onnx(model: nn.Module, example_inputs: tuple[Any, ...]) -> onnx.ModelProto:
     buf = io.BytesIO()
     names = [f"input_{i}" for i in range(len(example_inputs))]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), plain_outputs(model):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
