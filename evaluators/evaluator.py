@@ -130,12 +130,25 @@ class Evaluator:
                 that fails (a loss that is not a finite scalar).
         """
         ran = self.as_ran(config)
-        step = load_callable(settings.step, "qat.step") if settings.step else None
+        step = None
+        if settings.step:
+            user_step, name = load_callable(settings.step, "qat.step"), settings.step
+
+            def step(student: nn.Module, batch: Any) -> Any:
+                return call_user(user_step, name, "qat.step", student, batch)
+
         data = self.calibration
         if settings.data:
-            data = list(load_callable(settings.data, "qat.data")())
+            loader = load_callable(settings.data, "qat.data")
+            data = list(call_user(loader, settings.data, "qat.data"))
             if not data:
                 raise ValueError(f"qat.data {settings.data!r} returned no batch")
+
+        def each_step(n: int, loss: float) -> None:
+            timing_slot.yield_point()  # a neighbour's latency timer waits one step at most
+            if on_step is not None:
+                on_step(n, loss)
+
         with timing_slot.compute():
             result = finetune(
                 self.model,
@@ -145,7 +158,7 @@ class Evaluator:
                 settings,
                 self.spec.observer,
                 step,
-                on_step,
+                each_step,
                 calibration=self.calibration,
             )
         return self.with_model(result.model), result

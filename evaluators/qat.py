@@ -100,9 +100,8 @@ def stage_configs(config: QuantConfig, progressive: bool) -> list[QuantConfig]:
     low = [c.w_bits for c in config.layers.values() if c.w_bits < INT_BITS_MAX]
     if not progressive or not low:
         return [config]
-    levels = [b for b in LEVELS if b >= min(low)]
     out = []
-    for level in levels:
+    for level in (b for b in LEVELS if b > min(low)):  # then the target widths themselves
         layers = {
             n: c.model_copy(update={"w_bits": max(level, c.w_bits)})
             if c.w_bits < INT_BITS_MAX
@@ -110,7 +109,7 @@ def stage_configs(config: QuantConfig, progressive: bool) -> list[QuantConfig]:
             for n, c in config.layers.items()
         }
         out.append(QuantConfig(layers=layers))
-    return out
+    return [*out, config]
 
 
 def ste_weight(w: torch.Tensor, choice: LayerChoice) -> torch.Tensor:
@@ -205,9 +204,11 @@ def _sim_name(sim_names: set[str], layer: LayerInfo) -> str:
 def _param_map(shadow: nn.Module, sim: nn.Module) -> dict[str, str]:
     """Simulated-model parameter name -> the shadow's (the same, or a recurrent product's
     ``weight``/``bias`` -> ``weight_ih_l0``/``bias_ih_l0`` of its module)."""
-    shadow_names = {n for n, _ in shadow.named_parameters(remove_duplicate=False)}
+    # shared (tied) tensors once, by their first name: functional_call(tie_weights=True) gives
+    # every alias the tensor passed for that name
+    shadow_names = {n for n, _ in shadow.named_parameters()}
     out = {}
-    for name, _ in sim.named_parameters(remove_duplicate=False):
+    for name, _ in sim.named_parameters():
         if name in shadow_names:
             out[name] = name
             continue

@@ -64,6 +64,8 @@ def run_task(task: TaskFn, model: nn.Module, budget: int, name: str = "task") ->
     for k, v in result.items():
         if k == OUTCOMES_KEY:
             continue
+        if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # a 0-d tensor or array
+            v = v.item()
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ValueError(f"{where} returned {k}={v!r}, not a finite number")
         metrics[str(k)] = float(v)

@@ -14,6 +14,7 @@ from rich.table import Table
 from mpq.evaluators.model import build_model
 from mpq.files import owned_folder
 from mpq.process import configure
+from mpq.search.config import masked_url
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.io import load_space, save
 from mpq.spaces.space import SearchSpace
@@ -32,6 +33,12 @@ ModelArg = Annotated[
     str,
     typer.Argument(
         help=f"module:function builder or one of {list(MODEL_ALIASES)}", metavar="MODEL"
+    ),
+]
+OutputDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--output-dir", help="the study's output folder, where `mpq search` was given one"
     ),
 ]
 CheckpointOpt = Annotated[Path | None, typer.Option(help="state_dict to load (weights_only=True)")]
@@ -191,34 +198,36 @@ def search(
 @app.command()
 def sync(
     config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)", metavar="CONFIG")],
+    output_dir: OutputDirOpt = None,
 ) -> None:
     """Back-fill MLflow runs for finished trials that have none (after a tracking outage)."""
-    from mpq.search.config import load_search_config
+    from mpq.search.session import build_config
     from mpq.search.study import load_existing
     from mpq.search.tracking import sync as sync_runs
 
     with one_line():
-        cfg = load_search_config(config)
+        cfg = build_config(config, output_dir=output_dir)
         added = sync_runs(cfg, load_existing(cfg), console)
-    console.print(f"{added} trial run(s) back-filled in {cfg.tracking_uri()}")
+    console.print(f"{added} trial run(s) back-filled in {masked_url(cfg.tracking_uri())}")
 
 
 @app.command()
 def ui(
     config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)", metavar="CONFIG")],
+    output_dir: OutputDirOpt = None,
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 5000,
 ) -> None:
     """Open the MLflow UI on the study's tracking store (binds 127.0.0.1 unless asked)."""
     import sys
 
-    from mpq.search.config import load_search_config
+    from mpq.search.session import build_config
 
     with one_line():
-        cfg = load_search_config(config)
+        cfg = build_config(config, output_dir=output_dir)
     uri = cfg.tracking_uri()
     if not uri.startswith("sqlite:"):
-        console.print(f"the study tracks to {uri}; open it there")
+        console.print(f"the study tracks to {masked_url(uri)}; open it there")
         return
     console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
     cmd = [
@@ -241,6 +250,7 @@ def ui(
 @app.command()
 def export(
     config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)", metavar="CONFIG")],
+    output_dir: OutputDirOpt = None,
     out: Annotated[
         Path | None, typer.Option(help="output folder (default: <output_dir>/export/trial-N)")
     ] = None,
@@ -256,12 +266,12 @@ def export(
     ] = False,
 ) -> None:
     """Write a chosen configuration, its deployable model, packed artifact and model card."""
-    from mpq.search.config import load_search_config
     from mpq.search.export import describe_export, export_trial, pick_reason, pick_trial
+    from mpq.search.session import build_config
     from mpq.search.study import load_existing
 
     with one_line():
-        cfg = load_search_config(config)
+        cfg = build_config(config, output_dir=output_dir)
         if new_study:
             from mpq.evaluators.evaluator import get_evaluator
             from mpq.search.fingerprint import new_study_config
@@ -286,6 +296,7 @@ def export(
 @app.command()
 def finetune(
     config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)", metavar="CONFIG")],
+    output_dir: OutputDirOpt = None,
     trial: Annotated[int | None, typer.Option(help="fine-tune this trial's configuration")] = None,
     quant_config: Annotated[
         Path | None, typer.Option("--config", help="or this configuration file")
@@ -305,15 +316,15 @@ def finetune(
     before and after on the study's task, exported with its deployable model."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from mpq.search.config import load_search_config
     from mpq.search.finetune import describe, finetune_config, trial_config
+    from mpq.search.session import build_config
     from mpq.search.study import load_existing
     from mpq.spaces.io import load_config
 
     with one_line():
         if (trial is None) == (quant_config is None):
             raise ValueError("finetune: give --trial N or --config FILE (one of them)")
-        cfg = load_search_config(config)
+        cfg = build_config(config, output_dir=output_dir)
         changes = {"steps": steps, "lr": lr, "progressive": progressive, "lsq": lsq}
         settings = cfg.qat.model_validate(
             {**cfg.qat.model_dump(), **{k: v for k, v in changes.items() if v is not None}}

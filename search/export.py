@@ -191,23 +191,32 @@ def export_trial(
 
 
 def qat_model(cfg: SearchConfig, model: torch.nn.Module, record: TrialRecord) -> torch.nn.Module:
-    """The fine-tuned float model of a trial's QAT stage (``output_dir/qat/trial-N.pt``,
-    loaded with ``weights_only=True``).
+    """The fine-tuned float model of a trial's QAT stage (the study's ``qat/trial-N.pt``,
+    loaded with ``weights_only=True``): exactly the bytes the trial measured (sha256 checked).
 
     Raises:
-        ValueError: the checkpoint is missing or does not fit the model.
+        ValueError: the checkpoint is missing, not the trial's (another study's, or changed
+            since), or does not fit the model.
     """
     import copy
+    import hashlib
 
     path = Path(cfg.output_dir) / str(record.qat["checkpoint"])
+    where = f"export of trial {record.number}: its QAT weights {str(path)!r}"
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-        tuned = copy.deepcopy(model)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{where} do not read: {exc.strerror or exc}") from None
+    if record.qat.get("sha256") and hashlib.sha256(data).hexdigest() != record.qat["sha256"]:
+        raise ValueError(f"{where} are not the ones the trial measured (sha256 differs)")
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        tuned = copy.deepcopy(model).float()  # the shadow trained in float32
         tuned.load_state_dict(state)
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001  unpickling, shapes: one line
+        text = str(exc).strip()
         raise ValueError(
-            f"export of trial {record.number}: its QAT weights {str(path)!r} do not load: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"{where} do not load: {text.splitlines()[0] if text else exc!r}"
         ) from None
     return tuned.eval()
 
@@ -314,7 +323,7 @@ def confirm(cfg: SearchConfig, ev: Any, ran: QuantConfig) -> dict[str, float]:
         return {}
     task = load_callable(cfg.confirm_task, "confirm_task")
     with torch.inference_mode():
-        return run_task(task, ev.quantized(ran), cfg.confirm_budget)
+        return run_task(task, ev.quantized(ran), cfg.confirm_budget, cfg.confirm_task)
 
 
 MANIFEST = "manifest.json"

@@ -14,6 +14,7 @@ from typing import Any
 from mpq.evaluators.stats import wilson_interval
 from mpq.search.config import SearchConfig
 from mpq.search.pareto import dominated
+from mpq.spaces.space import INT_BITS_MAX, QuantConfig
 
 
 def objective_values(cfg: SearchConfig, metrics: Mapping[str, Any]) -> list[float]:
@@ -77,12 +78,18 @@ def qat_worth(
     float_success: float,
     finished: Sequence[Sequence[float]],
     episodes: int | None = None,
+    config: QuantConfig | None = None,
 ) -> bool:
     """Give a trial the QAT stage (``qat.when: infeasible``): its post-training success misses
     the success constraint (the upper end of its interval after screening, with ``episodes``;
     the point after the full budget), while with the float model's success -- the most QAT can
-    win back -- its size and latency would not be dominated by a ``finished`` feasible trial."""
+    win back -- its size and latency would not be dominated by a ``finished`` feasible trial;
+    and its ``config`` has something integer to train."""
     if cfg.qat.when != "infeasible":
+        return False
+    if config is not None and all(
+        c.w_bits > INT_BITS_MAX and c.a_bits > INT_BITS_MAX for c in config.layers.values()
+    ):
         return False
     success = success_upper(result, episodes) if episodes else float(result["success"])
     if not cannot_be_feasible(cfg, success, float_success):

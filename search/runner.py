@@ -29,13 +29,13 @@ from optuna.trial import FrozenTrial, TrialState
 from mpq.evaluators.backends.base import check_no_fallback
 from mpq.evaluators.evaluator import get_evaluator
 from mpq.evaluators.size import config_size
-from mpq.files import write_atomic
+from mpq.files import owned_folder, write_atomic
 from mpq.search import fingerprint, hygiene, rules, study_setup
 from mpq.search.cluster import TrialTasks
 from mpq.search.config import SearchConfig
 from mpq.search.pareto import feasible_complete, front_trials
 from mpq.search.record import Stage, StudyAttr, TrialAttr, jsonable
-from mpq.search.study import config_from_params, distributions, open_study
+from mpq.search.study import config_from_params, distributions, make_storage, open_study
 from mpq.search.worker import QAT_WEIGHTS, ArtifactFigures, eval_spec
 from mpq.spaces.space import LayerOptions, QuantConfig
 
@@ -111,6 +111,7 @@ class Running:
     started: float
     screen: dict[str, Any] = field(default_factory=dict)
     ptq: dict[str, Any] = field(default_factory=dict)  # before the QAT stage, if it runs
+    qat_from: Stage = Stage.FULL  # the stage whose figures the QAT stage started from
 
 
 @dataclass
@@ -138,6 +139,8 @@ class Runner:
         # caller ran ``preflight`` already)
         self.resolved = resolved if resolved is not None else preflight(cfg, cfg.name)
         self.dists = distributions(self.resolved)
+        names = optuna.study.get_all_study_names(make_storage(cfg.storage_url()))
+        self._created = cfg.name not in names  # this process made the study: may drop it
         self.study = open_study(cfg, resume)
         fingerprint.guard(self.study, cfg, get_evaluator(self.spec).model)
         bind_sampler(self.study, self.resolved, get_evaluator(self.spec))
@@ -163,7 +166,7 @@ class Runner:
             self.float_reference = study_setup.float_reference(
                 self.study, self.cfg, evaluator, self.resolved
             )
-        except Exception:
+        except BaseException:  # an error or Ctrl-C before the first trial
             self._drop_if_empty()
             raise
         study_setup.requeue_lost_seeds(self.study)  # a resumed study keeps its starting points
@@ -174,7 +177,7 @@ class Runner:
         failure before the first trial leaves no empty study that the fixed rerun would be
         told "already exists" about."""
         empty = not self.study.get_trials(deepcopy=False)
-        if empty and StudyAttr.FLOAT_REFERENCE not in self.study.user_attrs:
+        if self._created and empty and StudyAttr.FLOAT_REFERENCE not in self.study.user_attrs:
             optuna.delete_study(study_name=self.study.study_name, storage=self.study._storage)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -275,12 +278,20 @@ class Runner:
                 except Exception as exc:  # noqa: BLE001  a failed trial is data, not a crash
                     # Ctrl-C reaches the Ray workers of the process group too: what fails after
                     # it was interrupted, whatever the worker's own error says
-                    self._fail(run, "interrupted (SIGINT)" if self._stop else _reason(exc))
+                    reason = "interrupted (SIGINT)" if self._stop else _reason(exc)
+                    if run.stage == Stage.QAT and not self._stop:
+                        self._qat_failed(run, reason)
+                    else:
+                        self._fail(run, reason)
                     continue
                 self._advance(run, result)
             elif time.monotonic() - run.started > self.cfg.trial_timeout_s:
                 self.tasks.cancel(run.ref)
-                self._fail(run, f"time limit {self.cfg.trial_timeout_s:.0f}s exceeded")
+                reason = f"time limit {self.cfg.trial_timeout_s:.0f}s exceeded"
+                if run.stage == Stage.QAT:
+                    self._qat_failed(run, reason)
+                else:
+                    self._fail(run, reason)
 
     def _advance(self, run: Running, result: dict[str, Any]) -> None:
         result = rules.paired_latency(result, self.float_reference.get("latency_ms"))
@@ -289,7 +300,9 @@ class Runner:
         if run.stage == Stage.SCREEN:
             run.screen = result
             finished = self._feasible_values()
-            if rules.qat_worth(self.cfg, result, float_success, finished, self.cfg.screen_budget):
+            if rules.qat_worth(
+                self.cfg, result, float_success, finished, self.cfg.screen_budget, run.config
+            ):
                 self._start_qat(run, result, artifact)  # a full PTQ budget would be wasted
                 return
             if rules.prune_after_screen(self.cfg, result, float_success, finished):
@@ -306,26 +319,44 @@ class Runner:
         metrics = {**run.screen, **result}
         for key in ("episodes", "eval_s"):  # both stages spent them
             metrics[key] = run.screen.get(key, 0) + result.get(key, 0)
-        if rules.qat_worth(self.cfg, metrics, float_success, self._feasible_values()):
+        if rules.qat_worth(
+            self.cfg, metrics, float_success, self._feasible_values(), config=run.config
+        ):
             self._start_qat(run, metrics, ArtifactFigures.NONE)  # its figures are measured
             return
         self._tell(run, metrics, TrialState.COMPLETE)
 
     def _start_qat(self, run: Running, ptq: dict[str, Any], artifact: ArtifactFigures) -> None:
-        """The QAT stage: fine-tune, then the full task budget on the fine-tuned model."""
-        run.ptq, run.stage = ptq, Stage.QAT
+        """The QAT stage: fine-tune, then the full task budget on the fine-tuned model (a time
+        limit of its own: training is a stage of its own)."""
+        run.qat_from, run.ptq, run.stage = run.stage, ptq, Stage.QAT
+        run.started = time.monotonic()
         run.ref = self.tasks.submit_qat(
             run.config.model_dump_json(), artifact, self.cfg.task_budget, self.latency_table
         )
+
+    def _qat_failed(self, run: Running, reason: str) -> None:
+        """QAT failed (a loss that is not finite, out of memory, time): the trial keeps what
+        post-training quantization measured, with the reason; after a full evaluation it is
+        complete on those figures, after screening alone it is pruned (its figures are the
+        screen's), never a failure that loses them."""
+        metrics = {**run.ptq, TrialAttr.QAT: {"failed": reason[:500]}}
+        run.stage = run.qat_from
+        state = TrialState.COMPLETE if run.qat_from == Stage.FULL else TrialState.PRUNED
+        self._tell(run, metrics, state)
 
     def _after_qat(self, run: Running, result: dict[str, Any]) -> dict[str, Any]:
         """The trial's figures after QAT (success of the fine-tuned model; size and latency
         the same artifact's), with the PTQ success before it and where the weights are kept
         (``output_dir/qat/trial-N.pt``, what the export ships)."""
+        import hashlib
+
         result = dict(result)
         weights, qat = result.pop(QAT_WEIGHTS), result.pop(TrialAttr.QAT)
-        path = Path("qat") / f"trial-{run.trial.number}.pt"
+        folder = owned_folder(self.cfg.output_dir, "qat", self.cfg.name)  # this study's
+        path = (folder / f"trial-{run.trial.number}.pt").relative_to(self.cfg.output_dir)
         write_atomic(Path(self.cfg.output_dir) / path, weights)
+        qat["sha256"] = hashlib.sha256(weights).hexdigest()  # the export ships these bytes
         metrics = {**run.ptq, **result}
         for key in ("episodes", "eval_s"):
             metrics[key] = run.ptq.get(key, 0) + result.get(key, 0)

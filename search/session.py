@@ -24,7 +24,7 @@ from mpq.process import configure
 from mpq.search import fingerprint, plots, study_setup
 from mpq.search import study as study_mod
 from mpq.search.cluster import capped_workers, ray_session
-from mpq.search.config import SearchConfig, load_search_config
+from mpq.search.config import SearchConfig, load_search_config, masked_url
 from mpq.search.pareto import (
     aa_speedup,
     format_speedup,
@@ -131,8 +131,11 @@ def run_search(
         result = runner.run()
     drop = cfg.constraints.max_success_drop
     min_success = None if drop is None else float(result.float_reference["success"]) - drop
-    folder = owned_folder(cfg.output_dir, "plots", cfg.name)
-    result.plots = plots.write_all(result.study, folder, min_success)
+    try:
+        folder = owned_folder(cfg.output_dir, "plots", cfg.name)
+        result.plots = plots.write_all(result.study, folder, min_success)
+    except Exception as exc:  # noqa: BLE001  a plot never costs the study its tracking or export
+        (console or Console(stderr=True)).print(f"[yellow]plots not written[/]: {exc!r}"[:300])
     if tracker:
         tracker.finish(result.study, result.plots, interrupted=result.interrupted)
     return result
@@ -235,8 +238,19 @@ def export_best(
             Tracker(cfg, console).confirm(result.study, chosen.number, info["confirmed"])
     if cfg.tracking.enabled:
         console.print(
-            f"MLflow UI: mpq ui {path}   (or mlflow ui --backend-store-uri {cfg.tracking_uri()})"
+            f"MLflow UI: mpq ui {path}{_dir_flag(cfg, path)}   (or mlflow ui "
+            f"--backend-store-uri {masked_url(cfg.tracking_uri())})"
         )
+
+
+def _dir_flag(cfg: SearchConfig, path: str | Path) -> str:
+    """`` --output-dir X`` where this run's output folder is not the config file's (the
+    commands that read the study afterwards need it too)."""
+    try:
+        own = load_search_config(path).output_dir
+    except ValueError:
+        return ""
+    return "" if own == cfg.output_dir else f" --output-dir {cfg.output_dir}"
 
 
 def _progress(console: Console) -> Progress:

@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
-from mpq.search.config import SearchConfig
+from mpq.search.config import SearchConfig, masked_url
 from mpq.search.pareto import front_table, front_trials, hypervolume_history
 from mpq.search.record import Measurements, StudyAttr, TrialAttr, TrialRecord
 from mpq.spaces.space import DIMENSIONS, QuantConfig
@@ -189,7 +189,7 @@ class Tracker:
         except OUTAGE_ERRORS as exc:
             if cfg.tracking.required:
                 raise ValueError(
-                    f"tracking uri {self.uri!r} does not answer: {_line(exc)}"
+                    f"tracking uri {masked_url(self.uri)!r} does not answer: {_line(exc)}"
                 ) from None
             self._outage(exc)
 
@@ -311,6 +311,7 @@ class Tracker:
         study: optuna.Study,
         plot_paths: list[Path] | None = None,
         interrupted: bool = False,
+        status: str | None = "FINISHED",
     ) -> None:
         """Back-fill, tag the front, log hypervolume, the front table and the plots (the
         files ``plot_paths``, else made here)."""
@@ -330,11 +331,12 @@ class Tracker:
                 if path.suffix == ".png":
                     shutil.copy(path, out / path.name)
             if self.parent_id is not None and not self.down:
-                status = "KILLED" if interrupted else "FINISHED"  # Ctrl-C: not a finished study
+                if interrupted:  # Ctrl-C: not a finished study
+                    status = "KILLED"
                 self._guard(self._finish, front, history, out, len(study.trials), status)
 
     def _finish(
-        self, front: set[int], history: list[Metric], artifacts: Path, n: int, status: str
+        self, front: set[int], history: list[Metric], artifacts: Path, n: int, status: str | None
     ) -> None:
         parent = self.parent_id
         if parent is None:
@@ -345,7 +347,8 @@ class Tracker:
             self.client.log_batch(parent, metrics=history[i : i + 1000])
         self.client.log_artifacts(parent, str(artifacts))
         self.client.set_tag(parent, "trials", str(n))
-        self.client.set_terminated(parent, status)
+        if status is not None:
+            self.client.set_terminated(parent, status)
 
     def finetuned(
         self, study: optuna.Study, info: dict[str, Any], trial: int | None, png: Path
@@ -413,7 +416,7 @@ def sync(cfg: SearchConfig, study: optuna.Study, console: Console | None = None)
     tracker = Tracker(cfg, console)
     tracker._guard(tracker.load_runs, study.study_name)
     before = len(tracker.runs)
-    tracker.finish(study)
+    tracker.finish(study, status=None)  # the study's run keeps its state (KILLED, RUNNING)
     if tracker.down:
-        raise ValueError(f"tracking uri {tracker.uri!r} does not answer")
+        raise ValueError(f"tracking uri {masked_url(tracker.uri)!r} does not answer")
     return len(tracker.runs) - before

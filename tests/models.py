@@ -220,3 +220,8 @@ def raising_builder() -> nn.Module:
 
 def stringly_task(model: nn.Module, budget: int) -> dict[str, object]:
     return {"success": "high"}
+
+
+def nan_step(student: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A QAT step whose loss is NaN (the QAT stage must fail without losing the trial)."""
+    return student(*batch).sum() * float("nan")

@@ -16,7 +16,7 @@ from mpq.evaluators.qat import (
 from mpq.evaluators.quantize import fake_quantize_weight
 from mpq.spaces.discover import discover_layers
 from mpq.spaces.space import LayerChoice, QuantConfig
-from tests.models import ConvNet, RecurrentPolicy, TinyTransformer, example_inputs
+from tests.models import ConvNet, RecurrentPolicy, TiedLM, TinyTransformer, example_inputs
 
 W2 = LayerChoice(w_bits=2, a_bits=8)  # per channel
 G8 = LayerChoice(w_bits=2, a_bits=8, granularity="per_group", group_size=8)
@@ -86,9 +86,12 @@ def test_progressive_stages_step_down_to_each_layers_width() -> None:
     assert {s.layers["fc"].w_bits for s in stages} == {32}
     assert stages[-1] == config
     assert stage_configs(config, progressive=False) == [config]
+    five = QuantConfig(layers={**config.layers, "conv1": W2.model_copy(update={"w_bits": 5})})
+    # a 5-bit layer trains at 8, then 6, then at its own 5 bits (the width it ships at)
+    assert [s.layers["conv1"].w_bits for s in stage_configs(five, True)] == [8, 6, 5]
 
 
-@pytest.mark.parametrize("model_cls", [ConvNet, RecurrentPolicy, TinyTransformer])
+@pytest.mark.parametrize("model_cls", [ConvNet, RecurrentPolicy, TinyTransformer, TiedLM])
 @pytest.mark.parametrize("lsq", [False, True])
 def test_qat_recovers_what_2_bit_ptq_loses_and_exports_what_it_trained(
     model_cls: type[torch.nn.Module], lsq: bool
@@ -111,7 +114,7 @@ def test_qat_recovers_what_2_bit_ptq_loses_and_exports_what_it_trained(
     # every trained weight, recurrent ones included, changed and still follows the formula:
     # the packed artifact's codes unpack to the simulated-quantized trained weights
     state = unpack_state(pack_state(result.model, layers, config), layers)
-    for la in layers:
+    for la in layers:  # a tied weight (TiedLM: embedding = output layer) trains once
         trained = dict(result.model.named_parameters())[f"{la.module}.{la.param}".lstrip(".")]
         original = dict(model.named_parameters())[f"{la.module}.{la.param}".lstrip(".")]
         assert not torch.equal(trained, original), la.name

@@ -369,3 +369,34 @@ def test_a_failure_before_the_first_trial_leaves_no_empty_study(tmp_path: Path) 
         Runner(cfg).prepare()
     fixed = conv_config(tmp_path)  # the same name and storage, the task fixed
     assert open_study(fixed, resume=False).study_name == "conv"  # not "already exists"
+
+
+def test_a_failed_qat_stage_keeps_what_post_training_quantization_measured(
+    ray_local: None, tmp_path: Path
+) -> None:
+    from mpq.search.record import Stage, TrialRecord
+
+    cfg = conv_config(
+        tmp_path,
+        model="tests.models:build_mlp",
+        task="tests.models:mlp_task",
+        calibration="tests.models:mlp_calibration",
+        task_budget=64,
+        trials=3,
+        sampler="random",
+        sensitivity={"enabled": False},
+        space={
+            "defaults": {
+                "w_bits": [2],
+                "a_bits": [8],
+                "granularity": ["per_group"],
+                "group_size": [16],
+            }
+        },  # one configuration: 2-bit, infeasible
+        qat={"when": "infeasible", "steps": 3, "step": "tests.models:nan_step"},
+    )
+    study = _run(cfg).study
+    first = TrialRecord.from_frozen(study.trials[0])
+    assert first.state == TrialState.COMPLETE and first.stage == Stage.FULL
+    assert first.measurements.success is not None and first.measurements.size_bytes
+    assert "is nan (not finite)" in first.qat["failed"]  # why QAT did not help, recorded
