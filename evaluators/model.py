@@ -72,7 +72,47 @@ def build_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
                 f"checkpoint {str(checkpoint)!r} does not match model {spec!r}: "
                 f"{line or 'shape mismatch'}"
             ) from None
-    return linear_form(model).eval()
+    return fold_batchnorm(linear_form(model).eval())
+
+
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """In place, in eval mode: each BatchNorm that directly follows a convolution (its only
+    user) is folded into it (``torch.nn.utils.fusion.fuse_conv_bn_eval``: ``W' = W g / s``,
+    ``b' = (b - m) g / s + beta``) and becomes ``nn.Identity``. What ships is then the folded
+    weight, quantized as such: the exporter would fold it anyway and rename the weight, and the
+    convolution would not be found in the export. The model keeps its class and methods; the
+    outputs are equal up to float rounding. A model that ``torch.fx`` cannot trace is left as
+    it is."""
+    if model.training or not any(isinstance(m, _BATCHNORM) for m in model.modules()):
+        return model
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001  dynamic control flow: nothing folded, nothing changed
+        return model
+    modules = dict(model.named_modules())
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _BATCHNORM):
+            continue
+        src = node.args[0] if node.args else None
+        if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        conv, bn = modules.get(src.target), modules[node.target]
+        if not isinstance(conv, _CONV) or bn.running_mean is None:
+            continue
+        fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+        with torch.no_grad():
+            conv.weight.copy_(fused.weight)
+            if conv.bias is None:
+                conv.bias = nn.Parameter(fused.bias.detach().clone())
+            else:
+                conv.bias.copy_(fused.bias)
+        parent_name, _, child = str(node.target).rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+    return model
 
 
 def linear_form(model: nn.Module) -> nn.Module:

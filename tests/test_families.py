@@ -65,3 +65,69 @@ def test_a_mapping_without_logits_gives_its_first_tensor_and_none_is_one_line() 
     assert first_tensor({"hidden": t, "n": 3}) is t
     with pytest.raises(ValueError, match="model output dict holds no tensor"):
         first_tensor({"n": 3})
+
+
+class _ConvBnRelu(torch.nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False)
+        self.bn = torch.nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _SmallCnn(torch.nn.Module):
+    """torchvision's styles in small: conv-BN-ReLU stem, a depthwise-separable block, a
+    residual block, a linear head (torchvision itself does not import beside the CPU torch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _ConvBnRelu(3, 16, stride=2)
+        self.dw = _ConvBnRelu(16, 16, groups=16)
+        self.pw = torch.nn.Sequential(
+            torch.nn.Conv2d(16, 32, 1, bias=False), torch.nn.BatchNorm2d(32), torch.nn.ReLU()
+        )
+        self.res = _ConvBnRelu(32, 32)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pw(self.dw(self.stem(x)))
+        x = x + self.res(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_cnn_with_batchnorm_is_folded_and_every_conv_runs_on_its_kernel() -> None:
+    import numpy as np
+
+    from mpq.evaluators.backends import get_backend
+    from mpq.evaluators.model import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = _SmallCnn().eval()
+    for m in model.modules():  # trained-looking statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(x)
+        folded = fold_batchnorm(model)
+        after = folded(x)
+    assert type(folded) is _SmallCnn  # the user's class and methods stay
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    layers = discover_layers(folded)
+    assert coverage(folded, layers).uncovered == ()
+    config = QuantConfig.uniform(layers, LayerChoice(w_bits=8, a_bits=8, act_mode="static"))
+    lowered = get_backend("onnxruntime").lower(
+        folded, layers, config, (x[:1],), 1, calibration=[(x,)]
+    )
+    convs = [la.name for la in layers if la.kind == "conv2d"]
+    assert all(lowered.kernels[n].startswith("QLinearConv") for n in convs), lowered.kernels
+    assert not any(n in lowered.fallbacks for n in convs)  # none "not found in the export"
+    simulated = apply_config(folded, lowered.ran_config, [(x,)], layers=layers)
+    with torch.no_grad():
+        want = simulated(x[:1]).numpy()
+    got = lowered.module.run(None, {"input_0": x[:1].numpy()})[0]
+    assert float(np.abs(got - want).max()) <= 2e-3 * float(np.abs(want).max())
