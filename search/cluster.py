@@ -64,32 +64,26 @@ class TrialTasks:
         artifact: worker.ArtifactFigures,
         episodes: int,
         latency_table: str | None,
+        qat: bool = False,
     ) -> Any:
-        """Start one worker call of a trial; returns its reference."""
+        """Start one worker call of a trial (``qat``: its QAT stage, ``worker.qat_trial``);
+        returns its reference."""
+        if qat:
+            return self._qat.remote(
+                self.spec,
+                config_json,
+                artifact,
+                episodes,
+                self.cfg.qat.model_dump_json(),
+                self.cfg.trial_memory_mb,
+                latency_table,
+                self.kernel_table,
+            )
         return self._evaluate.remote(
             self.spec,
             config_json,
             artifact,
             episodes,
-            self.cfg.trial_memory_mb,
-            latency_table,
-            self.kernel_table,
-        )
-
-    def submit_qat(
-        self,
-        config_json: str,
-        artifact: worker.ArtifactFigures,
-        episodes: int,
-        latency_table: str | None,
-    ) -> Any:
-        """Start a trial's QAT stage (``worker.qat_trial``); returns its reference."""
-        return self._qat.remote(
-            self.spec,
-            config_json,
-            artifact,
-            episodes,
-            self.cfg.qat.model_dump_json(),
             self.cfg.trial_memory_mb,
             latency_table,
             self.kernel_table,

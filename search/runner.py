@@ -331,8 +331,12 @@ class Runner:
         limit of its own: training is a stage of its own)."""
         run.qat_from, run.ptq, run.stage = run.stage, ptq, Stage.QAT
         run.started = time.monotonic()
-        run.ref = self.tasks.submit_qat(
-            run.config.model_dump_json(), artifact, self.cfg.task_budget, self.latency_table
+        run.ref = self.tasks.submit(
+            run.config.model_dump_json(),
+            artifact,
+            self.cfg.task_budget,
+            self.latency_table,
+            qat=True,
         )
 
     def _qat_failed(self, run: Running, reason: str) -> None:

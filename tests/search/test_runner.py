@@ -297,6 +297,28 @@ def test_the_model_based_sampler_proposes_and_records_its_predictions(
     assert len(keys) == len(set(keys))  # never a configuration asked before
 
 
+def _mlp_qat_config(tmp_path: Path, w_bits: list[int], qat: dict, **changes: object):  # type: ignore[no-untyped-def]
+    """The MLP of the QAT tests, with the QAT stage on for what misses the constraint."""
+    return conv_config(
+        tmp_path,
+        model="tests.models:build_mlp",
+        task="tests.models:mlp_task",
+        calibration="tests.models:mlp_calibration",
+        sampler="random",
+        sensitivity={"enabled": False},
+        space={
+            "defaults": {
+                "w_bits": w_bits,
+                "a_bits": [8],
+                "granularity": ["per_group"],
+                "group_size": [16],
+            }
+        },
+        qat={"when": "infeasible", **qat},
+        **changes,
+    )
+
+
 def test_the_qat_stage_fine_tunes_what_post_training_quantization_loses(
     ray_local: None, tmp_path: Path
 ) -> None:
@@ -312,24 +334,8 @@ def test_the_qat_stage_fine_tunes_what_post_training_quantization_loses(
     from mpq.spaces.discover import discover_layers
     from tests.models import build_mlp, mlp_task
 
-    cfg = conv_config(
-        tmp_path,
-        model="tests.models:build_mlp",
-        task="tests.models:mlp_task",
-        calibration="tests.models:mlp_calibration",
-        task_budget=128,
-        trials=5,
-        sampler="random",
-        sensitivity={"enabled": False},
-        space={
-            "defaults": {
-                "w_bits": [2, 8],
-                "a_bits": [8],
-                "granularity": ["per_group"],
-                "group_size": [16],
-            }
-        },
-        qat={"when": "infeasible", "steps": 30, "lr": 1e-3},
+    cfg = _mlp_qat_config(
+        tmp_path, task_budget=128, trials=5, w_bits=[2, 8], qat={"steps": 30, "lr": 1e-3}
     )
     study = _run(cfg).study
     tuned = [
@@ -376,24 +382,12 @@ def test_a_failed_qat_stage_keeps_what_post_training_quantization_measured(
 ) -> None:
     from mpq.search.record import Stage, TrialRecord
 
-    cfg = conv_config(
+    cfg = _mlp_qat_config(  # one configuration of the space: 2-bit, infeasible
         tmp_path,
-        model="tests.models:build_mlp",
-        task="tests.models:mlp_task",
-        calibration="tests.models:mlp_calibration",
         task_budget=64,
         trials=3,
-        sampler="random",
-        sensitivity={"enabled": False},
-        space={
-            "defaults": {
-                "w_bits": [2],
-                "a_bits": [8],
-                "granularity": ["per_group"],
-                "group_size": [16],
-            }
-        },  # one configuration: 2-bit, infeasible
-        qat={"when": "infeasible", "steps": 3, "step": "tests.models:nan_step"},
+        w_bits=[2],
+        qat={"steps": 3, "step": "tests.models:nan_step"},
     )
     study = _run(cfg).study
     first = TrialRecord.from_frozen(study.trials[0])
