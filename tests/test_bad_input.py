@@ -231,3 +231,18 @@ def test_bad_runs_leave_a_finished_study_byte_identical(tmp_path: Path) -> None:
         assert result.exit_code == 2 and len(lines) == 1, (args, result.output)
         assert lines[0].startswith("error: "), (args, result.output)
         assert _hashes(Path(cfg.output_dir)) == before, args
+
+
+def test_bad_input_at_scale_ends_in_success_or_one_line(tmp_path: Path) -> None:
+    """A few hundred of ``benchmarks/fuzz.py``'s generated cases (search configs, config
+    texts, configuration files, checkpoints): never a traceback or a partial output folder."""
+    import random
+
+    from tests.fuzzing import GENERATORS, run_case
+
+    rng = random.Random(20)
+    seen = {"ok": 0, "one line": 0}
+    for i in range(250):
+        case = rng.choice(GENERATORS)(rng)
+        seen[run_case(case, tmp_path / str(i))] += 1  # raises on anything else
+    assert seen["one line"] > 100 and seen["ok"] > 0
