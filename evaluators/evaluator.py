@@ -50,6 +50,7 @@ class EvalSpec:
     latency_visits: int = 8
     measure_latency: bool = True
     allow_fallback: bool = True
+    latency_agent: str | None = None  # an ``mpq agent`` on the target times the models
 
 
 def _as_tuple(batch: Any) -> tuple[Any, ...]:
@@ -227,6 +228,8 @@ class Evaluator:
                 f"layer {name!r}: backend {s.backend!r} cannot run it as asked ({reason}) and "
                 "latency.allow_fallback is false"
             )
+        if s.latency_agent:
+            return self._latency_on_agent(float_lowered, lowered)
         with timing_slot.compute(), torch.inference_mode():  # first calls compile (torch)
             float_lowered.run()
             lowered.run()
@@ -253,6 +256,53 @@ class Evaluator:
                 "wait_s": wait_s,
                 "backend": s.backend,
                 "kernel_choice": lowered.plan.notes,  # why a kernel among several: measured
+            },
+        }
+        return out | self._what_ran(lowered)
+
+    def _latency_on_agent(self, float_lowered: Lowered, lowered: Lowered) -> dict[str, Any]:
+        """The latency protocol run by the ``mpq agent`` on the target (``spec.latency_agent``)
+        on the two deployable files, with the agent's CPU recorded.
+
+        Raises:
+            ValueError: the backend has no deployable file, or the agent did not answer.
+        """
+        import numpy as np
+
+        from mpq.evaluators.agent_client import time_on_agent
+
+        s = self.spec
+        if lowered.artifact is None or float_lowered.artifact is None:
+            raise ValueError(
+                f"latency.agent needs a backend with a deployable file, not {s.backend!r}"
+            )
+        names = {i.name for i in lowered.module.get_inputs()}
+        inputs = {
+            f"input_{i}": np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x)
+            for i, x in enumerate(self.example_inputs)
+            if f"input_{i}" in names
+        }
+        got = time_on_agent(
+            s.latency_agent or "",
+            float_lowered.artifact,
+            lowered.artifact,
+            inputs,
+            s.latency_visits,
+            s.latency_runs,
+            s.latency_warmup,
+            s.latency_threads,
+        )
+        out: dict[str, Any] = {
+            "latency_ms": got["latency_ms"],
+            "latency_measured_ms": got["latency_ms"],
+            "float_latency_ms_paired": got["float_latency_ms"],
+            "speedup": got["speedup"],
+            "speedup_lo": got["speedup_lo"],
+            "speedup_hi": got["speedup_hi"],
+            "latency_info": {
+                **got,
+                "target": f"mpq agent {s.latency_agent}",
+                "backend": s.backend,
             },
         }
         return out | self._what_ran(lowered)

@@ -425,6 +425,18 @@ def apply_cmd(
         console.print(f"artifact {out}: payload {payload_bytes(state):,} bytes")
 
 
+@app.command()
+def agent(
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8787,
+) -> None:
+    """Time trials' models on this machine for a search elsewhere (latency.agent); the
+    token in MPQ_AGENT_TOKEN. On a target without torch: python -m mpq.agent."""
+    from mpq.agent import main as agent_main
+
+    raise typer.Exit(agent_main(["--host", host, "--port", str(port)]))
+
+
 @app.command("config-reference")
 def config_reference(
     readme: Annotated[

@@ -100,6 +100,18 @@ class LatencyConfig(BaseModel):
         description="run a choice the backend has no kernel for on the nearest one it has "
         "(recorded per trial); false: such a choice is an error before the search starts",
     )
+    agent: str | None = Field(
+        None,
+        description="http://host:port of an `mpq agent` on the target: each trial's model is "
+        "timed there (onnxruntime backend; the token in MPQ_AGENT_TOKEN)",
+    )
+
+    @field_validator("agent")
+    @classmethod
+    def _agent(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"agent={v!r}: expected http://host:port")
+        return v
 
     @field_validator("backend")
     @classmethod

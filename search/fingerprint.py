@@ -60,7 +60,9 @@ def fingerprint(cfg: SearchConfig, model: nn.Module) -> dict[str, Any]:
     The target is this machine's CPU for a local search, or the resources each trial asks of a
     cluster (the driver's CPU is not where a cluster's trials are timed).
     """
-    if cfg.ray.address is None:
+    if cfg.latency.agent is not None:  # timed there, whatever runs the search
+        target = f"mpq agent {cfg.latency.agent}"
+    elif cfg.ray.address is None:
         target = f"{cpu_model()}; {isa_summary()}"
     else:
         target = f"cluster resources {json.dumps(cfg.ray.resources_per_trial, sort_keys=True)}"

@@ -45,6 +45,7 @@ def eval_spec(cfg: SearchConfig) -> EvalSpec:
         latency_visits=cfg.latency.visits,
         measure_latency=cfg.latency.enabled,
         allow_fallback=cfg.latency.allow_fallback,
+        latency_agent=cfg.latency.agent,
     )
 
 
