@@ -4,6 +4,7 @@ the float model's to the agent on the target, get the latency protocol's figures
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -26,6 +27,7 @@ def time_on_agent(
     warmup: int,
     threads: int,
     timeout_s: float = 900,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """The agent's figures for ``candidate`` against ``reference`` (both ``.onnx`` bytes) on
     ``inputs`` (one step at batch 1, by input name).
@@ -34,7 +36,7 @@ def time_on_agent(
         ValueError: one line naming the agent: no token set here, the agent refused (its
             reason), did not answer, or died mid-request (the trial fails with it).
     """
-    token = os.environ.get(TOKEN_ENV, "")
+    token = token or os.environ.get(TOKEN_ENV, "")
     if not token:
         raise ValueError(f"latency.agent {url}: set {TOKEN_ENV} to the agent's token")
     buf = io.BytesIO()
@@ -64,6 +66,6 @@ def time_on_agent(
         except (ValueError, OSError):
             reason = exc.reason
         raise ValueError(f"latency agent {url} refused ({exc.code}): {reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
-        raise ValueError(f"latency agent {url} did not answer: {reason}") from None
+        raise ValueError(f"latency agent {url} did not answer: {reason!s:.200}") from None

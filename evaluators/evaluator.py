@@ -10,7 +10,7 @@ import copy
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +51,10 @@ class EvalSpec:
     measure_latency: bool = True
     allow_fallback: bool = True
     latency_agent: str | None = None  # an ``mpq agent`` on the target times the models
+    # its token, read where the search starts (Ray's workers, on any node, may not have the
+    # environment variable); never shown
+    latency_agent_token: str | None = field(default=None, repr=False)
+    latency_agent_timeout_s: float = 900.0
 
 
 def _as_tuple(batch: Any) -> tuple[Any, ...]:
@@ -291,6 +295,8 @@ class Evaluator:
             s.latency_runs,
             s.latency_warmup,
             s.latency_threads,
+            timeout_s=s.latency_agent_timeout_s,
+            token=s.latency_agent_token,
         )
         out: dict[str, Any] = {
             "latency_ms": got["latency_ms"],

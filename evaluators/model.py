@@ -59,6 +59,10 @@ def build_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
     if checkpoint is not None:
         state = load_state_dict(checkpoint)
         missing, unexpected = _mismatch(model, state)
+        if missing or unexpected:  # a checkpoint saved from the built (folded) form
+            folded = fold_batchnorm(linear_form(model.eval()))
+            if not any(_mismatch(folded, state)):
+                model, missing, unexpected = folded, [], []
         if missing or unexpected:
             raise ValueError(
                 f"checkpoint {str(checkpoint)!r} does not match model {spec!r}: "
@@ -72,7 +76,7 @@ def build_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
                 f"checkpoint {str(checkpoint)!r} does not match model {spec!r}: "
                 f"{line or 'shape mismatch'}"
             ) from None
-    return fold_batchnorm(linear_form(model).eval())
+    return fold_batchnorm(linear_form(model.eval()))
 
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -94,6 +98,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     except Exception:  # noqa: BLE001  dynamic control flow: nothing folded, nothing changed
         return model
     modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    read = {str(n.target).rsplit(".", 1)[0] for n in graph.nodes if n.op == "get_attr"}
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BATCHNORM):
             continue
@@ -102,6 +111,15 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             continue
         conv, bn = modules.get(src.target), modules[node.target]
         if not isinstance(conv, _CONV) or bn.running_mean is None:
+            continue
+        # only a pair each called once, whose parameters the forward does not read itself,
+        # with no parametrization or hook that a weight copy would bypass
+        once = calls.get(str(src.target)) == 1 and calls.get(str(node.target)) == 1
+        plain = not any(
+            getattr(m, "parametrizations", None) or m._forward_hooks or m._forward_pre_hooks
+            for m in (conv, bn)
+        )
+        if not once or not plain or {str(src.target), str(node.target)} & read:
             continue
         fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
         with torch.no_grad():

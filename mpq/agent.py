@@ -158,13 +158,20 @@ class _Refused(Exception):
         self.status = status
 
 
+def authorized(token: str, authorization: str | None) -> bool:
+    """The request's ``Authorization`` header is ``Bearer <token>`` (constant-time, on bytes:
+    any header, ASCII or not, is compared, never raised on)."""
+    given = (authorization or "").encode("utf-8", "replace")
+    return hmac.compare_digest(f"Bearer {token}".encode(), given)
+
+
 def handle(body: bytes, token: str, authorization: str | None) -> dict[str, Any]:
     """One timing request: checked (token, ONNX models, numbers) and timed.
 
     Raises:
         _Refused: with the HTTP status and a one-line reason.
     """
-    if not hmac.compare_digest(f"Bearer {token}", authorization or ""):
+    if not authorized(token, authorization):
         raise _Refused(401, "missing or wrong token")
     try:
         req = json.loads(body)
@@ -192,13 +199,19 @@ def handle(body: bytes, token: str, authorization: str | None) -> dict[str, Any]
             raise _Refused(
                 400, f"{name} is not an ONNX model ONNX Runtime loads: {text}"
             ) from None
-    return paired(reference, candidate, feeds, visits, runs, warmup, threads)
+    try:
+        return paired(reference, candidate, feeds, visits, runs, warmup, threads)
+    except Exception as exc:  # noqa: BLE001  inputs that do not fit, a failing run: one line
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else repr(exc)
+        raise _Refused(422, f"timing failed: {text}") from None
 
 
 def make_server(host: str, port: int, token: str) -> HTTPServer:
     """The agent's HTTP server (one request at a time), not yet serving."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 60  # seconds a client may stall mid-request before it is dropped
+
         def do_GET(self) -> None:  # noqa: N802  (http.server's name)
             if self.path != "/v1/health":
                 self._answer(404, {"error": "not found"})
@@ -209,7 +222,14 @@ def make_server(host: str, port: int, token: str) -> HTTPServer:
             if self.path != "/v1/time":
                 self._answer(404, {"error": "not found"})
                 return
-            length = int(self.headers.get("Content-Length") or 0)
+            if not authorized(token, self.headers.get("Authorization")):  # before any body
+                self._answer(401, {"error": "missing or wrong token"})
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                self._answer(400, {"error": "Content-Length is not a number"})
+                return
             if length <= 0 or length > MAX_BODY_BYTES:
                 self._answer(413, {"error": f"body of {length} bytes refused"})
                 return

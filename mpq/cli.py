@@ -35,6 +35,9 @@ ModelArg = Annotated[
         help=f"module:function builder or one of {list(MODEL_ALIASES)}", metavar="MODEL"
     ),
 ]
+TrackingUriOpt = Annotated[
+    str | None, typer.Option(help="the MLflow tracking URI, where `mpq search` was given one")
+]
 OutputDirOpt = Annotated[
     str | None,
     typer.Option(
@@ -199,6 +202,7 @@ def search(
 def sync(
     config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)", metavar="CONFIG")],
     output_dir: OutputDirOpt = None,
+    tracking_uri: TrackingUriOpt = None,
 ) -> None:
     """Back-fill MLflow runs for finished trials that have none (after a tracking outage)."""
     from mpq.search.session import build_config
@@ -206,7 +210,7 @@ def sync(
     from mpq.search.tracking import sync as sync_runs
 
     with one_line():
-        cfg = build_config(config, output_dir=output_dir)
+        cfg = build_config(config, output_dir=output_dir, tracking_uri=tracking_uri)
         added = sync_runs(cfg, load_existing(cfg), console)
     console.print(f"{added} trial run(s) back-filled in {masked_url(cfg.tracking_uri())}")
 
@@ -215,6 +219,7 @@ def sync(
 def ui(
     config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)", metavar="CONFIG")],
     output_dir: OutputDirOpt = None,
+    tracking_uri: TrackingUriOpt = None,
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 5000,
 ) -> None:
@@ -224,7 +229,7 @@ def ui(
     from mpq.search.session import build_config
 
     with one_line():
-        cfg = build_config(config, output_dir=output_dir)
+        cfg = build_config(config, output_dir=output_dir, tracking_uri=tracking_uri)
     uri = cfg.tracking_uri()
     if not uri.startswith("sqlite:"):
         console.print(f"the study tracks to {masked_url(uri)}; open it there")
@@ -251,6 +256,7 @@ def ui(
 def export(
     config: Annotated[Path, typer.Argument(help="search config (.yaml/.json)", metavar="CONFIG")],
     output_dir: OutputDirOpt = None,
+    tracking_uri: TrackingUriOpt = None,
     out: Annotated[
         Path | None, typer.Option(help="output folder (default: <output_dir>/export/trial-N)")
     ] = None,
@@ -271,7 +277,7 @@ def export(
     from mpq.search.study import load_existing
 
     with one_line():
-        cfg = build_config(config, output_dir=output_dir)
+        cfg = build_config(config, output_dir=output_dir, tracking_uri=tracking_uri)
         if new_study:
             from mpq.evaluators.evaluator import get_evaluator
             from mpq.search.fingerprint import new_study_config

@@ -113,6 +113,14 @@ class LatencyConfig(BaseModel):
             raise ValueError(f"agent={v!r}: expected http://host:port")
         return v
 
+    @model_validator(mode="after")
+    def _agent_runs_onnx(self) -> LatencyConfig:
+        if self.agent is not None and self.backend != "onnxruntime":
+            raise ValueError(
+                f"agent: an mpq agent times ONNX Runtime files; backend {self.backend!r} has none"
+            )
+        return self
+
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:

@@ -250,7 +250,9 @@ def _dir_flag(cfg: SearchConfig, path: str | Path) -> str:
         own = load_search_config(path).output_dir
     except ValueError:
         return ""
-    return "" if own == cfg.output_dir else f" --output-dir {cfg.output_dir}"
+    import shlex
+
+    return "" if own == cfg.output_dir else f" --output-dir {shlex.quote(cfg.output_dir)}"
 
 
 def _progress(console: Console) -> Progress:

@@ -136,8 +136,9 @@ def kernel_table(
     """The kernel autotune's table (JSON) from ``tune(options_json, cached_json)`` run where
     the trials run (the target); kept in the study and in ``output_dir/kernel_table.json``,
     reused on resume when the target and space match (so a study's trials keep their
-    kernels). None where latency is not measured or ``latency.autotune`` is off."""
-    if not (cfg.latency.enabled and cfg.latency.autotune):
+    kernels). None where latency is not measured, ``latency.autotune`` is off, or an agent
+    times the trials (the table would be of this machine, not the target)."""
+    if not (cfg.latency.enabled and cfg.latency.autotune) or cfg.latency.agent:
         return None
     return _kept_table(study, cfg, resolved, tune, StudyAttr.KERNEL_TABLE, "kernel_table.json")
 
@@ -152,7 +153,7 @@ def latency_table(
     cached_json)`` run where the trials run (the target); kept in the study and in
     ``output_dir/latency_table.json``, reused on resume when the target and space match."""
     lat = cfg.latency
-    if not (lat.enabled and lat.predict_screen and cfg.screen_budget > 0):
+    if not (lat.enabled and lat.predict_screen and cfg.screen_budget > 0) or lat.agent:
         return None
     return _kept_table(study, cfg, resolved, build, StudyAttr.LATENCY_TABLE, "latency_table.json")
 

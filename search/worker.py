@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from enum import StrEnum
@@ -46,6 +47,8 @@ def eval_spec(cfg: SearchConfig) -> EvalSpec:
         measure_latency=cfg.latency.enabled,
         allow_fallback=cfg.latency.allow_fallback,
         latency_agent=cfg.latency.agent,
+        latency_agent_token=os.environ.get("MPQ_AGENT_TOKEN") if cfg.latency.agent else None,
+        latency_agent_timeout_s=cfg.trial_timeout_s,
     )
 
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,15 +145,18 @@ def _can_make_namespaces() -> bool:
 @pytest.fixture(scope="module")
 def agent_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A virtual environment with only the agent's dependencies: numpy and onnxruntime."""
+    if not _can_make_namespaces():
+        pytest.skip("needs root and ip netns (a second host on this machine)")
     venv = tmp_path_factory.mktemp("agent-venv") / "v"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "numpy", "onnxruntime"]
-    subprocess.run(pip, check=True, capture_output=True, timeout=600)
+    installed = subprocess.run(pip, capture_output=True, text=True, timeout=600)
+    if installed.returncode != 0:
+        pytest.skip(f"no package registry for the agent's venv: {installed.stderr[-300:]}")
     return venv
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _can_make_namespaces(), reason="needs root and ip netns")
 def test_a_search_timed_by_an_agent_on_a_second_host_that_dies_mid_search(
     agent_venv: Path, ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -167,30 +171,22 @@ def test_a_search_timed_by_an_agent_on_a_second_host_that_dies_mid_search(
     monkeypatch.setenv("MPQ_AGENT_TOKEN", TOKEN)
     with _second_host() as (ns, address):
         env = {"MPQ_AGENT_TOKEN": TOKEN, "PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]}
-        agent = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                python,
-                "-m",
-                "mpq.agent",
-                "--host",
-                address,
-                "--port",
-                "8787",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        log = tmp_path / "agent.log"
+        with open(log, "w") as out:  # a file: the agent's log never fills a pipe
+            command = ["ip", "netns", "exec", ns, python, "-m", "mpq.agent"]
+            agent = subprocess.Popen(
+                [*command, "--host", address, "--port", "8787"],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
-            line = agent.stdout.readline() if agent.stdout else ""
-            assert f"mpq agent on http://{address}:8787" in line, line
+            deadline = time.monotonic() + 60
+            while "mpq agent on" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert f"mpq agent on http://{address}:8787" in log.read_text(), log.read_text()
             url = f"http://{address}:8787"
             ref, cand, inputs = _models()
             got = time_on_agent(url, ref, cand, inputs, visits=2, runs=5, warmup=1, threads=1)

@@ -6,6 +6,8 @@ GPT-2 (``transformers``): its ``Conv1D`` layers (transposed linears) become ``nn
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -131,3 +133,37 @@ def test_a_cnn_with_batchnorm_is_folded_and_every_conv_runs_on_its_kernel() -> N
         want = simulated(x[:1]).numpy()
     got = lowered.module.run(None, {"input_0": x[:1].numpy()})[0]
     assert float(np.abs(got - want).max()) <= 2e-3 * float(np.abs(want).max())
+
+
+def test_a_checkpoint_of_the_folded_form_loads_and_a_reused_conv_is_not_folded(
+    tmp_path: Path,
+) -> None:
+    """``finetuned.pt`` and exports hold the folded form: it loads back as a checkpoint. A
+    convolution called twice (once without its BatchNorm) is left as it is."""
+    from mpq.evaluators.model import build_model, fold_batchnorm
+
+    torch.manual_seed(0)
+    folded = fold_batchnorm(_SmallCnn().eval())
+    path = tmp_path / "folded.pt"
+    torch.save(folded.state_dict(), path)
+    rebuilt = build_model("tests.test_families:_SmallCnn", path)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), folded(x))
+
+    class Reused(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)) + self.conv(x)  # the conv twice
+
+    model = Reused().eval()
+    model.bn.running_mean.fill_(0.5)
+    with torch.no_grad():
+        before = model(x)
+        after = fold_batchnorm(model)(x)
+    assert isinstance(model.bn, torch.nn.BatchNorm2d)  # not folded
+    torch.testing.assert_close(after, before)
