@@ -28,9 +28,14 @@ LEVEL_STRIDE = 100_000
 def make_env(level: str):  # type: ignore[no-untyped-def]
     """A BabyAI level with 56x56 RGB egocentric observations (tile size 8)."""
     with contextlib.redirect_stdout(io.StringIO()):
-        import gymnasium as gym
-        import minigrid  # noqa: F401  (importing registers the BabyAI levels)
-        from minigrid.wrappers import RGBImgPartialObsWrapper
+        try:
+            import gymnasium as gym
+            import minigrid  # noqa: F401  (importing registers the BabyAI levels)
+            from minigrid.wrappers import RGBImgPartialObsWrapper
+        except ImportError as exc:
+            raise ValueError(
+                f"the BabyAI simulator is not installed ({exc.name}): pip install 'mpq[babyai]'"
+            ) from None
 
         return RGBImgPartialObsWrapper(gym.make(level), tile_size=8)
 
