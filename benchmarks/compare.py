@@ -38,7 +38,11 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 NO_SEEDS = {"sensitivity": {"enabled": False}, "screen_budget": 0}
-ALLOCATIONS = {"budgets": [0.75, 0.6, 0.5], "ilp_budgets": [0.75, 0.6, 0.5]}
+ALLOCATIONS = {
+    "uniform_bits": [8, 4],
+    "budgets": [0.75, 0.6, 0.5],
+    "ilp_budgets": [0.75, 0.6, 0.5],
+}
 VARIANTS = {
     "random search": {"sampler": "random", **NO_SEEDS},
     "NSGA-II": {"sampler": "nsga2", **NO_SEEDS},

@@ -40,11 +40,17 @@ class Sensitivity(BaseModel):
     """Per-layer sensitivity before the search; seeds the study with greedy allocations."""
 
     model_config = _FROZEN
-    enabled: bool = Field(True, description="measure sensitivity and enqueue seed trials")
-    budgets: tuple[float, ...] = Field(
-        (0.75, 0.6, 0.5), description="greedy allocations at these fractions of the 8-bit size"
+    enabled: bool = Field(
+        True,
+        description="measure per-layer sensitivity (the mpq sampler's success model) and "
+        "enqueue the seed trials below",
     )
-    uniform_bits: tuple[int, ...] = Field((8, 4), description="uniform seed trials at these bits")
+    budgets: tuple[float, ...] = Field(
+        (),
+        description="greedy seed allocations at these fractions of the 8-bit size (none by "
+        "default: seeds cost trials the model-based sampler spends better, benchmarks/)",
+    )
+    uniform_bits: tuple[int, ...] = Field((), description="uniform seed trials at these bits")
     ilp_budgets: tuple[float, ...] = Field(
         (),
         description="ILP allocations (least summed sensitivity within the size, solved exactly "
@@ -183,9 +189,10 @@ class SearchConfig(BaseModel):
     )
     constraints: Constraints = Field(default_factory=Constraints)
     sampler: Literal["nsga2", "tpe", "random", "gp", "mpq"] = Field(
-        "nsga2",
-        description="Optuna sampler; mpq: model-based (predicted size, latency and success, "
-        "most predicted hypervolume improvement; search/model_sampler.py)",
+        "mpq",
+        description="Optuna sampler; mpq (default, chosen by benchmarks/compare.py and "
+        "exhaustive.py): model-based (predicted size, latency and success, most predicted "
+        "hypervolume improvement; search/model_sampler.py)",
     )
     population_size: int = Field(16, ge=2, description="NSGA-II population size")
     trials: int = Field(24, ge=1, description="trials to finish (complete, pruned or failed)")
