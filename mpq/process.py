@@ -61,20 +61,29 @@ class _DropMessage(logging.Filter):
 def run_until_signalled(cmd: list[str]) -> int:
     """Run a server in a process group of its own; on SIGINT or SIGTERM stop that whole group
     (MLflow's server forks uvicorn and huey workers, which a plain call would leave listening)
-    and exit 130 / 143. Returns the server's exit status when it stops by itself."""
+    and return 130 / 143; a group that ignores SIGTERM gets SIGKILL 15 s later. Returns the
+    server's exit status when it stops by itself.
+
+    NOTE: the handler only signals: waiting for the child inside it would deadlock on the lock
+    of the ``Popen.wait`` it interrupted.
+    """
+    import threading
+
     proc = subprocess.Popen(cmd, start_new_session=True)
+    received: list[int] = []
+
+    def kill(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
 
     def stop(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        raise SystemExit(128 + signum)
+        received.append(signum)
+        kill(signal.SIGTERM)
+        timer = threading.Timer(15, kill, (signal.SIGKILL,))
+        timer.daemon = True
+        timer.start()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
-    return proc.wait()
+    status = proc.wait()
+    return 128 + received[0] if received else status

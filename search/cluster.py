@@ -210,7 +210,7 @@ def capped_workers(cfg: SearchConfig) -> tuple[SearchConfig, str | None]:
     machine's for a local Ray, the cluster's once attached), and the line that says so (None
     when nothing changed): more would only queue, each trial's time limit running."""
     per = cfg.ray.cpus_per_trial
-    if cfg.ray.address is None and not ray.is_initialized():
+    if cfg.ray.address is None:  # a local search: this machine, whoever started Ray
         cpus, where = float(os.cpu_count() or 1), "this machine has"
     elif ray.is_initialized():
         cpus, where = float(ray.cluster_resources().get("CPU", 0)), "the cluster has"

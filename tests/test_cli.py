@@ -144,18 +144,21 @@ def test_a_bad_flag_is_named_as_the_flag_not_the_file(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--sampler: Input should be" in result.output
 
 
-def test_an_existing_study_is_refused_before_ray_starts(tmp_path: Path) -> None:
-    import ray
-
-    from mpq.search.session import build_config
+def test_an_existing_study_is_refused_before_ray_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mpq.search import session
     from mpq.search.study import open_study
 
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ray was started for a search that had to be refused")
+
+    monkeypatch.setattr(session, "run_search", no_ray)  # the one that starts Ray
     p = _conv_yaml(tmp_path)
-    open_study(build_config(p), resume=False)
+    open_study(session.build_config(p), resume=False)
     result = runner.invoke(app, ["search", str(p)])
     assert result.exit_code == 2
     assert "study 'conv' already exists" in result.output and "use --resume" in result.output
-    assert not ray.is_initialized()
 
 
 def test_flags_override_the_config_for_this_run(tmp_path: Path) -> None:

@@ -60,7 +60,8 @@ def test_mlflow_ui_shows_the_study(ray_local: None, tmp_path: Path) -> None:
         # every trial is a row of its own, in view (not folded under the study's run), with
         # the objectives as columns
         assert all(f"trial-{i}" in table for i in range(4)), "trial runs not in the table"
-        assert all(m in table for m in ("success", "size_bytes", "latency_ms"))
+        trial = dom(f"{runs_url}/{tracker.runs[0]}")  # a trial's run: its objectives
+        assert all(m in trial for m in ("success", "size_bytes", "latency_ms", "speedup"))
         page = dom(study_url)  # the study's run: the float reference and the hypervolume
         assert "float.success" in page and "hypervolume" in page
         viewer = dom(plot_url)  # the Pareto plot renders as an image in the artifact view

@@ -382,15 +382,17 @@ def test_a_failed_qat_stage_keeps_what_post_training_quantization_measured(
 ) -> None:
     from mpq.search.record import Stage, TrialRecord
 
-    cfg = _mlp_qat_config(  # one configuration of the space: 2-bit, infeasible
+    cfg = _mlp_qat_config(  # 2 and 3 bits: every configuration misses the constraint
         tmp_path,
         task_budget=64,
         trials=3,
-        w_bits=[2],
+        w_bits=[2, 3],
         qat={"steps": 3, "step": "tests.models:nan_step"},
     )
     study = _run(cfg).study
-    first = TrialRecord.from_frozen(study.trials[0])
-    assert first.state == TrialState.COMPLETE and first.stage == Stage.FULL
-    assert first.measurements.success is not None and first.measurements.size_bytes
-    assert "is nan (not finite)" in first.qat["failed"]  # why QAT did not help, recorded
+    tried = [TrialRecord.from_frozen(t) for t in study.trials if t.user_attrs.get("qat")]
+    assert tried, "no trial got the QAT stage"
+    for r in tried:  # QAT failed; what post-training quantization measured is kept
+        assert r.state == TrialState.COMPLETE and r.stage == Stage.FULL
+        assert r.measurements.success is not None and r.measurements.size_bytes
+        assert "is nan (not finite)" in r.qat["failed"]  # why QAT did not help
