@@ -323,10 +323,10 @@ class Tracker:
         self.start(study)
         front = {t.number for t in front_trials(study)}
         history = [Metric("hypervolume", hv, 0, n) for n, hv in hypervolume_history(study)]
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
+        with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as drawn:
+            out = Path(tmp)  # what is logged: the table and the PNGs, nothing else
             front_table(study).to_csv(out / "pareto_front.csv", index=False)
-            made = plot_paths if plot_paths is not None else plots.write_all(study, out / "p")
+            made = plot_paths if plot_paths is not None else plots.write_all(study, Path(drawn))
             for path in made:  # PNGs: MLflow's artifact viewer runs no plotly (HTML: blank)
                 if path.suffix == ".png":
                     shutil.copy(path, out / path.name)
