@@ -68,7 +68,7 @@ def _root(
 def one_line() -> Iterator[None]:
     """Every error a user can cause ends here: one line on stderr, exit status 2. A config,
     a callable, a file or folder of the OS's (with its path), a storage (its real cause)."""
-    from mpq.search.study import root_cause
+    from mpq.search.storage import root_cause
 
     try:
         yield

@@ -34,6 +34,9 @@ def configure() -> None:
     # MLflow sets its loggers' level when it is imported (later, lazily): its own variable
     # is the supported way to have that level be WARNING; the logger covers an earlier import
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # a tracking server's "View run ... at" two lines per finished run: mpq prints the one
+    # line per trial and the UI command itself
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")

@@ -212,7 +212,17 @@ class SearchConfig(BaseModel):
         None, gt=0, description="a trial allocating more than this (MiB) fails"
     )
     observer: Literal["minmax", "percentile", "mse"] = Field("minmax", description="calibration")
-    storage: str | None = Field(None, description="Optuna RDB URL (None: SQLite in output_dir)")
+    storage: str | None = Field(
+        None,
+        description="Optuna RDB URL (None: SQLite in output_dir); a PostgreSQL password "
+        "is best left out of it and given in PGPASSWORD",
+    )
+    storage_retry_s: float = Field(
+        300,
+        ge=0,
+        description="how long a search waits for a server database that stopped answering "
+        "(retried with back-off) before it stops",
+    )
     output_dir: str = Field("mpq-runs", description="study database, caches, exports")
     sensitivity: Sensitivity = Field(default_factory=Sensitivity)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)

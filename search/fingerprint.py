@@ -148,16 +148,24 @@ def guard(study: Any, cfg: SearchConfig, model: nn.Module) -> None:
         study.set_user_attr(ATTR, now)
 
 
-def check_study(study: Any, cfg: SearchConfig, model: nn.Module) -> None:
-    """``guard`` that writes nothing: for reading a study (export, fine-tuning)."""
-    check(study.study_name, study.user_attrs.get(ATTR), fingerprint(cfg, model), _measured(study))
+def check_study(
+    study: Any, cfg: SearchConfig, model: nn.Module, ignore: tuple[str, ...] = ()
+) -> None:
+    """``guard`` that writes nothing, for reading a study (export, fine-tuning, sync); the
+    fields ``ignore`` are not compared."""
+    stored = study.user_attrs.get(ATTR)
+    now = fingerprint(cfg, model)
+    if stored is not None:
+        stored = {k: v for k, v in stored.items() if k not in ignore}
+        now = {k: v for k, v in now.items() if k not in ignore}
+    check(study.study_name, stored, now, _measured(study))
 
 
 def check_stored(cfg: SearchConfig, model: nn.Module) -> None:
     """``guard`` without creating anything: for a study that already exists in the storage."""
     import optuna
 
-    from mpq.search.study import make_storage
+    from mpq.search.storage import make_storage
 
     storage = make_storage(cfg.storage_url())
     if cfg.name not in optuna.study.get_all_study_names(storage):

@@ -8,6 +8,7 @@ once its grace period is over.
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from collections.abc import Callable, Collection
 
@@ -45,17 +46,25 @@ def _fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> FrozenT
 STALE = "stale: the process running it stopped"  # a fail reason's start: resume re-queues seeds
 
 
-def fail_stale(study: optuna.Study, on_fail: Callable[[FrozenTrial], None]) -> None:
+def fail_stale(
+    study: optuna.Study, on_fail: Callable[[FrozenTrial], None], ours: Collection[int] = ()
+) -> None:
     """Fail the RUNNING trials whose heartbeat is stale, with the reason (Optuna's own
-    ``fail_stale_trials`` records none, and a resumed study would not know why).
+    ``fail_stale_trials`` records none, and a resumed study would not know why); never
+    ``ours`` (this process runs them), and none within a grace period after the storage came
+    back from an outage (no search could record a heartbeat during it).
 
     NOTE: the stale ids come from the storage's heartbeat API (``_get_stale_trial_ids``), which
     Optuna's ``fail_stale_trials`` uses too.
     """
     storage = study._storage  # noqa: SLF001
+    backend = getattr(storage, "_backend", storage)  # under Optuna's _CachedStorage
+    ended = getattr(backend, "outage_ended_at", -math.inf)  # storage.RetryingStorage's
+    if time.monotonic() - ended < GRACE_PERIOD_S + HEARTBEAT_INTERVAL_S:
+        return
     for trial_id in storage._get_stale_trial_ids(study._study_id):  # noqa: SLF001
         t = storage.get_trial(trial_id)
-        if t.state != TrialState.RUNNING:
+        if t.state != TrialState.RUNNING or t.number in ours:
             continue
         reason = f"{STALE} (no heartbeat for over {GRACE_PERIOD_S} s)"
         try:

@@ -35,7 +35,8 @@ from mpq.search.cluster import TrialTasks
 from mpq.search.config import SearchConfig
 from mpq.search.pareto import feasible_complete, front_trials
 from mpq.search.record import Stage, StudyAttr, TrialAttr, jsonable
-from mpq.search.study import config_from_params, distributions, make_storage, open_study
+from mpq.search.storage import make_storage
+from mpq.search.study import config_from_params, distributions, open_study
 from mpq.search.worker import QAT_WEIGHTS, ArtifactFigures, eval_spec
 from mpq.spaces.space import LayerOptions, QuantConfig
 
@@ -152,6 +153,7 @@ class Runner:
         self.latency_table: str | None = None
         self._stop = False
         self._orphans_checked = 0.0
+        self._seeds_lost = False
         self.seen: dict[str, FrozenTrial] = {
             t.user_attrs[TrialAttr.CONFIG_KEY]: t
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -218,8 +220,11 @@ class Runner:
 
     def _loop(self) -> None:
         while not self._stop:
-            hygiene.fail_stale(self.study, self._track)
+            hygiene.fail_stale(self.study, self._lost, self.running)
             self._fail_orphans()
+            if self._seeds_lost:  # a killed search's seed, failed only now: it runs again
+                self._seeds_lost = False
+                study_setup.requeue_lost_seeds(self.study)
             self._fill()
             if not self.running:
                 break
@@ -238,7 +243,12 @@ class Runner:
         now = time.monotonic()
         if now - self._orphans_checked >= hygiene.HEARTBEAT_INTERVAL_S:
             self._orphans_checked = now
-            hygiene.fail_orphans(self.study, self.running, self._track)
+            hygiene.fail_orphans(self.study, self.running, self._lost)
+
+    def _lost(self, frozen: FrozenTrial) -> None:
+        """A trial of a killed process, failed by ``hygiene`` (stale or orphaned)."""
+        self._seeds_lost |= bool(frozen.user_attrs.get(TrialAttr.PROPOSED_BY))
+        self._track(frozen)
 
     def finished_count(self) -> int:
         states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

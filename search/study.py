@@ -10,19 +10,15 @@ died are found stale and failed instead of staying "running" forever.
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy.exc
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
-from mpq.search.config import SearchConfig, masked_url
-from mpq.search.hygiene import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S
+from mpq.search.config import SearchConfig
 from mpq.search.record import StudyAttr
+from mpq.search.storage import make_storage
 from mpq.spaces.space import DIMENSIONS, Dimension, LayerOptions, QuantConfig
 
 
@@ -128,72 +124,6 @@ def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=cfg.seed)
 
 
-def make_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
-    """The study's RDB storage, with heartbeats.
-
-    NOTE: two searches started at once on a new database race to create its schema (SQLAlchemy:
-    "table studies already exists", or alembic's version row inserted twice). For SQLite the
-    creation is serialised with a lock file next to the database; for other databases it is
-    retried, and the winner's schema is then simply loaded.
-    """
-    engine = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
-    lock = contextlib.nullcontext()
-    if url.startswith("sqlite:///"):
-        db = Path(url.removeprefix("sqlite:///"))
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ValueError(f"storage folder {str(db.parent)!r}: {exc.strerror or exc}") from None
-        lock = _file_lock(db.with_name(f".{db.name}.lock"))
-    try:
-        with lock:
-            return _connect(url, engine, attempts)
-    except OSError as exc:  # the lock file: a read-only folder
-        raise ValueError(f"storage {masked_url(url)}: {exc.strerror or exc}") from None
-    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-        raise ValueError(f"storage {masked_url(url)}: {root_cause(exc)}") from None
-
-
-def root_cause(exc: BaseException) -> str:
-    """The innermost error's first line (SQLite's "unable to open database file", not
-    Optuna's "e.g. exceeding max length" guess around it)."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    orig = getattr(exc, "orig", None) or exc
-    text = str(orig).strip()
-    return text.splitlines()[0] if text else type(orig).__name__
-
-
-def _connect(url: str, engine: dict[str, Any], attempts: int) -> optuna.storages.RDBStorage:
-    """The RDB storage, retried while another process is creating the same schema."""
-    for attempt in range(attempts):
-        try:
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine,
-                heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                grace_period=GRACE_PERIOD_S,
-            )
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as exc:
-            race = "already exists" in str(exc) or "alembic_version" in str(exc)
-            if not race or attempt == attempts - 1:
-                raise
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def refuse_existing(cfg: SearchConfig, storage: optuna.storages.BaseStorage | None = None) -> None:
     """Raise ``ValueError`` when the study exists (a new search must not continue it
     silently); cheap, so ``mpq search`` checks it before starting Ray."""
@@ -210,7 +140,9 @@ def refuse_existing(cfg: SearchConfig, storage: optuna.storages.BaseStorage | No
 def load_existing(cfg: SearchConfig) -> optuna.Study:
     """The study of ``cfg`` as stored, for reading it (export, fine-tuning, sync): nothing is
     created, and one measured under another setup (the fingerprint: model, task, space,
-    budgets, backend, CPU) is refused, so nothing is written about it under the wrong name.
+    budgets, backend) is refused, so nothing is written about it under the wrong name. Where
+    its latency was timed (the fingerprint's target: a CPU, a cluster, an agent) is not
+    checked: reading times nothing, and a study searched on a cluster is read from anywhere.
 
     Raises:
         ValueError: no such study, or its fingerprint differs from this config's.
@@ -222,11 +154,11 @@ def load_existing(cfg: SearchConfig) -> optuna.Study:
     missing = ValueError(f"no study {cfg.name!r} in {cfg.storage_shown()}: run mpq search first")
     if cfg.storage is None and not Path(cfg.output_dir, "study.db").exists():
         raise missing  # and no database created by looking
-    storage = make_storage(cfg.storage_url())
+    storage = make_storage(cfg.storage_url(), cfg.storage_retry_s)
     if cfg.name not in optuna.study.get_all_study_names(storage):
         raise missing
     study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=make_sampler(cfg))
-    fingerprint.check_study(study, cfg, get_evaluator(eval_spec(cfg)).model)
+    fingerprint.check_study(study, cfg, get_evaluator(eval_spec(cfg)).model, ignore=("target",))
     return study
 
 
@@ -237,7 +169,7 @@ def open_study(cfg: SearchConfig, resume: bool) -> optuna.Study:
         ValueError: the study exists and ``resume`` is False (nothing is overwritten), or its
             objectives differ from the config's.
     """
-    storage = make_storage(cfg.storage_url())
+    storage = make_storage(cfg.storage_url(), cfg.storage_retry_s)
     if not resume:
         refuse_existing(cfg, storage)
     study = optuna.create_study(

@@ -183,6 +183,7 @@ class Tracker:
         self.parent_id: str | None = None
         self.runs: dict[int, str] = {}
         self.down = False
+        self.missed = False  # trials that an outage kept out of MLflow, not back-filled yet
         self.experiment_id: str | None = None
         try:
             self.experiment_id = self._experiment()
@@ -221,6 +222,7 @@ class Tracker:
                 "Optuna storage and are back-filled by resume or `mpq sync`"
             )
         self.down = True
+        self.missed = True
 
     def _guard(self, fn: Callable[..., T], *args: Any) -> T | None:
         """``fn(*args)`` (MLflow client calls only); an outage is reported once, None back."""
@@ -281,6 +283,9 @@ class Tracker:
             self.start(study)  # back-fills every finished trial, this one included
             return
         self._trial(study, trial)
+        if self.missed and not self.down:  # back after an outage: what it missed, now
+            self.missed = False
+            self._backfill(study)
 
     def _trial(self, study: optuna.Study, t: FrozenTrial) -> None:
         if t.number in self.runs or self.parent_id is None:

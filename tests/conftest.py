@@ -5,6 +5,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.postgres_server import PostgresServer, binaries, wait_until_up
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,3 +27,21 @@ def ray_local() -> Iterator[None]:
     )
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A real PostgreSQL server: ``.ci/run``'s (``MPQ_TEST_POSTGRES_URL``), else one of the
+    session's own; skipped only where no PostgreSQL is installed."""
+    if PostgresServer.from_env() is None and binaries() is None:
+        pytest.skip("no PostgreSQL (apt-get install postgresql)")
+    server = PostgresServer.from_env()
+    own = server is None
+    if server is None:
+        server = PostgresServer.fresh(tmp_path_factory.mktemp("pg"))
+    wait_until_up(server)
+    yield server
+    if own:
+        server.stop()
+    elif not server.running():  # a failed restart test must not leave CI's server down
+        server.start()

@@ -1,4 +1,5 @@
-"""A real ``mlflow server`` process on 127.0.0.1 for the tests (SQLite backend)."""
+"""A real ``mlflow server`` process on 127.0.0.1 for the tests (SQLite backend, or the
+database ``backend_uri`` names: PostgreSQL in the distributed tests)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(
+        self, root: Path, port: int | None = None, backend_uri: str | None = None
+    ) -> None:
         self.root = root
         self.port = port or free_port()
+        self.backend_uri = backend_uri or f"sqlite:///{root / 'mlflow.db'}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -40,7 +44,7 @@ class MlflowServer:
             "--workers",
             "1",
             "--backend-store-uri",
-            f"sqlite:///{self.root / 'mlflow.db'}",
+            self.backend_uri,
             "--artifacts-destination",
             str(self.root / "artifacts"),
         ]

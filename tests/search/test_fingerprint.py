@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mpq.search import fingerprint
-from mpq.search.study import make_storage
+from mpq.search.storage import make_storage
 from tests.models import build_convnet
 from tests.search.helpers import conv_config
 
