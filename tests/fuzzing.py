@@ -26,7 +26,7 @@ VALID: dict[str, Any] = {
     "task_budget": 8,
     "trials": 2,
     "space": {"defaults": {"w_bits": [4, 8, 32], "a_bits": [8, 32]}},
-    "latency": {"runs": 2, "warmup": 1},
+    "latency": {"runs": 3, "warmup": 1},
     "ray": {"workers": 1},
     "tracking": {"enabled": False},
 }
@@ -65,6 +65,26 @@ ODD = [
     True,
     False,
 ]
+PLAUSIBLE: dict[tuple[str, str], list[Any]] = {  # values of the right type, often valid
+    ("top", "trials"): [1, 3, 50],
+    ("top", "task_budget"): [1, 4, 64],
+    ("top", "screen_budget"): [0, 2, 7, 64],
+    ("top", "sampler"): ["nsga2", "tpe", "random", "gp", "mpq", "cmaes"],
+    ("top", "objectives"): [["success", "size_bytes"], ["success"], ["latency_ms"], []],
+    ("top", "observer"): ["minmax", "percentile", "mse", "kl"],
+    ("top", "example_inputs"): ["tests.models:convnet_calibration", None],
+    ("constraints", "max_success_drop"): [0.0, 0.05, 1.0, 1.01],
+    ("constraints", "max_size_bytes"): [1, 2000, 10**9],
+    ("latency", "backend"): ["onnxruntime", "torch", "torch-eager", "tensorrt"],
+    ("sensitivity", "budgets"): [[0.5], [0.25, 0.75], [1.5], []],
+    ("sensitivity", "uniform_bits"): [[8], [4, 8], [3], [64]],
+    ("space.defaults", "w_bits"): [[2], [4, 8], [2, 3, 4, 5, 6, 8, 16, 32], [9], [32]],
+    ("space.defaults", "a_bits"): [[8], [32], [4, 8, 32], [16]],
+    ("space.defaults", "granularity"): [["per_tensor"], ["per_channel", "per_group"], ["x"]],
+    ("space.defaults", "group_size"): [[8], [16, 32], [5], [0]],
+    ("space.defaults", "symmetric"): [[True], [False], [True, False]],
+    ("space.defaults", "act_mode"): [["static"], ["dynamic"], ["static", "dynamic"], ["x"]],
+}
 KEYS = {  # where a value goes: top-level and nested fields, real and made up
     "top": [
         "name",
@@ -120,6 +140,16 @@ def _set(data: dict[str, Any], where: str, key: str, value: Any) -> None:
     node[key] = value
 
 
+def _list(data: dict[str, Any], key: str) -> list[Any]:
+    """``data["space"][key]`` as a list to append to (an earlier mutation may have removed the
+    space or set it, or the list, to an odd value)."""
+    if not isinstance(data.get("space"), dict):
+        data["space"] = {}
+    if not isinstance(data["space"].get(key), list):
+        data["space"][key] = []
+    return data["space"][key]
+
+
 def config_case(rng: random.Random) -> Case:
     """The valid config with one to three fields set to odd values, removed, or an odd
     override or fused group added to its space."""
@@ -127,7 +157,12 @@ def config_case(rng: random.Random) -> Case:
     what = []
     for _ in range(rng.randint(1, 3)):
         roll = rng.random()
-        if roll < 0.6:
+        if roll < 0.35:  # a value of the right type: the case gets past the config's schema
+            where, key = rng.choice(list(PLAUSIBLE))
+            value = rng.choice(PLAUSIBLE[(where, key)])
+            _set(data, where, key, value)
+            what.append(f"{where}.{key}={value!r}")
+        elif roll < 0.6:
             where = rng.choice(list(KEYS))
             key = rng.choice(KEYS[where])
             value = rng.choice(ODD)
@@ -140,12 +175,15 @@ def config_case(rng: random.Random) -> Case:
         elif roll < 0.9:
             override = {"match": rng.choice([*LAYERS, "conv*", "*", "nope", "", 3])}
             for field in rng.sample(["w_bits", "a_bits", "group_size", "granularity"], 2):
-                override[field] = rng.choice([[rng.randint(-2, 40)], rng.choice(ODD)])
-            data["space"].setdefault("overrides", []).append(override)
+                plausible = PLAUSIBLE[("space.defaults", field)]
+                override[field] = rng.choice(
+                    [[rng.randint(-2, 40)], rng.choice(ODD), rng.choice(plausible)]
+                )
+            _list(data, "overrides").append(override)
             what.append(f"override {override!r}")
         else:
             group = rng.sample([*LAYERS, "conv*", "nope"], rng.randint(1, 3))
-            data["space"].setdefault("groups", []).append(group)
+            _list(data, "groups").append(group)
             what.append(f"group {group!r}")
     return Case("config", yaml.safe_dump(data), "; ".join(what))
 

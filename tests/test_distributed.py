@@ -206,7 +206,7 @@ def test_custom_resource_pins_trials_to_its_node(
 def test_mlflow_server_stopped_and_restarted(
     tmp_path: Path, cluster: Cluster, studies: str, mlflow: MlflowServer
 ) -> None:
-    job = Job(tmp_path, cluster, studies, mlflow, "dist_mlflow", trials=12)
+    job = Job(tmp_path, cluster, studies, mlflow, "dist_mlflow", trials=10)
     proc = job.start()
     job.wait(lambda ts: sum(t.state == TrialState.COMPLETE for t in ts) >= 2)
     mlflow.stop()
