@@ -21,6 +21,7 @@ from mpq.evaluators.apply import apply_config
 from mpq.evaluators.backends import get_backend
 from mpq.evaluators.backends.base import FallbackError, Lowered
 from mpq.evaluators.callables import call_user, load_callable
+from mpq.evaluators.inputs import as_inputs, input_feeds
 from mpq.evaluators.kernel_tune import KernelTable
 from mpq.evaluators.latency import paired_speedup
 from mpq.evaluators.latency_table import LatencyTable, model_target
@@ -57,10 +58,6 @@ class EvalSpec:
     latency_agent_timeout_s: float = 900.0
 
 
-def _as_tuple(batch: Any) -> tuple[Any, ...]:
-    return tuple(batch) if isinstance(batch, tuple | list) else (batch,)
-
-
 class Evaluator:
     """Measures configurations of one model on one task."""
 
@@ -76,11 +73,11 @@ class Evaluator:
         self.calibration = batches
         if spec.example_inputs:
             example = load_callable(spec.example_inputs, "example_inputs")
-            self.example_inputs = _as_tuple(
+            self.example_inputs = as_inputs(
                 call_user(example, spec.example_inputs, "example_inputs")
             )
         else:
-            self.example_inputs = _as_tuple(batches[0])
+            self.example_inputs = as_inputs(batches[0])
         self.reference = reference_outputs(self.model, self.calibration)
         self.base_backend = get_backend(spec.backend)
         self.backend = self.base_backend  # tuned by ``use_kernels``
@@ -271,7 +268,6 @@ class Evaluator:
         Raises:
             ValueError: the backend has no deployable file, or the agent did not answer.
         """
-        import numpy as np
 
         from mpq.evaluators.agent_client import time_on_agent
 
@@ -280,12 +276,7 @@ class Evaluator:
             raise ValueError(
                 f"latency.agent needs a backend with a deployable file, not {s.backend!r}"
             )
-        names = {i.name for i in lowered.module.get_inputs()}
-        inputs = {
-            f"input_{i}": np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x)
-            for i, x in enumerate(self.example_inputs)
-            if f"input_{i}" in names
-        }
+        inputs = input_feeds(self.example_inputs, {i.name for i in lowered.module.get_inputs()})
         got = time_on_agent(
             s.latency_agent or "",
             float_lowered.artifact,

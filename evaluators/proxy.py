@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpq.evaluators import inputs
+
 
 def first_tensor(output: Any) -> torch.Tensor:
     """The policy's main output: the first tensor of a tuple or list, the ``logits`` of a
@@ -40,9 +42,8 @@ def first_tensor(output: Any) -> torch.Tensor:
 
 
 def call(model: nn.Module, batch: Any) -> torch.Tensor:
-    if isinstance(batch, dict):
-        return first_tensor(model(**batch))
-    return first_tensor(model(*batch) if isinstance(batch, tuple | list) else model(batch))
+    """The first tensor of ``model`` on ``batch`` (positional or keyword inputs)."""
+    return first_tensor(inputs.call(model, inputs.as_inputs(batch)))
 
 
 @torch.inference_mode()

@@ -48,6 +48,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mpq.evaluators.apply import apply_config, straight_through
+from mpq.evaluators.inputs import as_inputs, call
 from mpq.evaluators.proxy import first_tensor
 from mpq.evaluators.quantize import check_finite, fake_quantize_weight, group_view, int_range
 from mpq.spaces.discover import LayerInfo
@@ -262,9 +263,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> tor
 
 
 def _call(model: Callable[..., Any], batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    return model(*batch) if isinstance(batch, tuple | list) else model(batch)
+    return call(model, as_inputs(batch))
 
 
 def finetune(

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpq.evaluators.inputs import Inputs, call
+
 
 def rewritable(module: nn.Module) -> str | None:
     """Why ``module`` cannot be rewritten (None: it can): one layer, one direction, no
@@ -106,7 +108,7 @@ def tuple_map(value: Any, fn: Any) -> Any:
     return tuple(fn(v) for v in value) if isinstance(value, tuple) else fn(value)
 
 
-def sequence_lengths(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, int]:
+def sequence_lengths(model: nn.Module, example_inputs: Inputs) -> dict[str, int]:
     """Module name -> the number of steps each recurrent module runs on ``example_inputs``
     (the most seen, where it is called more than once)."""
     seen: dict[str, int] = {}
@@ -126,7 +128,7 @@ def sequence_lengths(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[
         handles.append(module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            model(*example_inputs)
+            call(model, example_inputs)
     finally:
         for h in handles:
             h.remove()

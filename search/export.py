@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mpq.evaluators.apply import apply_config
 from mpq.evaluators.artifact import pack_state, payload_bytes, unpack_state
+from mpq.evaluators.inputs import call, input_feeds
 from mpq.evaluators.model import build_model, load_state_dict
 from mpq.files import write_atomic
 from mpq.search.config import SearchConfig
@@ -274,14 +275,9 @@ def onnx_files(ev: Any, config: QuantConfig, ran: QuantConfig) -> dict[str, byte
     """``model.onnx``, its ``io.json``, one step of inputs and the simulated model's outputs."""
     lowered = ev.lower(config)
     session = lowered.module
-    names = [i.name for i in session.get_inputs()]
-    inputs = {
-        f"input_{i}": np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x)
-        for i, x in enumerate(ev.example_inputs)
-    }
-    inputs = {k: v for k, v in inputs.items() if k in names}
+    inputs = input_feeds(ev.example_inputs, {i.name for i in session.get_inputs()})
     with torch.inference_mode():
-        simulated = ev.quantized(ran)(*ev.example_inputs)
+        simulated = call(ev.quantized(ran), ev.example_inputs)
     out_names = [o.name for o in session.get_outputs()]
     flat = [o.detach().numpy() for o in _tensors(simulated)]  # the exporter's flat order
     expected = dict(zip(out_names, flat, strict=False))

@@ -167,7 +167,7 @@ def check_stored(cfg: SearchConfig, model: nn.Module) -> None:
 
     from mpq.search.storage import make_storage
 
-    storage = make_storage(cfg.storage_url())
+    storage = make_storage(cfg.storage_url(), cfg.storage_retry_s)
     if cfg.name not in optuna.study.get_all_study_names(storage):
         return
     study = optuna.load_study(study_name=cfg.name, storage=storage)

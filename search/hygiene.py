@@ -19,6 +19,18 @@ from mpq.search.record import TrialAttr
 
 HEARTBEAT_INTERVAL_S = 2
 GRACE_PERIOD_S = 8
+RETRY_MAX_S = 8.0  # the longest wait between two tries of a storage call (storage.py)
+# after an outage, another search may come back up to one back-off step later than this one,
+# and records its heartbeats at the end of its next loop
+OUTAGE_GRACE_S = GRACE_PERIOD_S + RETRY_MAX_S + HEARTBEAT_INTERVAL_S
+
+
+def _just_back(study: optuna.Study) -> bool:
+    """Whether the storage came back from an outage less than ``OUTAGE_GRACE_S`` ago: no
+    search could write heartbeats or attributes during it, so none is called dead yet."""
+    backend = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001  (cached)
+    ended = getattr(backend, "outage_ended_at", -math.inf)  # storage.RetryingStorage's
+    return time.monotonic() - ended < OUTAGE_GRACE_S
 
 
 def record_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
@@ -58,9 +70,7 @@ def fail_stale(
     Optuna's ``fail_stale_trials`` uses too.
     """
     storage = study._storage  # noqa: SLF001
-    backend = getattr(storage, "_backend", storage)  # under Optuna's _CachedStorage
-    ended = getattr(backend, "outage_ended_at", -math.inf)  # storage.RetryingStorage's
-    if time.monotonic() - ended < GRACE_PERIOD_S + HEARTBEAT_INTERVAL_S:
+    if _just_back(study):
         return
     for trial_id in storage._get_stale_trial_ids(study._study_id):  # noqa: SLF001
         t = storage.get_trial(trial_id)
@@ -86,6 +96,8 @@ def fail_orphans(
     milliseconds of ``ask``, so one without ``config_key`` past the grace period is dead.
     """
     grace = GRACE_PERIOD_S if grace_period_s is None else grace_period_s
+    if _just_back(study):
+        return
     wall = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.number in ours or TrialAttr.CONFIG_KEY in t.user_attrs or not t.datetime_start:

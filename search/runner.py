@@ -140,7 +140,8 @@ class Runner:
         # caller ran ``preflight`` already)
         self.resolved = resolved if resolved is not None else preflight(cfg, cfg.name)
         self.dists = distributions(self.resolved)
-        names = optuna.study.get_all_study_names(make_storage(cfg.storage_url()))
+        storage = make_storage(cfg.storage_url(), cfg.storage_retry_s)
+        names = optuna.study.get_all_study_names(storage)
         self._created = cfg.name not in names  # this process made the study: may drop it
         self.study = open_study(cfg, resume)
         fingerprint.guard(self.study, cfg, get_evaluator(self.spec).model)

@@ -32,10 +32,9 @@ import sqlalchemy.exc
 from optuna.storages import BaseStorage
 
 from mpq.search.config import masked_url
-from mpq.search.hygiene import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S
+from mpq.search.hygiene import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, RETRY_MAX_S
 
 RETRY_FIRST_S = 0.5
-RETRY_MAX_S = 8.0
 
 
 def make_storage(
@@ -55,6 +54,8 @@ def make_storage(
     sqlite = url.startswith("sqlite")
     # pre-ping: a pooled connection that a server restart closed is replaced, not used
     engine: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):  # a try never hangs past the bound (a dead host)
+        engine["connect_args"] = {"connect_timeout": 10, "keepalives_idle": 30}
     if sqlite:
         engine = {"connect_args": {"timeout": 30}}
     lock: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
@@ -120,15 +121,29 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# SQLSTATE of a connection lost or refused (class 08), or a server shutting down or starting
+# (57P01-57P03); an error with no SQLSTATE is the client's own (refused, closed, timed out)
+_LOST_STATES = ("08", "57P01", "57P02", "57P03")
+# never waited out: they will not heal by themselves (a rotated password, a dropped database)
+_PERMANENT = ("password authentication failed", "does not exist", "no pg_hba.conf entry")
+
+
 def connection_lost(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what caused it) is a lost or refused database connection:
-    SQLAlchemy's ``OperationalError``/``InterfaceError``, or a connection it invalidated."""
+    """Whether ``exc`` (or what caused it) is a lost or refused database connection, which a
+    restart of the server heals: a connection SQLAlchemy invalidated, or a driver error with
+    a connection SQLSTATE or none; never an authentication or a missing-database error."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-            return True
-        if isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated:
-            return True
+        if isinstance(seen, sqlalchemy.exc.DBAPIError):
+            text = str(seen.orig)
+            if any(p in text for p in _PERMANENT):
+                return False
+            state = getattr(seen.orig, "sqlstate", None) or getattr(seen.orig, "pgcode", None)
+            if seen.connection_invalidated or not state or state.startswith(_LOST_STATES):
+                return isinstance(
+                    seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+                ) or bool(seen.connection_invalidated)
+            return False
         seen = seen.__cause__ or seen.__context__
     return False
 

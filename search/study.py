@@ -129,7 +129,7 @@ def refuse_existing(cfg: SearchConfig, storage: optuna.storages.BaseStorage | No
     silently); cheap, so ``mpq search`` checks it before starting Ray."""
     if storage is None and cfg.storage is None and not Path(cfg.output_dir, "study.db").exists():
         return  # no database yet: nothing to refuse (and none is created by looking)
-    storage = storage or make_storage(cfg.storage_url())
+    storage = storage or make_storage(cfg.storage_url(), cfg.storage_retry_s)
     if cfg.name in optuna.study.get_all_study_names(storage):
         raise ValueError(
             f"study {cfg.name!r} already exists in {cfg.storage_shown()}; "

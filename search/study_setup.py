@@ -100,10 +100,11 @@ def requeue_lost_seeds(study: optuna.Study) -> list[str]:
         reason = str(t.user_attrs.get(TrialAttr.FAIL_REASON, ""))
         if t.state != TrialState.FAIL or not label or not reason.startswith(LOST):
             continue
-        if t.params in taken:
+        params = t.params or t.system_attrs.get("fixed_params", {})
+        if not params or params in taken:  # (lost before its parameters were set: unknown)
             continue
-        study.enqueue_trial(t.params, user_attrs={TrialAttr.PROPOSED_BY: label})
-        taken.append(t.params)
+        study.enqueue_trial(params, user_attrs={TrialAttr.PROPOSED_BY: label})
+        taken.append(params)
         out.append(str(label))
     return out
 

@@ -182,6 +182,7 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         self.parent_id: str | None = None
         self.runs: dict[int, str] = {}
+        self.partial: dict[int, str] = {}  # trial -> run created but not fully logged
         self.down = False
         self.missed = False  # trials that an outage kept out of MLflow, not back-filled yet
         self.experiment_id: str | None = None
@@ -285,6 +286,7 @@ class Tracker:
         self._trial(study, trial)
         if self.missed and not self.down:  # back after an outage: what it missed, now
             self.missed = False
+            self._guard(self.load_runs, study.study_name)  # and what another search logged
             self._backfill(study)
 
     def _trial(self, study: optuna.Study, t: FrozenTrial) -> None:
@@ -295,13 +297,16 @@ class Tracker:
 
     def _log_trial(self, run: TrialRun) -> None:
         name = f"trial-{run.number}"
-        rid = self.client.create_run(self._experiment_id(), run_name=name, tags=run.tags)
-        rid_s = rid.info.run_id
+        rid_s = self.partial.get(run.number)  # created, then an outage mid-log: finish that one
+        if rid_s is None:
+            rid = self.client.create_run(self._experiment_id(), run_name=name, tags=run.tags)
+            rid_s = self.partial[run.number] = rid.info.run_id
         self._log(rid_s, run.params, run.metrics)
         for path, text in run.texts.items():
             self.client.log_text(rid_s, text, path)
         self.client.set_terminated(rid_s, run.status)
         self.runs[run.number] = rid_s
+        self.partial.pop(run.number, None)
 
     def _log(self, rid: str, params: dict[str, str], metrics: dict[str, float]) -> None:
         p = [Param(k[:250], v[:6000]) for k, v in params.items()]

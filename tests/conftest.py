@@ -30,7 +30,7 @@ def ray_local() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+def pg() -> Iterator[PostgresServer]:
     """A real PostgreSQL server: ``.ci/run``'s (``MPQ_TEST_POSTGRES_URL``), else one of the
     session's own; skipped only where no PostgreSQL is installed."""
     if PostgresServer.from_env() is None and binaries() is None:
@@ -38,7 +38,7 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
     server = PostgresServer.from_env()
     own = server is None
     if server is None:
-        server = PostgresServer.fresh(tmp_path_factory.mktemp("pg"))
+        server = PostgresServer.fresh()  # under /tmp: pytest's folders are 0700 to postgres
     wait_until_up(server)
     yield server
     if own:

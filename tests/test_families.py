@@ -7,6 +7,7 @@ GPT-2 (``transformers``): its ``Conv1D`` layers (transposed linears) become ``nn
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -167,3 +168,141 @@ def test_a_checkpoint_of_the_folded_form_loads_and_a_reused_conv_is_not_folded(
         after = fold_batchnorm(model)(x)
     assert isinstance(model.bn, torch.nn.BatchNorm2d)  # not folded
     torch.testing.assert_close(after, before)
+
+
+def _bert() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    config = transformers.BertConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(2))
+    # the segment ids as an input, as users call BERT: left out, they are a constant that the
+    # exporter folds together with the segment table (not the table that was sized)
+    inputs = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}
+    return transformers.BertForSequenceClassification(config).eval(), inputs
+
+
+def _vit() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    config = transformers.ViTConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        num_labels=5,
+    )
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    return transformers.ViTForImageClassification(config).eval(), {"pixel_values": x}
+
+
+def _gpt2_keywords() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(2))
+    # keyword inputs, the mask included: without it GPT-2 builds its mask with aten::diff,
+    # which the ONNX exporter cannot trace
+    return _gpt2(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _calibration(example: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    batch = {}
+    for k, v in example.items():
+        if v.is_floating_point():
+            batch[k] = torch.randn((4, *v.shape[1:]), generator=g)
+        elif k in ("attention_mask", "token_type_ids"):
+            batch[k] = (torch.ones if k == "attention_mask" else torch.zeros)(
+                (4, *v.shape[1:]), dtype=v.dtype
+            )
+        else:
+            batch[k] = torch.randint(0, 100, (4, *v.shape[1:]), generator=g)
+    return [batch]
+
+
+def _mixed(layers: tuple) -> QuantConfig:  # type: ignore[type-arg]
+    """Per kind, the kernels' formats in turn: 4-bit blocks with int8 inputs, 8-bit, 2-bit
+    weight-only, float; static int8 for convolutions; 4-bit blocks for embeddings."""
+    linear = [
+        LayerChoice(w_bits=4, a_bits=8, granularity="per_group", group_size=32),
+        LayerChoice(w_bits=8, a_bits=8),
+        LayerChoice(w_bits=2, granularity="per_group", group_size=32),
+        LayerChoice(),
+    ]
+    choices = {}
+    for i, la in enumerate(layers):
+        if la.kind == "embedding":
+            choices[la.name] = LayerChoice(w_bits=4, granularity="per_group", group_size=16)
+        elif la.kind.startswith("conv"):
+            choices[la.name] = LayerChoice(w_bits=8, a_bits=8, act_mode="static")
+        else:
+            choices[la.name] = linear[i % len(linear)]
+    return QuantConfig(layers=choices)
+
+
+def _lowered_family(family: str) -> tuple[Any, ...]:
+    from mpq.evaluators.backends import get_backend
+
+    model, example = {"gpt2": _gpt2_keywords, "bert": _bert, "vit": _vit}[family]()
+    model = linear_form(model)
+    with torch.no_grad():  # trained-looking: the exporter stores identical tensors once (the
+        for p in model.parameters():  # zero biases, the unit norms), the formula counts each
+            p.normal_(0, 0.1)
+    layers = discover_layers(model)
+    cov = coverage(model, layers)
+    # ViT's class token and position table are added to activations, not multiplied: no kernel
+    assert {n.rsplit(".", 1)[-1] for n, _ in cov.uncovered} <= {"cls_token", "position_embeddings"}
+    calibration = _calibration(example)
+    lowered = get_backend("onnxruntime").lower(
+        model, layers, _mixed(layers), example, 1, calibration=calibration
+    )
+    return model, example, layers, calibration, lowered
+
+
+FAMILIES = ["gpt2", "bert", "vit"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_transformer_family_lowers_on_onnxruntime_as_simulated(family: str) -> None:
+    """The contract per family: discovery covers every weight matrix, a mixed configuration
+    lowers with keyword inputs, no layer is "not found in the export" or silently float, and
+    the lowered graph computes what the simulated model does."""
+    import numpy as np
+
+    model, example, layers, calibration, lowered = _lowered_family(family)
+    assert not [n for n, why in lowered.fallbacks.items() if "not found" in why], lowered.fallbacks
+    asked, ran = _mixed(layers), lowered.ran_config
+    for la in layers:  # every layer ships at the bits asked, or says why not: none silently
+        if ran.layers[la.name].w_bits != asked.layers[la.name].w_bits:  # left float
+            assert la.tied and "shared with" in lowered.fallbacks[la.name], lowered.kernels
+    simulated = apply_config(model, ran, calibration, layers=layers)
+    with torch.no_grad():
+        want = first_tensor(simulated(**example)).numpy()
+    names = {i.name for i in lowered.module.get_inputs()}
+    assert names <= set(example)  # the graph's inputs are named after the keywords
+    got = lowered.module.run(None, {k: v.numpy() for k, v in example.items() if k in names})[0]
+    assert float(np.abs(got - want).max()) <= 2e-3 * float(np.abs(want).max())
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        "gpt2",  # its tied table ships once (the exporter's transposed copy is a Transpose)
+        pytest.param(
+            "bert",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the file holds 256 bytes fewer than the packing formula (35,264 vs "
+                "35,520): not explained yet",
+            ),
+        ),
+        "vit",
+    ],
+)
+def test_a_transformer_family_stores_the_formula_bytes(family: str) -> None:
+    lowered = _lowered_family(family)[-1]
+    assert lowered.stored_bytes == lowered.predicted_bytes

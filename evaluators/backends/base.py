@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from mpq.evaluators.inputs import Inputs
 from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import LayerChoice, QuantConfig
 
@@ -169,7 +170,7 @@ class Backend(Protocol):
         model: nn.Module,
         layers: tuple[LayerInfo, ...],
         config: QuantConfig,
-        example_inputs: tuple[Any, ...],
+        example_inputs: Inputs,
         threads: int = 1,
         calibration: list[tuple[Any, ...]] | None = None,
         observer: str = "minmax",

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from mpq.evaluators.inputs import Inputs, input_feeds
+
 
 def session(model_bytes: bytes, profile_dir: str | None = None, threads: int = 1) -> Any:
     """An ONNX Runtime CPU session (profiling into ``profile_dir`` when given)."""
@@ -34,16 +36,14 @@ def session(model_bytes: bytes, profile_dir: str | None = None, threads: int = 1
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def feeds(sess: Any, inputs: tuple[Any, ...]) -> dict[str, np.ndarray]:
-    """The example inputs under the exported names (``input_0``...), those the graph reads."""
-    names = {i.name for i in sess.get_inputs()}
-    out = {f"input_{i}": np.asarray(t) for i, t in enumerate(inputs)}
-    return {k: v for k, v in out.items() if k in names}
+def feeds(sess: Any, inputs: Inputs) -> dict[str, np.ndarray]:
+    """The example inputs under the exported names, those the graph reads."""
+    return input_feeds(inputs, {i.name for i in sess.get_inputs()})
 
 
 def node_events(
     model_bytes: bytes,
-    inputs: tuple[Any, ...] | dict[str, np.ndarray],
+    inputs: Inputs,
     runs: int,
     threads: int = 1,
 ) -> list[dict[str, Any]]:
@@ -51,7 +51,7 @@ def node_events(
     included: skip them to leave the warm-up out)."""
     with tempfile.TemporaryDirectory() as tmp:
         prof = session(model_bytes, tmp, threads)
-        fed = inputs if isinstance(inputs, dict) else feeds(prof, inputs)
+        fed = feeds(prof, inputs)
         for _ in range(runs):
             prof.run(None, fed)
         events = json.loads(Path(prof.end_profiling()).read_text())
@@ -59,12 +59,12 @@ def node_events(
 
 
 def profile(
-    model_bytes: bytes, inputs: tuple[Any, ...] | dict[str, np.ndarray], runs: int
+    model_bytes: bytes, inputs: Inputs, runs: int
 ) -> tuple[float, dict[str, float], dict[str, float], dict[str, float]]:
     """(median unprofiled step in us, op type -> profiled node us per step, op type -> nodes
     per step, node name -> profiled us per step)."""
     plain = session(model_bytes)
-    fed = inputs if isinstance(inputs, dict) else feeds(plain, inputs)
+    fed = feeds(plain, inputs)
     for _ in range(20):
         plain.run(None, fed)
     times = []

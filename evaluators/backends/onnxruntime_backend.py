@@ -45,12 +45,12 @@ Lowering that is recorded per layer, never hidden:
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import warnings
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -81,6 +81,7 @@ from mpq.evaluators.backends.onnx_nbits import (
     replace_gathers,
     replace_matmuls,
     stored_bytes,
+    untranspose_tied_tables,
 )
 from mpq.evaluators.backends.onnx_plan import (  # noqa: F401  (re-exported for tests)
     CONV_RAN,
@@ -103,6 +104,7 @@ from mpq.evaluators.backends.onnx_plan import (  # noqa: F401  (re-exported for 
     qlinearconv_kernel,
     ran_choice,
 )
+from mpq.evaluators.inputs import Inputs, input_feeds, input_names
 from mpq.evaluators.recurrent import rewritable, sequence_lengths, with_stepwise
 from mpq.evaluators.size import config_size
 from mpq.spaces.discover import LayerInfo
@@ -125,17 +127,26 @@ def plain_outputs(model: nn.Module) -> Iterator[None]:
             setattr(config, k, v)
 
 
-def export_onnx(model: nn.Module, example_inputs: tuple[Any, ...]) -> onnx.ModelProto:
+def export_onnx(model: nn.Module, example_inputs: Inputs) -> onnx.ModelProto:
+    """The graph of ``model`` on ``example_inputs``; keyword inputs become the graph's inputs
+    under their names, and every other argument keeps its Python default (passed as keywords
+    to the exporter instead, ``transformers``' ``logits_to_keep=0`` would be traced as a tensor
+    input, which changes what the model computes: the last position's logits only)."""
     buf = io.BytesIO()
-    names = [f"input_{i}" for i in range(len(example_inputs))]
+    exported, args = model, example_inputs
+    if isinstance(example_inputs, dict):
+        names = list(example_inputs)
+        exported = copy.copy(model)  # the same modules and parameter names, another forward
+        exported.forward = lambda *xs: model(**dict(zip(names, xs, strict=True)))  # type: ignore[method-assign]
+        args = tuple(example_inputs.values())
     with warnings.catch_warnings(), plain_outputs(model):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
-            example_inputs,
+            exported,
+            args,
             buf,
             dynamo=False,
-            input_names=names,
+            input_names=input_names(example_inputs),
             opset_version=17,
             do_constant_folding=True,
         )
@@ -248,7 +259,7 @@ class OnnxRuntimeBackend(PlannedBackend):
         model: nn.Module,
         layers: tuple[LayerInfo, ...],
         config: QuantConfig,
-        example_inputs: tuple[Any, ...],
+        example_inputs: Inputs,
         threads: int = 1,
         calibration: list[tuple[Any, ...]] | None = None,
         observer: str = "minmax",
@@ -259,6 +270,7 @@ class OnnxRuntimeBackend(PlannedBackend):
         stepwise = self._stepwise(model, layers, config, steps)
         exported = with_stepwise(model, stepwise) if stepwise else model
         proto = export_onnx(exported.eval(), example_inputs)
+        untranspose_tied_tables(proto)
         matmuls = matmul_nodes(proto, layers, gemm_to_matmul(proto))
         convs = conv_nodes(proto, layers)
         tables = gather_tables(proto, layers)
@@ -343,7 +355,7 @@ def _replace_convs(
     proto.graph.node.extend(new_nodes)
 
 
-def _sessions(model_bytes: bytes, example_inputs: tuple[Any, ...], threads: int) -> Any:
+def _sessions(model_bytes: bytes, example_inputs: Inputs, threads: int) -> Any:
     """``(run, session, fresh)``: one step on a session of ``model_bytes``, and a factory of
     runners on new sessions (their own packed weights, cold caches: the latency visits)."""
     import onnxruntime as ort
@@ -353,12 +365,7 @@ def _sessions(model_bytes: bytes, example_inputs: tuple[Any, ...], threads: int)
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    feeds = {
-        f"input_{i}": (t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
-        for i, t in enumerate(example_inputs)
-    }
-    feeds = {k: v for k, v in feeds.items() if k in names}
+    feeds = input_feeds(example_inputs, {i.name for i in session.get_inputs()})
 
     def fresh() -> Any:
         new = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])

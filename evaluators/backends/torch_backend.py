@@ -74,6 +74,7 @@ from mpq.evaluators.backends.torch_kernels import (  # noqa: F401  (kernel names
     stored_bytes,
 )
 from mpq.evaluators.cpu_isa import isa_summary
+from mpq.evaluators.inputs import Inputs, call, to_device
 from mpq.evaluators.size import config_size
 from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import INT_BITS_MAX, KEEP, LayerChoice, QuantConfig
@@ -176,7 +177,7 @@ class TorchBackend(PlannedBackend):
         model: nn.Module,
         layers: tuple[LayerInfo, ...],
         config: QuantConfig,
-        example_inputs: tuple[Any, ...],
+        example_inputs: Inputs,
         threads: int = 1,
         calibration: list[tuple[Any, ...]] | None = None,  # dynamic kernels only: unused
         observer: str = "minmax",  # (no static ranges here)
@@ -189,10 +190,7 @@ class TorchBackend(PlannedBackend):
         for la in layers:
             HANDLERS[plan.layers[la.name].kernel](lowered, la, ctx)
         lowered = finish_rnn(lowered, ctx)
-        inputs = tuple(
-            t.to(ctx.device) if isinstance(t, torch.Tensor) else t for t in example_inputs
-        )
-        run = _compiled_runner(lowered, inputs, ctx.cuda)
+        run = _compiled_runner(lowered, to_device(example_inputs, ctx.device), ctx.cuda)
         floats = config_size(model, layers, QuantConfig.uniform(layers, LayerChoice()))
         predicted_bytes = floats.other_bytes + sum(
             packed_layer_bytes(la, plan.layers[la.name].kernel, self.device) for la in layers
@@ -200,7 +198,7 @@ class TorchBackend(PlannedBackend):
         return Lowered(run, lowered, plan, stored_bytes(lowered), predicted_bytes)
 
 
-def _compiled_runner(lowered: nn.Module, inputs: tuple[Any, ...], cuda: bool) -> Any:
+def _compiled_runner(lowered: nn.Module, inputs: Inputs, cuda: bool) -> Any:
     """``run()``: the compiled module on ``inputs``; the first call compiles, under the
     settings of the module docstring (a warm-up call)."""
     compiled = torch.compile(fresh_entry(lowered))
@@ -214,10 +212,10 @@ def _compiled_runner(lowered: nn.Module, inputs: tuple[Any, ...], cuda: bool) ->
                 torch._dynamo.config.patch(allow_rnn=True),
                 torch._inductor.config.patch(freezing=True),
             ):
-                compiled(*inputs)
+                call(compiled, inputs)
             ready = True
         with torch.inference_mode():
-            out = compiled(*inputs)
+            out = call(compiled, inputs)
         if cuda:
             torch.cuda.synchronize()
         return out

@@ -32,6 +32,7 @@ from mpq.evaluators.backends.base import (
     PlannedBackend,
     register_backend,
 )
+from mpq.evaluators.inputs import Inputs, call
 from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import INT_BITS_MAX, KEEP, LayerChoice, QuantConfig
 
@@ -87,7 +88,7 @@ class TorchEagerBackend(PlannedBackend):
         model: nn.Module,
         layers: tuple[LayerInfo, ...],
         config: QuantConfig,
-        example_inputs: tuple[Any, ...],
+        example_inputs: Inputs,
         threads: int = 1,
         calibration: list[tuple[Any, ...]] | None = None,  # dynamic kernels only: unused
         observer: str = "minmax",  # (no static ranges here)
@@ -105,6 +106,6 @@ class TorchEagerBackend(PlannedBackend):
                 )
 
         def run() -> Any:
-            return lowered(*example_inputs)
+            return call(lowered, example_inputs)
 
         return Lowered(run, lowered, plan)
