@@ -8,7 +8,8 @@ For a layer at ``b <= 8`` bits with ``n`` weights in ``G`` quantization groups (
           + ceil(G * b / 8)            packed zero points (asymmetric only)
 
 At 16 bits a weight is float16 (``2 n``); at 32 it keeps its own dtype. Every other parameter and
-buffer (biases, norms, skipped layers) counts at its own dtype, shared tensors once. Activation
+buffer (biases, norms, skipped layers) counts at its own dtype, shared tensors once (persistent
+buffers only: a non-persistent one is not stored). Activation
 bits change no stored byte. ``tests/evaluators/test_size.py`` checks this against the byte
 length of tensors really packed by ``evaluators.pack``.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from mpq.spaces.discover import LayerInfo
@@ -61,7 +63,7 @@ def _other_bytes(model: nn.Module, layers: tuple[LayerInfo, ...]) -> tuple[int, 
     seen: set[int] = set()
     other = 0
     float_bytes = {}
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+    named = [*model.named_parameters(remove_duplicate=False), *_persistent_buffers(model)]
     for name, tensor in named:
         if id(tensor) in seen:
             continue
@@ -85,11 +87,19 @@ def config_size(
     return SizeReport(sum(per_layer.values()) + other, per_layer, other)
 
 
+def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers a checkpoint holds (``state_dict``): a non-persistent one (``transformers``'
+    ``position_ids``, an ``arange`` made at construction) is not stored, and the exporter folds
+    it into the graph as a constant of the shapes it ran, not as a weight."""
+    kept = set(model.state_dict(keep_vars=True))
+    return [(n, b) for n, b in model.named_buffers() if n in kept]
+
+
 def float_size_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer as they are, shared tensors once."""
+    """Bytes of every parameter and persistent buffer as they are, shared tensors once."""
     seen: set[int] = set()
     total = 0
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in [*model.parameters(), *(b for _, b in _persistent_buffers(model))]:
         if id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
