@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -300,9 +301,13 @@ def onnx_files(ev: Any, config: QuantConfig, ran: QuantConfig) -> dict[str, byte
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:
-    """The tensors of a model's output in order, nested tuples and lists flattened."""
+    """The tensors of a model's output in order, nested tuples, lists and mappings flattened
+    (a ``transformers`` ``ModelOutput``: its values that are set, as the exporter orders
+    them)."""
     if isinstance(out, torch.Tensor):
         return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
     if isinstance(out, tuple | list):
         return [t for o in out for t in _tensors(o)]
     return []

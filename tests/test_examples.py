@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,7 @@ BABYAI = {
         ("babyai/search.yaml", {**BABYAI, "sensitivity": {"enabled": False}}),
         ("babyai/tiny.yaml", BABYAI),
         ("classifier/search.yaml", {"task_budget": 200}),
+        ("transformer/search.yaml", {"task_budget": 8}),  # keyword inputs through the CLI path
     ],
 )
 def test_example_runs(ray_local: None, tmp_path: Path, example: str, changes: dict) -> None:
@@ -57,6 +59,10 @@ def test_example_runs(ray_local: None, tmp_path: Path, example: str, changes: di
     assert f"plots: {plots / 'pareto_front.png'}" in text  # written and pointed to
     assert all((plots / n).exists() for n in ("pareto_front.html", "bit_map.png"))
     assert "trial   0 " in text and "success " in text  # one line per finished trial
+    if example.startswith("transformer"):  # the graph's inputs are the keywords' names
+        io = json.loads((tmp_path / "out" / "best" / "io.json").read_text())
+        assert [i["name"] for i in io["inputs"]] == ["input_ids", "attention_mask"]
+        assert io["outputs"] and io["outputs"][0]["shape"] == [1, 16, 512]  # the logits
     if example.startswith("babyai"):  # the deployable model and its held-out confirmation
         assert (tmp_path / "out" / "best" / "model.onnx").exists()
         assert "on held-out episodes" in text
