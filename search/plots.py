@@ -78,7 +78,14 @@ def front_frame(study: optuna.Study) -> pd.DataFrame:
     ):
         if column in on and on[column].notna().any():
             value = on[column].max() if best == "max" else on[column].min()
-            hit = df["on_front"] & (df[column] == value)
+            tied = on[on[column] == value]
+            # one leader per title: of trials tied on it (many front points at the float
+            # model's success), the best on the other objectives, so labels do not pile up
+            names = ("success", "size_bytes", "latency_ms")
+            others = [c for c in names if c in on and c != column]
+            ranks = [tied[c] if c != "success" else -tied[c] for c in others]
+            order = sorted(tied.index, key=lambda i: tuple(float(r[i]) for r in ranks))
+            hit = order[:1]
             df.loc[hit, "leads"] = df.loc[hit, "leads"].map(
                 lambda s, lab=label: f"{s}, {lab}" if s else lab
             )
@@ -189,6 +196,7 @@ def plot_front_png(
                 color="crimson",
             )
         ax.set_xlabel(xlabel)
+        ax.set_ylim(top=min(ax.get_ylim()[1], 100.5))  # a success rate: never above 100%
         ax.set_ylabel("task success (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(
