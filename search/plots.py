@@ -83,7 +83,11 @@ def front_frame(study: optuna.Study) -> pd.DataFrame:
             # model's success), the best on the other objectives, so labels do not pile up
             names = ("success", "size_bytes", "latency_ms")
             others = [c for c in names if c in on and c != column]
-            ranks = [tied[c] if c != "success" else -tied[c] for c in others]
+            ranks = [  # unmeasured (no latency objective): last
+                pd.to_numeric(tied[c], errors="coerce").mul(-1 if c == "success" else 1)
+                for c in others
+            ]
+            ranks = [r.fillna(float("inf")) for r in ranks]
             order = sorted(tied.index, key=lambda i: tuple(float(r[i]) for r in ranks))
             hit = order[:1]
             df.loc[hit, "leads"] = df.loc[hit, "leads"].map(
