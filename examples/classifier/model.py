@@ -57,18 +57,22 @@ class SmallCNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
-def train(steps: int = 300) -> SmallCNN:
-    torch.manual_seed(0)
-    model = SmallCNN()
-    x, y = make_images(4000, seed=0)
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int) -> nn.Module:
+    """Cross-entropy with Adam on random batches of (x, y), reproducibly; the model in eval."""
+    model.train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(steps):
-        idx = torch.randint(0, len(x), (128,), generator=torch.Generator().manual_seed(step))
+        idx = torch.randint(0, len(x), (batch,), generator=torch.Generator().manual_seed(step))
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def train(steps: int = 300) -> SmallCNN:
+    torch.manual_seed(0)
+    return fit(SmallCNN(), *make_images(4000, seed=0), steps=steps, batch=128)  # type: ignore[return-value]
 
 
 def build_model() -> SmallCNN:
@@ -80,12 +84,17 @@ def build_model() -> SmallCNN:
     return model.eval()
 
 
-@torch.inference_mode()
 def accuracy_task(model: nn.Module, budget: int) -> dict[str, float]:
     """Accuracy on ``budget`` held-out images (seed 1, never used for training)."""
+    return accuracy(model, *make_images(budget, seed=1))
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Accuracy with its Wilson interval, and the per-image outcomes (paired comparisons)."""
     from mpq.evaluators.stats import wilson_interval
 
-    x, y = make_images(budget, seed=1)
+    budget = len(y)
     right = model(x).argmax(-1) == y
     correct = int(right.sum())
     lo, hi = wilson_interval(correct, budget)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from examples.classifier.model import make_images
+from examples.classifier.model import accuracy, fit, make_images
 
 CHECKPOINT = Path(__file__).resolve().parent / "cnn.pt"
 
@@ -83,16 +83,7 @@ def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(steps: int = 300) -> SmallMobileNet:
     torch.manual_seed(0)
-    model = SmallMobileNet().train()
-    x, y = images(4000, seed=0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(steps):
-        idx = torch.randint(0, len(x), (64,), generator=torch.Generator().manual_seed(step))
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return fit(SmallMobileNet(), *images(4000, seed=0), steps=steps, batch=64)  # type: ignore[return-value]
 
 
 def build_model() -> SmallMobileNet:
@@ -104,17 +95,9 @@ def build_model() -> SmallMobileNet:
     return model.eval()
 
 
-@torch.inference_mode()
 def accuracy_task(model: nn.Module, budget: int) -> dict[str, float]:
     """Accuracy on ``budget`` held-out images (seed 1, never used for training)."""
-    from mpq.evaluators.stats import wilson_interval
-
-    x, y = images(budget, seed=1)
-    right = model(x).argmax(-1) == y
-    correct = int(right.sum())
-    lo, hi = wilson_interval(correct, budget)
-    outcomes = "".join("1" if r else "0" for r in right.tolist())  # per image, fixed order
-    return {"success": correct / budget, "success_lo": lo, "success_hi": hi, "outcomes": outcomes}
+    return accuracy(model, *images(budget, seed=1))
 
 
 def calibration() -> list[tuple[torch.Tensor]]:
