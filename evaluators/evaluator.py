@@ -21,7 +21,7 @@ from mpq.evaluators.apply import apply_config
 from mpq.evaluators.backends import get_backend
 from mpq.evaluators.backends.base import FallbackError, Lowered
 from mpq.evaluators.callables import call_user, load_callable
-from mpq.evaluators.inputs import as_inputs, input_feeds
+from mpq.evaluators.inputs import as_inputs, session_feeds
 from mpq.evaluators.kernel_tune import KernelTable
 from mpq.evaluators.latency import paired_speedup
 from mpq.evaluators.latency_table import LatencyTable, model_target
@@ -276,7 +276,7 @@ class Evaluator:
             raise ValueError(
                 f"latency.agent needs a backend with a deployable file, not {s.backend!r}"
             )
-        inputs = input_feeds(self.example_inputs, {i.name for i in lowered.module.get_inputs()})
+        inputs = session_feeds(lowered.module, self.example_inputs)
         got = time_on_agent(
             s.latency_agent or "",
             float_lowered.artifact,

@@ -57,6 +57,11 @@ def input_feeds(inputs: Inputs, wanted: set[str] | None = None) -> dict[str, np.
     return out
 
 
+def session_feeds(session: Any, inputs: Inputs) -> dict[str, np.ndarray]:
+    """``input_feeds`` for the inputs an ONNX Runtime ``session`` reads."""
+    return input_feeds(inputs, {i.name for i in session.get_inputs()})
+
+
 def to_device(inputs: Inputs, device: str | torch.device) -> Inputs:
     def move(x: Any) -> Any:
         return x.to(device) if isinstance(x, torch.Tensor) else x

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mpq.evaluators.apply import apply_config
 from mpq.evaluators.artifact import pack_state, payload_bytes, unpack_state
-from mpq.evaluators.inputs import call, input_feeds
+from mpq.evaluators.inputs import call, session_feeds
 from mpq.evaluators.model import build_model, load_state_dict
 from mpq.files import write_atomic
 from mpq.search.config import SearchConfig
@@ -276,7 +276,7 @@ def onnx_files(ev: Any, config: QuantConfig, ran: QuantConfig) -> dict[str, byte
     """``model.onnx``, its ``io.json``, one step of inputs and the simulated model's outputs."""
     lowered = ev.lower(config)
     session = lowered.module
-    inputs = input_feeds(ev.example_inputs, {i.name for i in session.get_inputs()})
+    inputs = session_feeds(session, ev.example_inputs)
     with torch.inference_mode():
         simulated = call(ev.quantized(ran), ev.example_inputs)
     out_names = [o.name for o in session.get_outputs()]

@@ -81,11 +81,23 @@ def make_storage(
     return storage
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what caused it (``__cause__``, else ``__context__``), to the innermost."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def _driver_errors(exc: BaseException) -> Iterator[sqlalchemy.exc.DBAPIError]:
+    """The errors in ``exc``'s chain that wrap a database driver's own (``.orig``)."""
+    return (e for e in _chain(exc) if isinstance(e, sqlalchemy.exc.DBAPIError))
+
+
 def root_cause(exc: BaseException) -> str:
     """The innermost error's first line (SQLite's "unable to open database file", not
     Optuna's "e.g. exceeding max length" guess around it)."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    *_, exc = _chain(exc)
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip()
     return text.splitlines()[0] if text else type(orig).__name__
@@ -132,29 +144,21 @@ def connection_lost(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) is a lost or refused database connection, which a
     restart of the server heals: a connection SQLAlchemy invalidated, or a driver error with
     a connection SQLSTATE or none; never an authentication or a missing-database error."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, sqlalchemy.exc.DBAPIError):
-            text = str(seen.orig)
-            if any(p in text for p in _PERMANENT):
-                return False
-            state = getattr(seen.orig, "sqlstate", None) or getattr(seen.orig, "pgcode", None)
-            if seen.connection_invalidated or not state or state.startswith(_LOST_STATES):
-                return isinstance(
-                    seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
-                ) or bool(seen.connection_invalidated)
-            return False
-        seen = seen.__cause__ or seen.__context__
-    return False
+    seen = next(_driver_errors(exc), None)
+    if seen is None or any(p in str(seen.orig) for p in _PERMANENT):
+        return False
+    state = getattr(seen.orig, "sqlstate", None) or getattr(seen.orig, "pgcode", None)
+    if seen.connection_invalidated:
+        return True
+    lost_kind = isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+    return lost_kind and (not state or state.startswith(_LOST_STATES))
 
 
 def _lost_why(exc: BaseException) -> str:
     """The database driver's own first line for a lost connection."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, sqlalchemy.exc.DBAPIError) and str(seen.orig).strip():
-            return str(seen.orig).strip().splitlines()[0]
-        seen = seen.__cause__ or seen.__context__
+    for err in _driver_errors(exc):
+        if str(err.orig).strip():
+            return str(err.orig).strip().splitlines()[0]
     return root_cause(exc)
 
 
@@ -167,8 +171,8 @@ class RetryingStorage(optuna.storages.RDBStorage):
 
     ``retry_s``: how long one call may wait (0: no retry). ``notify``: where the two lines per
     outage go (stderr by default). ``outage_ended_at``: ``time.monotonic()`` when the last
-    outage ended; the heartbeats of every search stopped during it, so ``hygiene.fail_stale``
-    waits one grace period after it before calling a trial stale.
+    outage ended; no search could write heartbeats during it, so ``hygiene`` calls no trial
+    stale or orphaned until ``OUTAGE_GRACE_S`` after it.
     """
 
     retry_s: float = 0.0

@@ -117,6 +117,9 @@ class Job:
             time.sleep(0.3)
         raise TimeoutError(f"{self.name}: not reached in {timeout_s}s")
 
+    def wait_complete(self, n: int) -> None:
+        self.wait(lambda ts: sum(t.state == TrialState.COMPLETE for t in ts) >= n)
+
     def check(self) -> optuna.Study:
         """Every finished trial once in PostgreSQL and in MLflow, none RUNNING, the same
         front in both, and the password nowhere."""
@@ -208,7 +211,7 @@ def test_mlflow_server_stopped_and_restarted(
 ) -> None:
     job = Job(tmp_path, cluster, studies, mlflow, "dist_mlflow", trials=10)
     proc = job.start()
-    job.wait(lambda ts: sum(t.state == TrialState.COMPLETE for t in ts) >= 2)
+    job.wait_complete(2)
     mlflow.stop()
     down_at = time.time()
     job.wait(lambda ts: sum(t.state.is_finished() for t in ts) >= 4)  # the search goes on
@@ -236,7 +239,7 @@ def test_postgres_restarted_mid_search(
 ) -> None:
     job = Job(tmp_path, cluster, studies, mlflow, "dist_pg", trials=8)
     proc = job.start()
-    job.wait(lambda ts: sum(t.state == TrialState.COMPLETE for t in ts) >= 3)
+    job.wait_complete(3)
     pg.stop()
     down_at = time.time()
     time.sleep(6)
@@ -262,7 +265,7 @@ def test_driver_killed_and_resumed(
         sensitivity={"enabled": True},  # seeds: one lost to the kill is run again
     )  # fmt: skip
     proc = job.start()
-    job.wait(lambda ts: sum(t.state == TrialState.COMPLETE for t in ts) >= 3)
+    job.wait_complete(3)
     os.killpg(proc.pid, signal.SIGKILL)
     killed_at = time.time()
     job.finish(proc, ok=False)

@@ -236,19 +236,19 @@ def prune_initializers(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(keep)
 
 
-def untranspose_tied_tables(model: onnx.ModelProto) -> int:
+def untranspose_tied_tables(model: onnx.ModelProto) -> None:
     """In place: an embedding table tied to an output projection (GPT-2's ``wte`` and
     ``lm_head``) is exported twice, the table for its ``Gather`` and the exporter's constant-
     folded transpose for the ``MatMul``; the copy becomes a ``Transpose`` node of the table
     (folded again by ONNX Runtime when the session loads: the file ships the table once, as
-    the size formula counts it). Returns the bytes saved."""
+    the size formula counts it)."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     tables = {
         n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
     }
-    saved, nodes = 0, []
+    nodes = []
     for table in tables:
         a = numpy_helper.to_array(inits[table])
         if a.ndim != 2:
@@ -261,7 +261,6 @@ def untranspose_tied_tables(model: onnx.ModelProto) -> int:
                 and (numpy_helper.to_array(init) == a.T).all()
             ):
                 nodes.append(helper.make_node("Transpose", [table], [name], perm=[1, 0]))
-                saved += a.nbytes
                 del inits[name]
     if nodes:
         keep = [i for i in model.graph.initializer if i.name in inits]
@@ -269,7 +268,6 @@ def untranspose_tied_tables(model: onnx.ModelProto) -> int:
         model.graph.initializer.extend(keep)
         for node in reversed(nodes):  # first: the graph stays topologically sorted
             model.graph.node.insert(0, node)
-    return saved
 
 
 # Bytes of what ships: the initializers the graph uses, and the packing formula per kernel.

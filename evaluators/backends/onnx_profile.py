@@ -17,9 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from mpq.evaluators.inputs import Inputs, input_feeds
+from mpq.evaluators.inputs import Inputs, session_feeds
 
 
 def session(model_bytes: bytes, profile_dir: str | None = None, threads: int = 1) -> Any:
@@ -36,11 +34,6 @@ def session(model_bytes: bytes, profile_dir: str | None = None, threads: int = 1
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def feeds(sess: Any, inputs: Inputs) -> dict[str, np.ndarray]:
-    """The example inputs under the exported names, those the graph reads."""
-    return input_feeds(inputs, {i.name for i in sess.get_inputs()})
-
-
 def node_events(
     model_bytes: bytes,
     inputs: Inputs,
@@ -51,7 +44,7 @@ def node_events(
     included: skip them to leave the warm-up out)."""
     with tempfile.TemporaryDirectory() as tmp:
         prof = session(model_bytes, tmp, threads)
-        fed = feeds(prof, inputs)
+        fed = session_feeds(prof, inputs)
         for _ in range(runs):
             prof.run(None, fed)
         events = json.loads(Path(prof.end_profiling()).read_text())
@@ -64,7 +57,7 @@ def profile(
     """(median unprofiled step in us, op type -> profiled node us per step, op type -> nodes
     per step, node name -> profiled us per step)."""
     plain = session(model_bytes)
-    fed = feeds(plain, inputs)
+    fed = session_feeds(plain, inputs)
     for _ in range(20):
         plain.run(None, fed)
     times = []

@@ -104,7 +104,7 @@ from mpq.evaluators.backends.onnx_plan import (  # noqa: F401  (re-exported for 
     qlinearconv_kernel,
     ran_choice,
 )
-from mpq.evaluators.inputs import Inputs, input_feeds, input_names
+from mpq.evaluators.inputs import Inputs, input_names, session_feeds
 from mpq.evaluators.recurrent import rewritable, sequence_lengths, with_stepwise
 from mpq.evaluators.size import config_size
 from mpq.spaces.discover import LayerInfo
@@ -365,7 +365,7 @@ def _sessions(model_bytes: bytes, example_inputs: Inputs, threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    feeds = input_feeds(example_inputs, {i.name for i in session.get_inputs()})
+    feeds = session_feeds(session, example_inputs)
 
     def fresh() -> Any:
         new = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
