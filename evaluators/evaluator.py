@@ -42,6 +42,7 @@ class EvalSpec:
     task: str
     calibration: str
     checkpoint: str | None = None
+    output: str | tuple[str, ...] | None = None  # the output(s) that matter (``outputs``)
     example_inputs: str | None = None
     backend: str = "onnxruntime"
     observer: str = "minmax"
@@ -63,7 +64,7 @@ class Evaluator:
 
     def __init__(self, spec: EvalSpec) -> None:
         self.spec = spec
-        self.model: nn.Module = build_model(spec.model, spec.checkpoint)
+        self.model: nn.Module = build_model(spec.model, spec.checkpoint, spec.output)
         self.layers: tuple[LayerInfo, ...] = discover_layers(self.model)
         self.task = load_callable(spec.task, "task")
         calibration = load_callable(spec.calibration, "calibration")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mpq.evaluators.callables import call_user, load_callable
+from mpq.evaluators.outputs import OutputSpec, select_output
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -45,8 +46,11 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def build_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
-    """Call the builder named by ``spec`` and, if given, load ``checkpoint`` into it strictly.
+def build_model(
+    spec: str, checkpoint: str | Path | None = None, output: OutputSpec | None = None
+) -> nn.Module:
+    """Call the builder named by ``spec`` and, if given, load ``checkpoint`` into it strictly;
+    with ``output``, the model returns the output(s) it names (``outputs.select_output``).
 
     Raises:
         ValueError: the builder does not import or does not return an ``nn.Module``; the
@@ -76,7 +80,7 @@ def build_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
                 f"checkpoint {str(checkpoint)!r} does not match model {spec!r}: "
                 f"{line or 'shape mismatch'}"
             ) from None
-    return fold_batchnorm(linear_form(model.eval()))
+    return select_output(fold_batchnorm(linear_form(model.eval())), output)
 
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -180,6 +180,13 @@ class SearchConfig(BaseModel):
     name: str = Field(..., description="study name (Optuna study and MLflow experiment)")
     model: str = Field(..., description="model builder 'module:function' or a built-in name")
     checkpoint: str | None = Field(None, description="state_dict path (weights_only=True)")
+    output: str | tuple[str, ...] | None = Field(
+        None,
+        description="the model's output(s) that matter, read by the task, the proxy and the "
+        "export: a path of keys, fields or indices ('logits', '0', 'action.mean'), a list of "
+        "them, or 'module:function'(output) -> tensors (None: the whole output; the proxy "
+        "reads its first tensor, a mapping's logits)",
+    )
     task: str = Field(..., description="task 'module:function'(model, budget) -> metrics")
     calibration: str = Field(..., description="'module:function'() -> list of input batches")
     example_inputs: str | None = Field(None, description="batch-1 inputs for latency")
@@ -240,6 +247,22 @@ class SearchConfig(BaseModel):
             raise ValueError(f"objectives needs at least one of {sorted(OBJECTIVES)}")
         if len(set(v)) != len(v):
             raise ValueError(f"objectives has repeats: {list(v)}")
+        return v
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        paths = (v,) if isinstance(v, str) else v or ()
+        if isinstance(v, tuple) and not v:
+            raise ValueError("output: an empty list names nothing (leave output out instead)")
+        for p in paths:
+            if not p or any(not part for part in p.split(":", 1)[-1].split(".")):
+                raise ValueError(
+                    f"output {p!r}: expected a path like 'logits' or 'action.mean', or "
+                    "'module:function'"
+                )
+        if isinstance(v, tuple) and any(":" in p for p in v):
+            raise ValueError("output: a 'module:function' stands alone, not in a list")
         return v
 
     @model_validator(mode="after")

@@ -339,6 +339,7 @@ def manifest(cfg: SearchConfig, study: optuna.Study, t: FrozenTrial, why: str) -
         "why": why,
         "model": cfg.model,
         "checkpoint": cfg.checkpoint,
+        "output": cfg.output,
         "calibration": cfg.calibration,
         "observer": cfg.observer,
         "artifact": ARTIFACT,
@@ -375,7 +376,12 @@ def load_export(path: str | Path) -> torch.nn.Module:
         info.get("checkpoint"),
         calibration,
         info.get("observer", "minmax"),
+        _output(info.get("output")),
     )
+
+
+def _output(value: Any) -> str | tuple[str, ...] | None:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def load_artifact(
@@ -385,13 +391,14 @@ def load_artifact(
     checkpoint: str | None = None,
     calibration: list[Any] | None = None,
     observer: str = "minmax",
+    output: str | tuple[str, ...] | None = None,
 ) -> torch.nn.Module:
     """Rebuild a working quantized model from an exported artifact (``weights_only=True``).
 
     The packed weights are unpacked to exactly the simulated-quantized values; activation
     quantization from ``config`` is re-attached (static ranges need ``calibration``).
     """
-    model = build_model(resolve_model(model_spec), checkpoint)
+    model = build_model(resolve_model(model_spec), checkpoint, output)
     layers = discover_layers(model)
     model.load_state_dict(unpack_state(load_state_dict(path), layers))
     return apply_config(

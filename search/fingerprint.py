@@ -92,11 +92,19 @@ def fingerprint(cfg: SearchConfig, model: nn.Module) -> dict[str, Any]:
             },
         ),
         "target": target,
-    } | (
-        # the QAT stage changes the success of the trials it runs on (absent when off, so a
-        # study without it keeps its fingerprint)
-        {"qat": cfg.qat.model_dump(mode="json")} if cfg.qat.when != "never" else {}
-    )
+    } | _optional(cfg)
+
+
+def _optional(cfg: SearchConfig) -> dict[str, Any]:
+    """Settings that enter the fingerprint only when set, so a study without them keeps its
+    fingerprint: the QAT stage (it changes the success of the trials it runs on), the
+    output(s) read."""
+    out: dict[str, Any] = {}
+    if cfg.qat.when != "never":
+        out["qat"] = cfg.qat.model_dump(mode="json")
+    if cfg.output is not None:
+        out["output"] = cfg.output
+    return out
 
 
 def short_hash(fp: dict[str, Any]) -> str:

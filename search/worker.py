@@ -37,6 +37,7 @@ def eval_spec(cfg: SearchConfig) -> EvalSpec:
         task=cfg.task,
         calibration=cfg.calibration,
         checkpoint=cfg.checkpoint,
+        output=cfg.output,
         example_inputs=cfg.example_inputs,
         backend=cfg.latency.backend,
         observer=cfg.observer,

@@ -105,6 +105,7 @@ from mpq.evaluators.backends.onnx_plan import (  # noqa: F401  (re-exported for 
     ran_choice,
 )
 from mpq.evaluators.inputs import Inputs, input_names, session_feeds
+from mpq.evaluators.outputs import without_selection
 from mpq.evaluators.recurrent import rewritable, sequence_lengths, with_stepwise
 from mpq.evaluators.size import config_size
 from mpq.spaces.discover import LayerInfo
@@ -138,6 +139,7 @@ def export_onnx(model: nn.Module, example_inputs: Inputs) -> onnx.ModelProto:
         names = list(example_inputs)
         exported = copy.copy(model)  # the same modules and parameter names, another forward
         exported.forward = lambda *xs: model(**dict(zip(names, xs, strict=True)))  # type: ignore[method-assign]
+        exported._forward_hooks = without_selection(model)  # model(...) selects its output
         args = tuple(example_inputs.values())
     with warnings.catch_warnings(), plain_outputs(model):
         warnings.simplefilter("ignore")

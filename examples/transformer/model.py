@@ -8,7 +8,8 @@ The model is built from a small config with a fixed seed (no download). The task
 without labels can state: agreement of the quantized model's next-token choice (top-1) with the
 float model's, over fixed token sequences (the float model agrees with itself: 1.0). Inputs are
 keyword mappings, ``{"input_ids": ..., "attention_mask": ...}``: GPT-2 exports to ONNX only with
-its attention mask.
+its attention mask. The config names the output that matters (``output: logits``): the model
+then returns its logits, as a tensor, to the task, the proxy and the exported graph.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def agreement_task(model: nn.Module, budget: int) -> dict[str, float]:
     """Share of the next-token choices (``budget`` sequences x 16 positions) equal to the
     float model's."""
     with torch.inference_mode():
-        choices = model(**_sequences(budget, seed=1)).logits.argmax(-1)
+        choices = model(**_sequences(budget, seed=1)).argmax(-1)  # output: logits
     return {"success": float((choices == _float_choices(budget)).float().mean())}
 
 
