@@ -41,6 +41,10 @@ def load_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
         ValueError: one line naming the spec, when it is malformed, does not import, or does
             not name a callable.
     """
+    if spec.startswith("lerobot:"):  # a LeRobot policy or dataset folder (lerobot_policy)
+        from mpq.evaluators import lerobot_policy
+
+        return lerobot_policy.scheme_callable(spec, what)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"{what} {spec!r}: expected 'package.module:function'")

@@ -93,13 +93,16 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     ``b' = (b - m) g / s + beta``) and becomes ``nn.Identity``. What ships is then the folded
     weight, quantized as such: the exporter would fold it anyway and rename the weight, and the
     convolution would not be found in the export. The model keeps its class and methods; the
-    outputs are equal up to float rounding. A model that ``torch.fx`` cannot trace is left as
-    it is."""
-    if model.training or not any(isinstance(m, _BATCHNORM) for m in model.modules()):
+    outputs are equal up to float rounding. torchvision's ``FrozenBatchNorm2d`` (a ResNet
+    backbone's, LeRobot ACT's) folds the same way. A model that ``torch.fx`` cannot trace is
+    folded in its children that it can (a policy's vision backbone), else left as it is."""
+    if model.training or not any(_is_batchnorm(m) for m in model.modules()):
         return model
     try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001  dynamic control flow: nothing folded, nothing changed
+        graph = _BatchNormLeaves().trace(model)
+    except Exception:  # noqa: BLE001  dynamic control flow: its parts are tried instead
+        for child in model.children():
+            fold_batchnorm(child)
         return model
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
@@ -108,7 +111,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     read = {str(n.target).rsplit(".", 1)[0] for n in graph.nodes if n.op == "get_attr"}
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BATCHNORM):
+        if node.op != "call_module" or not _is_batchnorm(modules.get(node.target)):
             continue
         src = node.args[0] if node.args else None
         if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
@@ -135,6 +138,17 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         parent_name, _, child = str(node.target).rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
     return model
+
+
+class _BatchNormLeaves(torch.fx.Tracer):
+    """fx keeps ``torch.nn``'s modules as calls; torchvision's ``FrozenBatchNorm2d`` too."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _is_batchnorm(module: nn.Module | None) -> bool:
+    return isinstance(module, _BATCHNORM) or type(module).__name__ == "FrozenBatchNorm2d"
 
 
 def linear_form(model: nn.Module) -> nn.Module:

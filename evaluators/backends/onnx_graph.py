@@ -70,7 +70,9 @@ def matmul_nodes(
     (``/blocks/blocks.0/ff1/MatMul`` for ``blocks.0.ff1``), while a constant-folded weight
     loses its name (``onnx::MatMul_365``). So a node belongs to the longest module name its
     scope ends with, and only where its initializer is the layer's transposed weight (K rows),
-    or a slice of it (attention whose query and key/value inputs differ: two MatMuls).
+    or a slice of it (attention whose query and key/value inputs differ: two MatMuls). A scope
+    that is the end of exactly one module's name belongs to it (a wrapper that calls a
+    sub-module directly leaves the skipped parents out of the scope).
     """
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     out: dict[str, list[str]] = {}
@@ -87,7 +89,10 @@ def matmul_nodes(
             continue
         scope = node.name.lstrip("/").rsplit("/", 1)[0].replace("/", ".")
         owners = [m for m in by_module if scope == m or scope.endswith(f".{m}")]
-        if not owners:
+        if not owners:  # a module its parent's forward skipped (a wrapper calling
+            # ``policy.model(...)``): the scope is the end of one module name, and only one
+            owners = [m for m in by_module if m.endswith(f".{scope}")][:2]
+        if len(owners) != 1 and not any(scope == m or scope.endswith(f".{m}") for m in owners):
             continue
         la = by_module[max(owners, key=len)]
         dims = inits[node.input[1]]  # W^T (K, N), or columns of it (cross-attention: q; k, v)
