@@ -63,7 +63,7 @@ def _other_bytes(model: nn.Module, layers: tuple[LayerInfo, ...]) -> tuple[int, 
     seen: set[int] = set()
     other = 0
     float_bytes = {}
-    named = [*model.named_parameters(remove_duplicate=False), *_persistent_buffers(model)]
+    named = [*model.named_parameters(remove_duplicate=False), *persistent_buffers(model)]
     for name, tensor in named:
         if id(tensor) in seen:
             continue
@@ -87,7 +87,7 @@ def config_size(
     return SizeReport(sum(per_layer.values()) + other, per_layer, other)
 
 
-def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The buffers a checkpoint holds (``state_dict``): a non-persistent one (``transformers``'
     ``position_ids``, an ``arange`` made at construction) is not stored, and the exporter folds
     it into the graph as a constant of the shapes it ran, not as a weight."""
@@ -99,7 +99,7 @@ def float_size_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and persistent buffer as they are, shared tensors once."""
     seen: set[int] = set()
     total = 0
-    for t in [*model.parameters(), *(b for _, b in _persistent_buffers(model))]:
+    for t in [*model.parameters(), *(b for _, b in persistent_buffers(model))]:
         if id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()

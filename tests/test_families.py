@@ -17,6 +17,8 @@ from mpq.evaluators.model import linear_form
 from mpq.evaluators.proxy import first_tensor
 from mpq.spaces.discover import coverage, discover_layers
 from mpq.spaces.space import LayerChoice, QuantConfig
+from mpq.zoo import families
+from mpq.zoo.families import SmallCnn
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,36 +72,6 @@ def test_a_mapping_without_logits_gives_its_first_tensor_and_none_is_one_line() 
         first_tensor({"n": 3})
 
 
-class _ConvBnRelu(torch.nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1, groups: int = 1) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False)
-        self.bn = torch.nn.BatchNorm2d(cout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn(self.conv(x)))
-
-
-class _SmallCnn(torch.nn.Module):
-    """torchvision's styles in small: conv-BN-ReLU stem, a depthwise-separable block, a
-    residual block, a linear head (torchvision itself does not import beside the CPU torch)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = _ConvBnRelu(3, 16, stride=2)
-        self.dw = _ConvBnRelu(16, 16, groups=16)
-        self.pw = torch.nn.Sequential(
-            torch.nn.Conv2d(16, 32, 1, bias=False), torch.nn.BatchNorm2d(32), torch.nn.ReLU()
-        )
-        self.res = _ConvBnRelu(32, 32)
-        self.head = torch.nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pw(self.dw(self.stem(x)))
-        x = x + self.res(x)
-        return self.head(x.mean((2, 3)))
-
-
 def test_a_cnn_with_batchnorm_is_folded_and_every_conv_runs_on_its_kernel() -> None:
     import numpy as np
 
@@ -107,7 +79,7 @@ def test_a_cnn_with_batchnorm_is_folded_and_every_conv_runs_on_its_kernel() -> N
     from mpq.evaluators.model import fold_batchnorm
 
     torch.manual_seed(0)
-    model = _SmallCnn().eval()
+    model = SmallCnn().eval()
     for m in model.modules():  # trained-looking statistics
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
@@ -117,7 +89,7 @@ def test_a_cnn_with_batchnorm_is_folded_and_every_conv_runs_on_its_kernel() -> N
         before = model(x)
         folded = fold_batchnorm(model)
         after = folded(x)
-    assert type(folded) is _SmallCnn  # the user's class and methods stay
+    assert type(folded) is SmallCnn  # the user's class and methods stay
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
     layers = discover_layers(folded)
@@ -144,10 +116,10 @@ def test_a_checkpoint_of_the_folded_form_loads_and_a_reused_conv_is_not_folded(
     from mpq.evaluators.model import build_model, fold_batchnorm
 
     torch.manual_seed(0)
-    folded = fold_batchnorm(_SmallCnn().eval())
+    folded = fold_batchnorm(SmallCnn().eval())
     path = tmp_path / "folded.pt"
     torch.save(folded.state_dict(), path)
-    rebuilt = build_model("tests.test_families:_SmallCnn", path)
+    rebuilt = build_model("tests.test_families:SmallCnn", path)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), folded(x))
@@ -170,104 +142,25 @@ def test_a_checkpoint_of_the_folded_form_loads_and_a_reused_conv_is_not_folded(
     torch.testing.assert_close(after, before)
 
 
-def _bert() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    config = transformers.BertConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(2))
-    # the segment ids as an input, as users call BERT: left out, they are a constant that the
-    # exporter folds together with the segment table (not the table that was sized)
-    inputs = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}
-    return transformers.BertForSequenceClassification(config).eval(), inputs
-
-
-def _vit() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    config = transformers.ViTConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=16,
-        patch_size=4,
-        num_labels=5,
-    )
-    torch.manual_seed(0)
-    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    return transformers.ViTForImageClassification(config).eval(), {"pixel_values": x}
-
-
-def _gpt2_keywords() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(2))
-    # keyword inputs, the mask included: without it GPT-2 builds its mask with aten::diff,
-    # which the ONNX exporter cannot trace
-    return _gpt2(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def _calibration(example: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(3)
-    batch = {}
-    for k, v in example.items():
-        if v.is_floating_point():
-            batch[k] = torch.randn((4, *v.shape[1:]), generator=g)
-        elif k in ("attention_mask", "token_type_ids"):
-            batch[k] = (torch.ones if k == "attention_mask" else torch.zeros)(
-                (4, *v.shape[1:]), dtype=v.dtype
-            )
-        else:
-            batch[k] = torch.randint(0, 100, (4, *v.shape[1:]), generator=g)
-    return [batch]
-
-
-def _mixed(layers: tuple) -> QuantConfig:  # type: ignore[type-arg]
-    """Per kind, the kernels' formats in turn: 4-bit blocks with int8 inputs, 8-bit, 2-bit
-    weight-only, float; static int8 for convolutions; 4-bit blocks for embeddings."""
-    linear = [
-        LayerChoice(w_bits=4, a_bits=8, granularity="per_group", group_size=32),
-        LayerChoice(w_bits=8, a_bits=8),
-        LayerChoice(w_bits=2, granularity="per_group", group_size=32),
-        LayerChoice(),
-    ]
-    choices = {}
-    for i, la in enumerate(layers):
-        if la.kind == "embedding":
-            choices[la.name] = LayerChoice(w_bits=4, granularity="per_group", group_size=16)
-        elif la.kind.startswith("conv"):
-            choices[la.name] = LayerChoice(w_bits=8, a_bits=8, act_mode="static")
-        else:
-            choices[la.name] = linear[i % len(linear)]
-    return QuantConfig(layers=choices)
-
-
 def _lowered_family(family: str) -> tuple[Any, ...]:
     from mpq.evaluators.backends import get_backend
 
-    model, example = {"gpt2": _gpt2_keywords, "bert": _bert, "vit": _vit}[family]()
-    model = linear_form(model)
-    with torch.no_grad():  # trained-looking: the exporter stores identical tensors once (the
-        for p in model.parameters():  # zero biases, the unit norms), the formula counts each
-            p.normal_(0, 0.1)
+    model, example, calibration = families.build(family)
     layers = discover_layers(model)
     cov = coverage(model, layers)
     # ViT's class token and position table are added to activations, not multiplied: no kernel
     assert {n.rsplit(".", 1)[-1] for n, _ in cov.uncovered} <= {"cls_token", "position_embeddings"}
-    calibration = _calibration(example)
     lowered = get_backend("onnxruntime").lower(
-        model, layers, _mixed(layers), example, 1, calibration=calibration
+        model, layers, families.mixed(layers), example, 1, calibration=calibration
     )
     return model, example, layers, calibration, lowered
 
 
-FAMILIES = ["gpt2", "bert", "vit"]
+FAMILIES = ["gpt2", "bert", "vit", "cnn"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_transformer_family_lowers_on_onnxruntime_as_simulated(family: str) -> None:
+def test_a_family_lowers_on_onnxruntime_as_simulated(family: str) -> None:
     """The contract per family: discovery covers every weight matrix, a mixed configuration
     lowers with keyword inputs, no layer is "not found in the export" or silently float, and
     the lowered graph computes what the simulated model does."""
@@ -275,7 +168,7 @@ def test_a_transformer_family_lowers_on_onnxruntime_as_simulated(family: str) ->
 
     model, example, layers, calibration, lowered = _lowered_family(family)
     assert not [n for n, why in lowered.fallbacks.items() if "not found" in why], lowered.fallbacks
-    asked, ran = _mixed(layers), lowered.ran_config
+    asked, ran = families.mixed(layers), lowered.ran_config
     for la in layers:  # every layer ships at the bits asked, or says why not: none silently
         if ran.layers[la.name].w_bits != asked.layers[la.name].w_bits:  # left float
             assert la.tied and "shared with" in lowered.fallbacks[la.name], lowered.kernels
@@ -294,8 +187,35 @@ def test_a_transformer_family_lowers_on_onnxruntime_as_simulated(family: str) ->
         "gpt2",  # its tied table ships once (the exporter's transposed copy is a Transpose)
         "bert",  # its position_ids and token_type_ids buffers are not persistent: not stored
         "vit",
+        "cnn",  # its BatchNorm folded first: the folded weights are what ship
     ],
 )
-def test_a_transformer_family_stores_the_formula_bytes(family: str) -> None:
+def test_a_family_stores_the_formula_bytes(family: str) -> None:
     lowered = _lowered_family(family)[-1]
+    assert lowered.stored_bytes == lowered.predicted_bytes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_family_lowers_on_the_torch_backend_within_its_formats_tolerance(family: str) -> None:
+    """The ``torch`` backend (torchao's kernels under Inductor, its own codes and bfloat16
+    activations for int4): lowered == simulated within the per-format tolerance of the
+    backend tests, stored bytes == formula, every layer not run as asked says why."""
+    from mpq.evaluators.backends import get_backend
+    from tests.evaluators.test_backends import TOLERANCE
+
+    model, example, calibration = families.build(family)
+    layers = discover_layers(model)
+    asked = families.mixed(layers)
+    lowered = get_backend("torch").lower(model, layers, asked, example, 1, calibration)
+    ran = lowered.ran_config
+    for la in layers:
+        if ran.layers[la.name] != asked.layers[la.name]:
+            assert lowered.fallbacks.get(la.name), (la.name, lowered.kernels[la.name])
+    simulated = apply_config(model, ran, calibration, layers=layers)
+    with torch.no_grad():
+        want = first_tensor(simulated(**example)).float()
+        got = first_tensor(lowered.run()).float()
+    narrowest = min(c.w_bits for c in ran.layers.values())
+    tol = TOLERANCE[min(k for k in TOLERANCE if k >= narrowest)]
+    assert float((got - want).abs().max()) <= tol * float(want.abs().max())
     assert lowered.stored_bytes == lowered.predicted_bytes

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpq.evaluators.size import layer_size_bytes
+from mpq.evaluators.size import layer_size_bytes, persistent_buffers
 from mpq.spaces.discover import LayerInfo
 from mpq.spaces.space import LayerChoice
 
@@ -136,11 +136,12 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def stored_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer the lowered module holds (shared ones once), with the
-    packed weights of ``quantize_dynamic`` recurrent modules."""
+    """Bytes of every parameter and persistent buffer the lowered module holds (shared ones
+    once; a non-persistent buffer is made at construction, not stored), with the packed weights
+    of ``quantize_dynamic`` recurrent modules."""
     seen: set[int] = set()
     total = 0
-    for t in [*module.parameters(), *module.buffers()]:
+    for t in [*module.parameters(), *(b for _, b in persistent_buffers(module))]:
         if id(t) not in seen:
             seen.add(id(t))
             total += tensor_bytes(t)
@@ -212,10 +213,11 @@ def int8_dynamic_exact() -> bool:
 
 
 def fresh_entry(module: nn.Module, counter: itertools.count = itertools.count()) -> Any:  # noqa: B008
-    """``module(*args)`` as a function with a code object of its own (Dynamo's cache key)."""
+    """``module(*args, **kwargs)`` as a function with a code object of its own (Dynamo's cache
+    key); keyword inputs (a ``transformers`` model's) pass through."""
 
-    def entry(*args: Any) -> Any:
-        return module(*args)
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        return module(*args, **kwargs)
 
     code = entry.__code__.replace(co_name=f"mpq_lowered_{next(counter)}")
     return types.FunctionType(code, entry.__globals__, code.co_name, None, entry.__closure__)
