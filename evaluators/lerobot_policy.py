@@ -234,7 +234,25 @@ def load_policy(folder: str | Path) -> LeRobotPolicy:
         normalization_stats(folder, "postprocessor"),
     )
     drop_training_only(policy, info)
+    deterministic_sampling(policy, info)
     return LeRobotPolicy(policy.eval(), info, pre, post, str(Path(folder).resolve())).eval()
+
+
+def deterministic_sampling(policy: nn.Module, info: PolicyInfo) -> bool:
+    """In place: a Diffusion Policy trained with DDPM samples with DDIM (``eta`` 0) over the
+    same schedule and ``num_inference_steps``. DDPM draws fresh noise at every denoising step,
+    so no two runs of one model (nor the exported graph and PyTorch) would compute the same
+    actions, and no quantization error could be told from sampling noise; DDIM runs the same
+    trained network deterministically. Returns whether the scheduler changed."""
+    if info.type != "diffusion":
+        return False
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    net = policy.diffusion  # type: ignore[attr-defined]
+    if not isinstance(net.noise_scheduler, DDPMScheduler):
+        return False
+    net.noise_scheduler = DDIMScheduler.from_config(net.noise_scheduler.config)
+    return True
 
 
 def drop_training_only(policy: nn.Module, info: PolicyInfo) -> list[str]:

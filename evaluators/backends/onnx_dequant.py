@@ -107,8 +107,10 @@ def replace_with_dequant(model: onnx.ModelProto, choices: dict[str, LayerChoice]
     that runs, weight-only) is stored at its bits and dequantized by the graph
     (``dequant_graph``); the float weight goes."""
 
-    def rewrite(node: onnx.NodeProto, w: np.ndarray) -> tuple[list, list[onnx.NodeProto]]:
-        tensors, dq_nodes, weight = dequant_graph(w, choices[node.name], node.name)
+    def rewrite(
+        node: onnx.NodeProto, w: np.ndarray, prefix: str
+    ) -> tuple[list, list[onnx.NodeProto]]:
+        tensors, dq_nodes, weight = dequant_graph(w, choices[node.name], prefix)
         matmul = helper.make_node(
             "MatMul", [node.input[0], weight], list(node.output), name=node.name
         )

@@ -24,11 +24,12 @@ QDQ_CONV = ("conv1d", "conv2d")
 def gemm_to_matmul(model: onnx.ModelProto) -> dict[str, str]:
     """Rewrite ``Gemm(A, W, b, transB=1)`` with initializer ``W`` as ``MatMul(A, W^T) + b``.
 
-    Returns: weight initializer name -> the new MatMul node's name.
+    Returns: weight initializer name -> the new MatMul nodes' names (several where the module
+    runs more than once per call: ``W^T`` is written once, every node reads it).
     """
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    renamed: dict[str, str] = {}
+    renamed: dict[str, list[str]] = {}
     new_nodes = []
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -43,9 +44,10 @@ def gemm_to_matmul(model: onnx.ModelProto) -> dict[str, str]:
         if not ok:
             new_nodes.append(node)
             continue
-        w = numpy_helper.to_array(inits[node.input[1]])
         wt_name = f"{node.input[1]}_T"
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), wt_name))
+        if node.input[1] not in renamed:
+            w = numpy_helper.to_array(inits[node.input[1]])
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), wt_name))
         mm_name = f"{node.name}_MatMul"
         out = node.output[0] if len(node.input) < 3 else f"{node.output[0]}_mm"
         new_nodes.append(helper.make_node("MatMul", [node.input[0], wt_name], [out], name=mm_name))
@@ -55,14 +57,14 @@ def gemm_to_matmul(model: onnx.ModelProto) -> dict[str, str]:
                     "Add", [out, node.input[2]], [node.output[0]], name=f"{node.name}_Add"
                 )
             )
-        renamed[node.input[1]] = mm_name
+        renamed.setdefault(node.input[1], []).append(mm_name)
     del graph.node[:]
     graph.node.extend(new_nodes)
     return renamed
 
 
 def matmul_nodes(
-    model: onnx.ModelProto, layers: tuple[LayerInfo, ...], renamed: dict[str, str]
+    model: onnx.ModelProto, layers: tuple[LayerInfo, ...], renamed: dict[str, list[str]]
 ) -> dict[str, list[str]]:
     """Layer name -> the MatMul node names that multiply by its weight.
 
@@ -83,9 +85,10 @@ def matmul_nodes(
     for la in layers:
         wname = f"{la.module}.{la.param}"
         if wname in renamed:
-            out.setdefault(la.name, []).append(renamed[wname])
+            out.setdefault(la.name, []).extend(renamed[wname])
+    from_gemm = {name for names in renamed.values() for name in names}
     for node in model.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits or node.name in renamed.values():
+        if node.op_type != "MatMul" or node.input[1] not in inits or node.name in from_gemm:
             continue
         scope = node.name.lstrip("/").rsplit("/", 1)[0].replace("/", ".")
         owners = [m for m in by_module if scope == m or scope.endswith(f".{m}")]
@@ -101,14 +104,18 @@ def matmul_nodes(
     return out
 
 
-def conv_nodes(model: onnx.ModelProto, layers: tuple[LayerInfo, ...]) -> dict[str, onnx.NodeProto]:
-    """Layer name -> the ``Conv`` node whose weight input is that layer's parameter."""
+def conv_nodes(
+    model: onnx.ModelProto, layers: tuple[LayerInfo, ...]
+) -> dict[str, list[onnx.NodeProto]]:
+    """Layer name -> the ``Conv`` nodes whose weight input is that layer's parameter: one, or
+    several where the module runs more than once per call (a diffusion policy's denoising loop,
+    unrolled by the exporter, runs each convolution at every step)."""
     by_weight = {f"{la.module}.{la.param}": la.name for la in layers if la.kind in QDQ_CONV}
-    return {
-        by_weight[n.input[1]]: n
-        for n in model.graph.node
-        if n.op_type == "Conv" and n.input[1] in by_weight
-    }
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        if n.op_type == "Conv" and n.input[1] in by_weight:
+            out.setdefault(by_weight[n.input[1]], []).append(n)
+    return out
 
 
 def gather_tables(model: onnx.ModelProto, layers: tuple[LayerInfo, ...]) -> dict[str, str]:
@@ -149,20 +156,26 @@ def qdq_conv(
     node: onnx.NodeProto,
     ranges: tuple[float, float, float, float],
     unsigned_weights: bool = False,
+    weights: str | None = None,
 ) -> list[onnx.NodeProto]:
     """``Q/DQ(x) -> Conv(DQ(int8 W)) -> Q/DQ(y)`` in place of ``node`` (ORT: ``QLinearConv``).
 
     ``unsigned_weights``: the int8 codes stored as uint8 with zero point 128 (the same values),
     which ONNX Runtime runs as u8 x u8 -- exact where its u8 x s8 kernel saturates (no VNNI).
+    ``weights``: the name of the int8 weight tensors, written once and shared by every node of
+    one layer (default: the node's own).
     """
     graph, p = model.graph, node.name or node.output[0]
-    w = numpy_helper.to_array(next(i for i in graph.initializer if i.name == node.input[1]))
-    w_q, s_w, z_w = _conv_weight_codes(w, unsigned_weights)
+    wp = weights or p
     s_x, z_x = _uint8_qparams(ranges[0], ranges[1])
     s_y, z_y = _uint8_qparams(ranges[2], ranges[3])
-    tensors = {"sx": s_x, "zx": z_x, "sy": s_y, "zy": z_y, "wq": w_q, "sw": s_w, "zw": z_w}
+    tensors = {f"{p}_{k}": v for k, v in {"sx": s_x, "zx": z_x, "sy": s_y, "zy": z_y}.items()}
+    if not any(i.name == f"{wp}_wq" for i in graph.initializer):
+        w = numpy_helper.to_array(next(i for i in graph.initializer if i.name == node.input[1]))
+        w_q, s_w, z_w = _conv_weight_codes(w, unsigned_weights)
+        tensors |= {f"{wp}_wq": w_q, f"{wp}_sw": s_w, f"{wp}_zw": z_w}
     for name, arr in tensors.items():
-        graph.initializer.append(numpy_helper.from_array(np.asarray(arr), f"{p}_{name}"))
+        graph.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
     def qdq(op: str, src: str, dst: str, k: str) -> onnx.NodeProto:
@@ -172,7 +185,7 @@ def qdq_conv(
         qdq("QuantizeLinear", node.input[0], f"{p}_xq", "x"),
         qdq("DequantizeLinear", f"{p}_xq", f"{p}_xd", "x"),
         helper.make_node(
-            "DequantizeLinear", [f"{p}_wq", f"{p}_sw", f"{p}_zw"], [f"{p}_wd"], axis=0
+            "DequantizeLinear", [f"{wp}_wq", f"{wp}_sw", f"{wp}_zw"], [f"{p}_wd"], axis=0
         ),
         helper.make_node(
             "Conv", [f"{p}_xd", f"{p}_wd", *node.input[2:]], [f"{p}_y"], name=p, **attrs

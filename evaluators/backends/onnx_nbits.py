@@ -88,22 +88,29 @@ def nbits_tensors(
 def rewrite_matmuls(
     model: onnx.ModelProto,
     names: set[str],
-    rewrite: Callable[[onnx.NodeProto, np.ndarray], tuple[list, list[onnx.NodeProto]]],
+    rewrite: Callable[[onnx.NodeProto, np.ndarray, str], tuple[list, list[onnx.NodeProto]]],
 ) -> None:
-    """In place: each ``MatMul`` node in ``names`` becomes ``rewrite(node, W)`` (``W``: its
-    float weight, N rows x K) -> (new initializers, nodes that replace it); the float weight
-    goes unless another node still reads it."""
+    """In place: each ``MatMul`` node in ``names`` becomes ``rewrite(node, W, prefix)`` (``W``:
+    its float weight, N rows x K; ``prefix``: the name its new tensors take, the weight's) ->
+    (new initializers, nodes that replace it); the float weight goes unless another node still
+    reads it. Several nodes reading one weight (a module run at every step of an unrolled loop)
+    share its new tensors and the nodes that make them from those: written once."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     dropped: set[str] = set()
+    written: set[str] = set()  # tensors and node outputs already in the graph
     nodes = []
     for node in graph.node:
         if node.op_type != "MatMul" or node.name not in names:
             nodes.append(node)
             continue
         w_t = numpy_helper.to_array(inits[node.input[1]])  # (K, N)
-        tensors, new_nodes = rewrite(node, np.ascontiguousarray(w_t.T, np.float32))
-        graph.initializer.extend(tensors)
+        prefix = f"{node.input[1]}_mpq"
+        tensors, new_nodes = rewrite(node, np.ascontiguousarray(w_t.T, np.float32), prefix)
+        graph.initializer.extend(t for t in tensors if t.name not in written)
+        written |= {t.name for t in tensors}
+        new_nodes = [n for n in new_nodes if not set(n.output) & written]
+        written |= {o for n in new_nodes for o in n.output if o not in node.output}
         dropped.add(node.input[1])
         nodes += new_nodes
     del graph.node[:]
@@ -118,9 +125,11 @@ def replace_matmuls(model: onnx.ModelProto, choices: dict[str, tuple[LayerChoice
     """In place: each ``MatMul`` node named in ``choices`` (node name -> (the choice that runs,
     accuracy level)) becomes ``MatMulNBits`` with the notes' codes; the float weight goes."""
 
-    def rewrite(node: onnx.NodeProto, w: np.ndarray) -> tuple[list, list[onnx.NodeProto]]:
+    def rewrite(
+        node: onnx.NodeProto, w: np.ndarray, prefix: str
+    ) -> tuple[list, list[onnx.NodeProto]]:
         ran, level = choices[node.name]
-        tensors, n, k = nbits_tensors(w, ran, node.name)
+        tensors, n, k = nbits_tensors(w, ran, prefix)
         nbits = helper.make_node(
             "MatMulNBits",
             [node.input[0], *(t.name for t in tensors)],

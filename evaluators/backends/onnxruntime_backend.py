@@ -338,18 +338,22 @@ def _predicted_bytes(model: nn.Module, layers: tuple[LayerInfo, ...], plan: Plan
 
 def _replace_convs(
     proto: onnx.ModelProto,
-    convs: dict[str, onnx.NodeProto],
+    convs: dict[str, list[onnx.NodeProto]],
     found: dict[str, dict[str, tuple[float, float]]],
     layers: tuple[LayerInfo, ...],
 ) -> None:
-    """Each static int8 conv's ``Conv`` node becomes its QDQ form, with the calibrated input
-    and output ranges of its module."""
+    """Each static int8 conv's ``Conv`` nodes become their QDQ form, with the calibrated input
+    and output ranges of its module (one range over all its calls, as the simulated model
+    calibrates it) and one int8 copy of its weight that every node reads."""
     module_of = {la.name: la.module for la in layers}
     replaced = {}
-    for name, node in convs.items():
+    for name, nodes in convs.items():
         r = found[module_of[name]]
         ranges = (*r["input"], *r["output"])
-        replaced[node.output[0]] = qdq_conv(proto, node, ranges, not signed_conv_exact())
+        for node in nodes:
+            replaced[node.output[0]] = qdq_conv(
+                proto, node, ranges, not signed_conv_exact(), weights=f"{name}_int8"
+            )
     new_nodes = []
     for n in proto.graph.node:
         new_nodes.extend(replaced.get(n.output[0], [n]) if n.op_type == "Conv" else [n])

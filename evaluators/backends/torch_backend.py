@@ -28,6 +28,13 @@ saturates ``u8 x s8`` pairs in 16 bits, 10-99% off on AVX2), ``a8`` runs on the 
 kernels (int4 where asked and it fits, else int8), recorded with the reason. On the AVX2 EPYC
 the int8 x int8 kernel was also 2.5x slower than float32 (3136 -> 256 at 8 padded rows).
 
+Convolutions run in float32 on this backend, said per layer. NOTE, why not torchao's PT2E int8
+convolutions (``X86InductorQuantizer``): PT2E quantizes a whole ``torch.export`` graph, with
+its own choice of which ops carry int8 between them, while this backend swaps weights for
+torchao tensors module by module under ``torch.compile``; running both in one model, with a
+simulated model that follows PT2E's per-op choices, is not built. The default ``onnxruntime``
+backend runs static int8 convolutions (``QLinearConv``, the simulated model's own ranges).
+
 16 bits run as bfloat16 here (the space's 16 is float16: the same bytes, 3 fewer mantissa bits,
 recorded). ``nn.MultiheadAttention`` reads ``out_proj.weight`` itself, so that Linear and a
 recurrent module with any weight above 8 bits run in float32, known only at lowering (recorded).

@@ -9,8 +9,9 @@ Run in your LeRobot environment (lerobot 0.4.x, Python 3.10+; mpq installed besi
 It writes, with lerobot's own API and nothing downloaded:
 
 - ``lerobot-demo/dataset``: a LeRobotDataset (v3 layout) of a point-reaching task: an
-  ``observation.state`` (position, goal), an ``observation.image`` (32x32, the point drawn), the
-  expert's ``action`` (a step towards the goal), 12 episodes of 40 frames at 10 fps;
+  ``observation.state`` (position, goal), an ``observation.image`` (32x32, the point and the goal
+  drawn), the expert's ``action`` (a step of at most 0.1 towards a goal moving on a circle), 12
+  episodes of 40 frames at 10 fps;
 - ``lerobot-demo/policy``: a small ACT (or Diffusion Policy) trained on it for a few hundred
   steps, saved with ``save_pretrained`` (``config.json``, ``model.safetensors``) and its
   pre/post-processors (the normalization statistics);
@@ -59,10 +60,12 @@ def make_dataset(root: Path) -> object:
         "mpq/point-reach", FPS, _features(), root=root, use_videos=False, robot_type="point"
     )
     rng = np.random.default_rng(0)
-    for _ in range(EPISODES):
-        pos, goal = rng.uniform(-1, 1, 2), rng.uniform(-0.8, 0.8, 2)
-        for _ in range(FRAMES):
-            action = np.clip(goal - pos, -0.2, 0.2) + rng.normal(0, 0.01, 2)
+    for _ in range(EPISODES):  # the goal moves on a circle: the expert never stops
+        pos, phase, turn = rng.uniform(-1, 1, 2), rng.uniform(0, 2 * np.pi), rng.choice([-1, 1])
+        for t in range(FRAMES):
+            angle = phase + turn * 0.15 * t
+            goal = 0.6 * np.array([np.cos(angle), np.sin(angle)])
+            action = np.clip(goal - pos, -0.1, 0.1) + rng.normal(0, 0.005, 2)
             ds.add_frame(
                 {
                     "observation.state": np.concatenate([pos, goal]).astype(np.float32),
@@ -137,7 +140,7 @@ def train(kind: str, ds: object, out: Path, steps: int) -> None:
     policy = get_policy_class(kind)(cfg)
     pre, post = make_pre_post_processors(cfg, dataset_stats=data.meta.stats)
     loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, drop_last=True)
-    optim = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    optim = torch.optim.AdamW(policy.parameters(), lr=3e-4)
     policy.train()
     step, start = 0, time.time()
     while step < steps:

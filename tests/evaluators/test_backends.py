@@ -251,7 +251,7 @@ def test_static_int8_conv_is_fused_into_qlinearconv(tmp_path, unsigned_weights: 
     convs = conv_nodes(proto, layers)
     ranges = (-3.0, 3.0, -2.0, 2.0)
     replaced = {
-        convs[n].output[0]: qdq_conv(proto, convs[n], ranges, unsigned_weights)
+        convs[n][0].output[0]: qdq_conv(proto, convs[n][0], ranges, unsigned_weights)
         for n in ("conv1", "conv2")
     }
     nodes = [m for n in proto.graph.node for m in replaced.get(n.output[0], [n])]
