@@ -219,3 +219,55 @@ def test_a_family_lowers_on_the_torch_backend_within_its_formats_tolerance(famil
     tol = TOLERANCE[min(k for k in TOLERANCE if k >= narrowest)]
     assert float((got - want).abs().max()) <= tol * float(want.abs().max())
     assert lowered.stored_bytes == lowered.predicted_bytes
+
+
+class _Looped(torch.nn.Module):
+    """A denoising loop in small: the same convolution and linears run at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(4, 4, 3, padding=1)
+        self.cond = torch.nn.Linear(32, 4)
+        self.out = torch.nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 4, 8)
+        for _ in range(3):
+            h = torch.relu(self.conv(x)) + self.cond(x.flatten(1))[:, :, None]
+            x = x - 0.1 * self.out(h.flatten(1)).view_as(x)
+        return x
+
+
+def test_a_module_run_at_every_step_of_a_loop_ships_one_quantized_weight() -> None:
+    """The exporter unrolls the loop: every node of a layer runs on its kernel, reading one
+    int8 copy of the weight (stored bytes == formula), and the graph computes what the
+    simulated model does."""
+    import numpy as np
+    import onnx
+
+    from mpq.evaluators.backends import get_backend
+
+    torch.manual_seed(0)
+    model = _Looped().eval()
+    x = torch.randn(1, 4, 8)
+    calibration = [(torch.randn(8, 4, 8),)]
+    layers = discover_layers(model)
+    config = QuantConfig(
+        layers={
+            "conv": LayerChoice(w_bits=8, a_bits=8, act_mode="static"),
+            "cond": LayerChoice(w_bits=4, granularity="per_group", group_size=16),
+            "out": LayerChoice(w_bits=4, a_bits=8, granularity="per_group", group_size=32),
+        }
+    )
+    lowered = get_backend("onnxruntime").lower(model, layers, config, (x,), 1, calibration)
+    graph = onnx.load_from_string(lowered.artifact).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") == 3 and "Gemm" not in ops  # out: every step
+    float_convs = [n for n in graph.node if n.op_type == "Conv" and "conv.weight" in n.input]
+    assert not float_convs and ops.count("QuantizeLinear") >= 6  # conv: every step, static
+    assert len({i.name for i in graph.initializer}) == len(graph.initializer)
+    assert lowered.stored_bytes == lowered.predicted_bytes
+    simulated = apply_config(model, lowered.ran_config, calibration, layers=layers)
+    with torch.no_grad():
+        want = simulated(x).numpy()
+    got = lowered.module.run(None, {"input_0": x.numpy()})[0]
+    assert float(np.abs(got - want).max()) <= 2e-3 * float(np.abs(want).max())

@@ -162,24 +162,24 @@ def qdq_conv(
 
     ``unsigned_weights``: the int8 codes stored as uint8 with zero point 128 (the same values),
     which ONNX Runtime runs as u8 x u8 -- exact where its u8 x s8 kernel saturates (no VNNI).
-    ``weights``: the name of the int8 weight tensors, written once and shared by every node of
-    one layer (default: the node's own).
+    ``weights``: the name of the int8 weight and its input and output quantization parameters,
+    written once and shared by every node of one layer (the same codes and ranges: one range
+    per module over all its calls); default: the node's own.
     """
     graph, p = model.graph, node.name or node.output[0]
     wp = weights or p
-    s_x, z_x = _uint8_qparams(ranges[0], ranges[1])
-    s_y, z_y = _uint8_qparams(ranges[2], ranges[3])
-    tensors = {f"{p}_{k}": v for k, v in {"sx": s_x, "zx": z_x, "sy": s_y, "zy": z_y}.items()}
     if not any(i.name == f"{wp}_wq" for i in graph.initializer):
         w = numpy_helper.to_array(next(i for i in graph.initializer if i.name == node.input[1]))
         w_q, s_w, z_w = _conv_weight_codes(w, unsigned_weights)
-        tensors |= {f"{wp}_wq": w_q, f"{wp}_sw": s_w, f"{wp}_zw": z_w}
-    for name, arr in tensors.items():
-        graph.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+        s_x, z_x = _uint8_qparams(ranges[0], ranges[1])
+        s_y, z_y = _uint8_qparams(ranges[2], ranges[3])
+        tensors = {"sx": s_x, "zx": z_x, "sy": s_y, "zy": z_y, "wq": w_q, "sw": s_w, "zw": z_w}
+        for name, arr in tensors.items():
+            graph.initializer.append(numpy_helper.from_array(np.asarray(arr), f"{wp}_{name}"))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
     def qdq(op: str, src: str, dst: str, k: str) -> onnx.NodeProto:
-        return helper.make_node(op, [src, f"{p}_s{k}", f"{p}_z{k}"], [dst])
+        return helper.make_node(op, [src, f"{wp}_s{k}", f"{wp}_z{k}"], [dst])
 
     return [
         qdq("QuantizeLinear", node.input[0], f"{p}_xq", "x"),
