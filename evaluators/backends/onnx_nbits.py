@@ -91,7 +91,9 @@ def rewrite_matmuls(
     rewrite: Callable[[onnx.NodeProto, np.ndarray, str], tuple[list, list[onnx.NodeProto]]],
 ) -> None:
     """In place: each ``MatMul`` node in ``names`` becomes ``rewrite(node, W, prefix)`` (``W``:
-    its float weight, N rows x K; ``prefix``: the name its new tensors take, the weight's) ->
+    its float weight, N rows x K; ``prefix``: the name its new tensors take, that of the first
+    node reading the weight: a scope path, where the weight's own name may be the exporter's
+    running number, which shifts with anything traced before it) ->
     (new initializers, nodes that replace it); the float weight goes unless another node still
     reads it. Several nodes reading one weight (a module run at every step of an unrolled loop)
     share its new tensors and the nodes that make them from those: written once."""
@@ -99,13 +101,14 @@ def rewrite_matmuls(
     inits = {i.name: i for i in graph.initializer}
     dropped: set[str] = set()
     written: set[str] = set()  # tensors and node outputs already in the graph
+    prefixes: dict[str, str] = {}  # weight -> the first reader's node name
     nodes = []
     for node in graph.node:
         if node.op_type != "MatMul" or node.name not in names:
             nodes.append(node)
             continue
         w_t = numpy_helper.to_array(inits[node.input[1]])  # (K, N)
-        prefix = f"{node.input[1]}_mpq"
+        prefix = prefixes.setdefault(node.input[1], node.name)
         tensors, new_nodes = rewrite(node, np.ascontiguousarray(w_t.T, np.float32), prefix)
         graph.initializer.extend(t for t in tensors if t.name not in written)
         written |= {t.name for t in tensors}
