@@ -190,11 +190,12 @@ def plot_front_png(
                 lw=1,
                 label=f"success constraint ({100 * min_success:.1f}%)",
             )
-        for (px, py), label in _leader_labels(df, x, scale).items():
+        labels = sorted(_leader_labels(df, x, scale).items())
+        for i, ((px, py), label) in enumerate(labels):  # stacked: close points never overlap
             ax.annotate(
                 label,
                 (px, 100 * py),
-                xytext=(6, -10),
+                xytext=(6, -10 - 9 * i),
                 textcoords="offset points",
                 fontsize=7,
                 color="crimson",
