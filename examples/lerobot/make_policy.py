@@ -176,7 +176,7 @@ task_budget: 160                        # held-out frames
 output_dir: {runs}
 space:
   defaults:
-    w_bits: [4, 8, 32]
+    w_bits: [2, 4, 8, 32]
     a_bits: [8, 32]
 ray:
   workers: 2
