@@ -198,3 +198,32 @@ def test_rerouted_out_proj_ranges_are_per_sample_in_either_layout(batch_first: b
             dim=axis,
         )
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+def test_a_static_int8_conv_adds_its_bias_as_an_int32_of_its_products_scale() -> None:
+    """What ``QLinearConv`` adds (ONNX Runtime's ``WeightBiasQuantization``): the bias rounded
+    to an int32 at the scale ``s_x s_w`` of the input and weight codes the backend writes."""
+    import numpy as np
+
+    from mpq.evaluators.apply import static_ranges
+    from mpq.evaluators.backends.onnx_graph import _conv_weight_codes, _uint8_qparams
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3)
+    with torch.no_grad():
+        conv.bias.copy_(torch.randn(5) * 0.37)
+    model = torch.nn.Sequential(conv).eval()
+    layers = discover_layers(model)
+    config = QuantConfig.uniform(
+        layers, LayerChoice(w_bits=8, a_bits=8, act_mode="static", out_bits=8)
+    )
+    calibration = [(torch.randn(4, 3, 8, 8),)]
+    simulated = apply_config(model, config, calibration, layers=layers)
+    lo, hi = static_ranges(model, config, calibration, layers=layers)["0"]["input"]
+    s_x, _ = _uint8_qparams(lo, hi)
+    _, s_w, _ = _conv_weight_codes(conv.weight.detach().numpy(), False)
+    scale = np.float32(s_x) * s_w
+    want = np.round(conv.bias.detach().numpy() / scale) * scale
+    got = simulated[0].bias.detach().numpy()
+    assert np.array_equal(got, want.astype(np.float32))
+    assert not np.array_equal(got, conv.bias.detach().numpy())  # rounded: it changed
