@@ -135,7 +135,8 @@ class _Act(nn.Module):
         return self.head(x).view(-1, 8, 2), None
 
 
-def test_the_wrapped_policy_maps_raw_observations_to_raw_actions() -> None:
+def _wrapped(network: nn.Module) -> tuple[lr.LeRobotPolicy, nn.Module]:
+    """``network`` as an ACT policy's ``model``, wrapped as mpq wraps a LeRobot policy."""
     info = lr.PolicyInfo(
         "act",
         {k: (f["type"], tuple(f["shape"])) for k, f in CONFIG["input_features"].items()},
@@ -144,8 +145,12 @@ def test_the_wrapped_policy_maps_raw_observations_to_raw_actions() -> None:
         1,
     )
     policy = nn.Module()
-    policy.model = _Act()
-    wrapped = lr.LeRobotPolicy(policy, info, _stats(), _stats(), "/p").eval()
+    policy.model = network
+    return lr.LeRobotPolicy(policy, info, _stats(), _stats(), "/p").eval(), policy
+
+
+def test_the_wrapped_policy_maps_raw_observations_to_raw_actions() -> None:
+    wrapped, policy = _wrapped(_Act())
     obs = {"observation.state": torch.randn(2, 4), "observation.image": torch.rand(2, 3, 8, 8)}
     with torch.no_grad():
         got = wrapped(**obs)
@@ -225,16 +230,7 @@ def test_a_wrapped_policy_is_folded_found_in_the_export_and_lowered_as_simulated
     from mpq.spaces.space import LayerChoice, QuantConfig
 
     torch.manual_seed(0)
-    info = lr.PolicyInfo(
-        "act",
-        {k: (f["type"], tuple(f["shape"])) for k, f in CONFIG["input_features"].items()},
-        {"action": ("ACTION", (2,))},
-        CONFIG["normalization_mapping"],
-        1,
-    )
-    policy = nn.Module()
-    policy.model = _ActWithBackbone()
-    model = lr.LeRobotPolicy(policy, info, _stats(), _stats(), "/p").eval()
+    model, policy = _wrapped(_ActWithBackbone())
     obs = {"observation.state": torch.randn(1, 4), "observation.image": torch.rand(1, 3, 8, 8)}
     with torch.no_grad():
         before = model(**obs)
