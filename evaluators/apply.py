@@ -351,15 +351,18 @@ def _int32_biases(
         module = inst.model.get_submodule(la.module)
         bias = getattr(module, "bias", None)
         spec = inst.inputs.get(la.module)
-        if c.out_bits != 8 or bias is None or spec is None or spec.specs[0].range is None:
+        qlinearconv = la.kind in ("conv1d", "conv2d") and c.out_bits == 8 and c.w_bits == 8
+        if not qlinearconv or not isinstance(bias, torch.Tensor) or spec is None:
+            continue
+        if spec.specs[0].range is None:
             continue
         lo, hi = spec.specs[0].range
         s_x = choose_qparams(torch.as_tensor(lo), torch.as_tensor(hi), 8, symmetric=False).scale
         weight = getattr(model.get_submodule(la.module), la.param).detach()
         _, qp = weight_qparams(weight.float(), 8, "per_channel", None, symmetric=True)
-        scale = (s_x.float() * qp.scale.reshape(-1).float()).to(bias.dtype)
+        scale = s_x.float() * qp.scale.reshape(-1).float()  # float32, as the kernel's
         with torch.no_grad():
-            bias.copy_(torch.round(bias / scale) * scale)
+            bias.copy_((torch.round(bias.float() / scale) * scale).to(bias.dtype))
 
 
 def static_ranges(

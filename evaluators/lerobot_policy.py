@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpq.evaluators.model import fold_batchnorm
+
 SCHEME = "lerobot:"
 TYPES = ("act", "diffusion")  # the policy types whose single forward is wired (``_chunk``)
 CALIBRATION_SHARE = 0.5  # episodes calibrated on; the rest are the task's held-out frames
@@ -115,16 +117,26 @@ class Normalize(nn.Module):
     - ``MEAN_STD``: ``(x - mean) / (std + eps)``, inverse ``x std + mean``;
     - ``MIN_MAX`` (and the quantile modes with ``q01/q99``, ``q10/q90``): ``2 (x - lo) / d -
       1`` with ``d = hi - lo`` (``eps`` where 0), inverse ``(x + 1) d / 2 + lo``;
-    - ``IDENTITY``, or no statistics: ``x``.
+    - ``IDENTITY``, or no statistics at all for the key: ``x`` (as lerobot does); some of a
+      mode's statistics without the others is an error (as in lerobot).
     """
 
     def __init__(self, mode: str, stats: Mapping[str, torch.Tensor], key: str, inverse: bool):
         super().__init__()
         names = NORM_STATS.get(mode)
+        if names is None and mode != "IDENTITY":
+            raise ValueError(f"lerobot policy: {key}: normalization mode {mode!r} is not known")
+        missing = [f"{key}.{n}" for n in names or () if f"{key}.{n}" not in stats]
+        if missing and not any(k.startswith(f"{key}.") for k in stats):
+            names = None  # no statistics for this key: lerobot passes it through as it is
+        elif missing:
+            raise ValueError(
+                f"lerobot policy: {key} is normalized {mode} but its processor holds no "
+                f"{', '.join(missing)} (saved without dataset statistics?)"
+            )
         self.mode, self.inverse = mode, inverse
-        have = names is not None and all(f"{key}.{n}" in stats for n in names)
-        self.identity = not have
-        if have:
+        self.identity = names is None
+        if names is not None:
             lo, hi = (stats[f"{key}.{n}"].float() for n in names)  # type: ignore[union-attr]
             self.register_buffer("a", lo)
             self.register_buffer("b", hi)
@@ -225,8 +237,15 @@ def load_policy(folder: str | Path) -> LeRobotPolicy:
     """
     info = PolicyInfo.read(folder)
     policy_class = _lerobot()(info.type)
+    from lerobot.configs.policies import PreTrainedConfig
+
     try:
-        policy = policy_class.from_pretrained(str(folder), strict=True)
+        config = PreTrainedConfig.from_pretrained(str(folder))
+        # the backbone's pretrained weights would be downloaded (and unpickled by torch.hub)
+        # before model.safetensors overwrites them: never fetched
+        if hasattr(config, "pretrained_backbone_weights"):
+            config.pretrained_backbone_weights = None
+        policy = policy_class.from_pretrained(str(folder), config=config, strict=True)
     except Exception as exc:  # noqa: BLE001  lerobot raises many kinds
         raise ValueError(f"model 'lerobot:{folder}': does not load ({exc})") from None
     pre, post = (
@@ -235,7 +254,18 @@ def load_policy(folder: str | Path) -> LeRobotPolicy:
     )
     drop_training_only(policy, info)
     deterministic_sampling(policy, info)
+    for backbone in backbones(policy, info):  # called whole by lerobot: its BatchNorms fold
+        fold_batchnorm(backbone.eval())
     return LeRobotPolicy(policy.eval(), info, pre, post, str(Path(folder).resolve())).eval()
+
+
+def backbones(policy: nn.Module, info: PolicyInfo) -> list[nn.Module]:
+    """The vision backbones a policy calls as a whole (their BatchNorms fold into their
+    convolutions; the policy itself does not trace with ``torch.fx``)."""
+    net = policy.model if info.type == "act" else policy.diffusion  # type: ignore[attr-defined]
+    encoder = getattr(net, "rgb_encoder", net)
+    encoders = encoder if isinstance(encoder, nn.ModuleList) else [encoder]
+    return [e.backbone for e in encoders if isinstance(getattr(e, "backbone", None), nn.Module)]
 
 
 def deterministic_sampling(policy: nn.Module, info: PolicyInfo) -> bool:
@@ -283,9 +313,18 @@ def split_episodes(n: int, share: float = CALIBRATION_SHARE) -> tuple[list[int],
     return list(range(k)), list(range(k, n))
 
 
+def spread(n: int, count: int) -> list[int]:
+    """``count`` indices evenly spread over ``0..n-1`` (all of them where ``count >= n``)."""
+    return torch.linspace(0, n - 1, min(count, n)).round().long().unique().tolist()
+
+
 @cache
-def _frames(folder: str, held_out: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The observation features and action std of a dataset's calibration or held-out frames."""
+def _frames(
+    folder: str, held_out: bool, count: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The observation features of ``count`` frames evenly spread over a dataset's calibration
+    or held-out episodes (only those are decoded: a camera dataset holds many), and the
+    dataset's action std."""
     _lerobot()
     from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
 
@@ -293,7 +332,7 @@ def _frames(folder: str, held_out: bool) -> tuple[dict[str, torch.Tensor], torch
     calibration, rest = split_episodes(meta.total_episodes)
     ds = LeRobotDataset("local", root=folder, episodes=rest if held_out else calibration)
     keys = [k for k in meta.features if k.startswith("observation.")]
-    rows = [ds[i] for i in range(len(ds))]
+    rows = [ds[i] for i in spread(len(ds), count)]
     frames = {k: torch.stack([r[k] for r in rows]).float() for k in keys}
     std = torch.as_tensor(meta.stats["action"]["std"]).float()
     return frames, std
@@ -301,11 +340,9 @@ def _frames(folder: str, held_out: bool) -> tuple[dict[str, torch.Tensor], torch
 
 def calibration(folder: str) -> list[dict[str, torch.Tensor]]:
     """Up to ``CALIBRATION_FRAMES`` frames of the calibration episodes, in batches of 16."""
-    frames, _ = _frames(folder, held_out=False)
-    n = min(CALIBRATION_FRAMES, len(next(iter(frames.values()))))
-    step = max(1, len(next(iter(frames.values()))) // n)
-    picked = {k: v[::step][:n] for k, v in frames.items()}
-    return [{k: v[i : i + 16] for k, v in picked.items()} for i in range(0, n, 16)]
+    frames, _ = _frames(folder, False, CALIBRATION_FRAMES)
+    n = len(next(iter(frames.values())))
+    return [{k: v[i : i + 16] for k, v in frames.items()} for i in range(0, n, 16)]
 
 
 def example_inputs(folder: str) -> dict[str, torch.Tensor]:
@@ -321,12 +358,18 @@ def within_tolerance(
     return (err <= tolerance).flatten(1).all(1)
 
 
-@cache
-def _reference(source: str, folder: str) -> torch.Tensor:
-    float_policy = load_policy(source)
-    frames, _ = _frames(folder, held_out=True)
+def _batched(model: nn.Module, frames: dict[str, torch.Tensor], size: int = 64) -> torch.Tensor:
+    n = len(next(iter(frames.values())))
     with torch.inference_mode():
-        return float_policy(**frames)
+        chunks = [
+            model(**{k: v[i : i + size] for k, v in frames.items()}) for i in range(0, n, size)
+        ]
+    return torch.cat(chunks)
+
+
+@cache
+def _reference(source: str, folder: str, count: int) -> torch.Tensor:
+    return _batched(load_policy(source), _frames(folder, True, count)[0])
 
 
 def offline_task(folder: str, model: nn.Module, budget: int) -> dict[str, Any]:
@@ -335,18 +378,15 @@ def offline_task(folder: str, model: nn.Module, budget: int) -> dict[str, Any]:
     source = getattr(_unwrap(model), "source", None)
     if source is None:
         raise ValueError("task 'lerobot:...' measures a model loaded as 'lerobot:POLICY_DIR'")
-    frames, std = _frames(folder, held_out=True)
-    n = len(next(iter(frames.values())))
-    idx = torch.linspace(0, n - 1, min(budget, n)).round().long().unique()
-    with torch.inference_mode():
-        actions = model(**{k: v[idx] for k, v in frames.items()})
-    ok = within_tolerance(actions, _reference(source, folder)[idx], std, TOLERANCE)
+    frames, std = _frames(folder, True, budget)
+    actions = _batched(model, frames)
+    ok = within_tolerance(actions, _reference(source, folder, budget), std, TOLERANCE)
     return {  # recorded with the trial: what this success is
         "success": float(ok.float().mean()),
         "outcomes": [bool(x) for x in ok],
         "offline_proxy": 1.0,  # frames against the float policy, not episodes in a simulator
         "tolerance_std": TOLERANCE,
-        "frames": float(len(idx)),
+        "frames": float(len(ok)),
     }
 
 

@@ -95,14 +95,14 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     convolution would not be found in the export. The model keeps its class and methods; the
     outputs are equal up to float rounding. torchvision's ``FrozenBatchNorm2d`` (a ResNet
     backbone's, LeRobot ACT's) folds the same way. A model that ``torch.fx`` cannot trace is
-    folded in its children that it can (a policy's vision backbone), else left as it is."""
+    left as it is (its parent's forward may reach inside a traceable part: only the caller
+    knows which part is called as a whole, e.g. ``lerobot_policy`` folds a policy's
+    backbone)."""
     if model.training or not any(_is_batchnorm(m) for m in model.modules()):
         return model
     try:
         graph = _BatchNormLeaves().trace(model)
-    except Exception:  # noqa: BLE001  dynamic control flow: its parts are tried instead
-        for child in model.children():
-            fold_batchnorm(child)
+    except Exception:  # noqa: BLE001  dynamic control flow: nothing folded, nothing changed
         return model
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
@@ -147,8 +147,16 @@ class _BatchNormLeaves(torch.fx.Tracer):
         return _is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
 
 
+_FROZEN_FIELDS = ("weight", "bias", "running_mean", "running_var", "eps")
+
+
 def _is_batchnorm(module: nn.Module | None) -> bool:
-    return isinstance(module, _BATCHNORM) or type(module).__name__ == "FrozenBatchNorm2d"
+    """A BatchNorm, or torchvision's ``FrozenBatchNorm2d`` (by name: torchvision may not
+    import) with what folding reads (a copy elsewhere may hard-code ``eps``: left alone)."""
+    if isinstance(module, _BATCHNORM):
+        return True
+    frozen = type(module).__name__ == "FrozenBatchNorm2d"
+    return frozen and all(hasattr(module, f) for f in _FROZEN_FIELDS)
 
 
 def linear_form(model: nn.Module) -> nn.Module:

@@ -17,7 +17,7 @@ proxy reads the first tensor (``logits`` of a mapping) and the graph exports eve
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,24 +52,31 @@ def choices(output: Any) -> list[str]:
 
 
 def pick(output: Any, path: str) -> Any:
-    """The value at ``path`` (dot-separated keys, fields or indices) of ``output``.
+    """The value at ``path`` (dot-separated keys, fields or indices) of ``output``; a mapping's
+    key may hold dots itself (``observation.state``): the longest key that matches is taken.
 
     Raises:
         ValueError: a step is not there; the message says what the model returned and what
             the path may name instead.
     """
-    here = output
-    for part in path.split("."):
-        if isinstance(here, Mapping) and part in here:
-            here = here[part]
-        elif isinstance(here, tuple | list) and part.lstrip("-").isdigit():
+    here, parts, i = output, path.split("."), 0
+    while i < len(parts):
+        part = parts[i]
+        if isinstance(here, Mapping):
+            keys = [j for j in range(len(parts), i, -1) if ".".join(parts[i:j]) in here]
+            if not keys:
+                raise ValueError(_missing(path, part, here, output))
+            here, i = here[".".join(parts[i : keys[0]])], keys[0]
+            continue
+        if isinstance(here, tuple | list) and re.fullmatch(r"-?\d+", part):
             if not -len(here) <= int(part) < len(here):
                 raise ValueError(_missing(path, part, here, output))
             here = here[int(part)]
-        elif part in choices(here) and not isinstance(here, Mapping):
+        elif part in choices(here):
             here = getattr(here, part)
         else:
             raise ValueError(_missing(path, part, here, output))
+        i += 1
     return here
 
 
@@ -113,10 +120,3 @@ def select_output(model: nn.Module, spec: OutputSpec | None) -> nn.Module:
     if spec is not None:
         model.register_forward_hook(OutputSelector(spec))
     return model
-
-
-def without_selection(model: nn.Module) -> OrderedDict[int, Any]:
-    """The forward hooks of ``model`` other than an ``OutputSelector``: what a copy that calls
-    ``model`` itself must keep, so that the selection is applied once."""
-    hooks = model._forward_hooks.items()
-    return OrderedDict((k, h) for k, h in hooks if not isinstance(h, OutputSelector))

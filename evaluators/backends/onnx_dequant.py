@@ -116,4 +116,4 @@ def replace_with_dequant(model: onnx.ModelProto, choices: dict[str, LayerChoice]
         )
         return tensors, [*dq_nodes, matmul]
 
-    rewrite_matmuls(model, set(choices), rewrite)
+    rewrite_matmuls(model, set(choices), rewrite, lambda node: choices[node.name])

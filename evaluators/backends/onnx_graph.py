@@ -21,7 +21,7 @@ from mpq.spaces.discover import LayerInfo
 QDQ_CONV = ("conv1d", "conv2d")
 
 
-def gemm_to_matmul(model: onnx.ModelProto) -> dict[str, str]:
+def gemm_to_matmul(model: onnx.ModelProto) -> dict[str, list[str]]:
     """Rewrite ``Gemm(A, W, b, transB=1)`` with initializer ``W`` as ``MatMul(A, W^T) + b``.
 
     Returns: weight initializer name -> the new MatMul nodes' names (several where the module

@@ -89,6 +89,7 @@ def rewrite_matmuls(
     model: onnx.ModelProto,
     names: set[str],
     rewrite: Callable[[onnx.NodeProto, np.ndarray, str], tuple[list, list[onnx.NodeProto]]],
+    choice_of: Callable[[onnx.NodeProto], object] = lambda node: None,
 ) -> None:
     """In place: each ``MatMul`` node in ``names`` becomes ``rewrite(node, W, prefix)`` (``W``:
     its float weight, N rows x K; ``prefix``: the name its new tensors take, that of the first
@@ -96,19 +97,21 @@ def rewrite_matmuls(
     running number, which shifts with anything traced before it) ->
     (new initializers, nodes that replace it); the float weight goes unless another node still
     reads it. Several nodes reading one weight (a module run at every step of an unrolled loop)
-    share its new tensors and the nodes that make them from those: written once."""
+    share its new tensors and the nodes that make them from those: written once, where they
+    run the same choice (``choice_of``; the exporter also merges equal weights of different
+    layers into one initializer, which may run other choices: tensors of their own)."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     dropped: set[str] = set()
     written: set[str] = set()  # tensors and node outputs already in the graph
-    prefixes: dict[str, str] = {}  # weight -> the first reader's node name
+    prefixes: dict[tuple[str, str], str] = {}  # (weight, choice) -> first reader's node name
     nodes = []
     for node in graph.node:
         if node.op_type != "MatMul" or node.name not in names:
             nodes.append(node)
             continue
         w_t = numpy_helper.to_array(inits[node.input[1]])  # (K, N)
-        prefix = prefixes.setdefault(node.input[1], node.name)
+        prefix = prefixes.setdefault((node.input[1], repr(choice_of(node))), node.name)
         tensors, new_nodes = rewrite(node, np.ascontiguousarray(w_t.T, np.float32), prefix)
         graph.initializer.extend(t for t in tensors if t.name not in written)
         written |= {t.name for t in tensors}
@@ -147,7 +150,7 @@ def replace_matmuls(model: onnx.ModelProto, choices: dict[str, tuple[LayerChoice
         )
         return tensors, [nbits]
 
-    rewrite_matmuls(model, set(choices), rewrite)
+    rewrite_matmuls(model, set(choices), rewrite, lambda node: choices[node.name])
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 

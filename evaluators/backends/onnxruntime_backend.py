@@ -48,6 +48,7 @@ import contextlib
 import copy
 import io
 import warnings
+from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
@@ -105,7 +106,6 @@ from mpq.evaluators.backends.onnx_plan import (  # noqa: F401  (re-exported for 
     ran_choice,
 )
 from mpq.evaluators.inputs import Inputs, input_names, session_feeds
-from mpq.evaluators.outputs import without_selection
 from mpq.evaluators.recurrent import rewritable, sequence_lengths, with_stepwise
 from mpq.evaluators.size import config_size
 from mpq.spaces.discover import LayerInfo
@@ -128,6 +128,15 @@ def plain_outputs(model: nn.Module) -> Iterator[None]:
             setattr(config, k, v)
 
 
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
 def export_onnx(model: nn.Module, example_inputs: Inputs) -> onnx.ModelProto:
     """The graph of ``model`` on ``example_inputs``; keyword inputs become the graph's inputs
     under their names, and every other argument keeps its Python default (passed as keywords
@@ -139,7 +148,8 @@ def export_onnx(model: nn.Module, example_inputs: Inputs) -> onnx.ModelProto:
         names = list(example_inputs)
         exported = copy.copy(model)  # the same modules and parameter names, another forward
         exported.forward = lambda *xs: model(**dict(zip(names, xs, strict=True)))  # type: ignore[method-assign]
-        exported._forward_hooks = without_selection(model)  # model(...) selects its output
+        for hooks in _HOOK_DICTS:  # model(...) runs the model's hooks (an output selection)
+            setattr(exported, hooks, OrderedDict())
         args = tuple(example_inputs.values())
     with warnings.catch_warnings(), plain_outputs(model):
         warnings.simplefilter("ignore")

@@ -106,7 +106,13 @@ def test_normalization_follows_lerobots_formulas() -> None:
         inv = lr.Normalize(mode, stats, "action", True)
         torch.testing.assert_close(inv(fwd(a)), a, rtol=1e-5, atol=1e-5)
     assert torch.equal(lr.Normalize("IDENTITY", stats, "action", False)(a), a)
-    assert torch.equal(lr.Normalize("MEAN_STD", {}, "action", False)(a), a)  # no statistics
+    assert torch.equal(lr.Normalize("MEAN_STD", {}, "action", False)(a), a)  # none: as lerobot
+    with pytest.raises(
+        ValueError,
+        match=r"action is normalized MEAN_STD but its processor holds "
+        r"no action.std",
+    ):
+        lr.Normalize("MEAN_STD", {"action.mean": torch.zeros(2)}, "action", False)
 
 
 def test_saved_processor_statistics_are_read_from_safetensors(tmp_path: Path) -> None:
@@ -176,6 +182,7 @@ def test_a_frame_is_repeated_over_the_policys_history() -> None:
 def test_episodes_split_and_the_tolerance_is_per_dimension_in_std() -> None:
     assert lr.split_episodes(12) == (list(range(6)), list(range(6, 12)))
     assert lr.split_episodes(2) == ([0], [1])
+    assert lr.spread(10, 4) == [0, 3, 6, 9] and lr.spread(3, 10) == [0, 1, 2]
     with pytest.raises(ValueError, match="at least 2 episodes"):
         lr.split_episodes(1)
     ref = torch.zeros(3, 8, 2)
@@ -213,14 +220,22 @@ class _Backbone(nn.Module):
 
 
 class _ActWithBackbone(_Act):
+    """ACT's layout: a vision ``backbone`` the network calls as a whole."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.conv = _Backbone()
+        del self.conv
+        self.backbone = _Backbone()
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, None]:
+        img = self.backbone(batch["observation.images"][0]).mean((2, 3))
+        return self.head(torch.cat([img, batch["observation.state"]], -1)).view(-1, 8, 2), None
 
 
 def test_a_wrapped_policy_is_folded_found_in_the_export_and_lowered_as_simulated() -> None:
     """The wrapper calls ``policy.model`` directly, so the exporter's scopes leave ``policy``
-    out; its backbone's frozen BatchNorm folds though the wrapper does not trace."""
+    out; its backbone's frozen BatchNorm folds (the adapter folds each backbone: the wrapper
+    itself does not trace, and folding inside what does not trace is refused)."""
     import numpy as np
 
     from mpq.evaluators.apply import apply_config
@@ -234,9 +249,12 @@ def test_a_wrapped_policy_is_folded_found_in_the_export_and_lowered_as_simulated
     obs = {"observation.state": torch.randn(1, 4), "observation.image": torch.rand(1, 3, 8, 8)}
     with torch.no_grad():
         before = model(**obs)
-        fold_batchnorm(model)
+        fold_batchnorm(model)  # the policy does not trace: nothing folded, nothing changed
+        assert isinstance(policy.model.backbone.bn, FrozenBatchNorm2d)
+        for backbone in lr.backbones(policy, model.info):
+            fold_batchnorm(backbone)
         after = model(**obs)
-    assert isinstance(policy.model.conv.bn, nn.Identity)  # folded into its convolution
+    assert isinstance(policy.model.backbone.bn, nn.Identity)  # folded into its convolution
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     layers = discover_layers(model)
     config = QuantConfig(

@@ -27,6 +27,10 @@ def test_a_path_walks_keys_fields_and_indices() -> None:
     assert pick(out, "policy.value") is v
     assert pick(out, "aux.1.0") is b
     assert pick(out, "aux.-1.1") is v
+    state = {"observation.state": (a, b)}  # a key with dots (a LeRobot feature)
+    assert pick(state, "observation.state.1") is b
+    with pytest.raises(ValueError, match="with no '--1'"):
+        pick(out, "aux.--1")
 
 
 def test_a_missing_step_says_what_was_returned_and_what_to_set() -> None:
