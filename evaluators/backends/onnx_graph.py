@@ -94,8 +94,9 @@ def matmul_nodes(
         owners = [m for m in by_module if scope == m or scope.endswith(f".{m}")]
         if not owners:  # a module its parent's forward skipped (a wrapper calling
             # ``policy.model(...)``): the scope is the end of one module name, and only one
-            owners = [m for m in by_module if m.endswith(f".{scope}")][:2]
-        if len(owners) != 1 and not any(scope == m or scope.endswith(f".{m}") for m in owners):
+            skipped = [m for m in by_module if m.endswith(f".{scope}")]
+            owners = skipped if len(skipped) == 1 else []
+        if not owners:
             continue
         la = by_module[max(owners, key=len)]
         dims = inits[node.input[1]]  # W^T (K, N), or columns of it (cross-attention: q; k, v)
