@@ -197,11 +197,11 @@ def test_a_family_stores_the_formula_bytes(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_family_lowers_on_the_torch_backend_within_its_formats_tolerance(family: str) -> None:
-    """The ``torch`` backend (torchao's kernels under Inductor, its own codes and bfloat16
-    activations for int4): lowered == simulated within the per-format tolerance of the
-    backend tests, stored bytes == formula, every layer not run as asked says why."""
+    """The ``torch`` backend (torchao's kernels under Inductor; int4 with the notes' codes and
+    bfloat16 activations): lowered == simulated within the per-format tolerance of the backend
+    tests, stored bytes == formula, every layer not run as asked says why."""
     from mpq.evaluators.backends import get_backend
-    from tests.evaluators.test_backends import TOLERANCE
+    from tests.evaluators.test_backends import tolerance
 
     model, example, calibration = families.build(family)
     layers = discover_layers(model)
@@ -216,7 +216,7 @@ def test_a_family_lowers_on_the_torch_backend_within_its_formats_tolerance(famil
         want = first_tensor(simulated(**example)).float()
         got = first_tensor(lowered.run()).float()
     narrowest = min(c.w_bits for c in ran.layers.values())
-    tol = TOLERANCE[min(k for k in TOLERANCE if k >= narrowest)]
+    tol = tolerance("torch", narrowest)
     assert float((got - want).abs().max()) <= tol * float(want.abs().max())
     assert lowered.stored_bytes == lowered.predicted_bytes
 

@@ -275,21 +275,49 @@ def _bfloat16(lowered: nn.Module, la: LayerInfo, ctx: LowerContext) -> None:
     _replace(lowered, la.module, _cast_linear(lowered.get_submodule(la.module), None))
 
 
+def notes_int4_weight(weight: torch.Tensor) -> Any:
+    """The CPU int4 kernel's weight (``Int4OpaqueTensor``) holding the design notes' codes.
+
+    ``Q = clamp(round(w / s) + z, 0, 15)``, ``s = (max - min) / 15``, ``z = round(-min / s)``
+    per group of 32 (``RAN[INT4_WEIGHT_ONLY]``: asymmetric). tinygemm dequantizes
+    ``(Q - 8) s + zero`` with its zero point in the float domain, so ``zero = (8 - z) s`` gives
+    ``(Q - z) s``, the notes' ``x'``; scale and zero are stored in bfloat16, as the kernel reads
+    them (with its bfloat16 output, under ``s / 8`` from ``x'``). torchao's own choice (``from_hp``) takes the group's
+    min and max as the grid's ends with an unrounded zero: up to ``s / 2`` from ``x'``, which
+    made a lowered 4-bit model 0.11-0.17 of its output scale off the simulated one.
+    """
+    from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
+    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+    from mpq.evaluators.quantize import quantize, weight_qparams
+
+    rows = weight.shape[0]
+    grouped, qp = weight_qparams(weight, 4, "per_group", INT4_GROUP, symmetric=False)
+    codes = quantize(grouped, qp).reshape(weight.shape).cpu()
+    scale = qp.scale.reshape(rows, -1)
+    zero = ((8 - qp.zero_point) * qp.scale).reshape(rows, -1)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    bf16 = torch.bfloat16
+    scale_and_zero = pack_tinygemm_scales_and_zeros(scale.to(bf16), zero.to(bf16), bf16)
+    return Int4OpaqueTensor(packed, scale_and_zero, [1, INT4_GROUP], weight.shape)
+
+
 @handles(INT4_WEIGHT_ONLY)
 def _int4_weight_only(lowered: nn.Module, la: LayerInfo, ctx: LowerContext) -> None:
-    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    """CPU: the notes' codes (``notes_int4_weight``). CUDA: torchao's tinygemm layout with its
+    own codes (``from_hp``; K padded to 1024), not yet written from the notes' codes."""
     from torchao.quantization import Int4WeightOnlyConfig
 
-    config = (
-        Int4WeightOnlyConfig(
-            group_size=INT4_GROUP,
-            int4_packing_format="tile_packed_to_4d",
-            set_inductor_config=False,
+    linear = lowered.get_submodule(la.module)
+    if ctx.cuda:
+        config = Int4WeightOnlyConfig(
+            group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d", set_inductor_config=False
         )
-        if ctx.cuda
-        else PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP, set_inductor_config=False)
-    )
-    _replace(lowered, la.module, _cast_linear(lowered.get_submodule(la.module), config))
+        _replace(lowered, la.module, _cast_linear(linear, config))
+        return
+    cast = _cast_linear(linear, None)
+    cast.inner.weight = nn.Parameter(notes_int4_weight(linear.weight.detach()), requires_grad=False)
+    _replace(lowered, la.module, cast)
 
 
 @handles(FLOAT8_DYNAMIC)

@@ -29,12 +29,28 @@ from tests.models import (
 )
 
 # Max |lowered - simulated(ran_config)| relative to max |float output|, by narrowest width
-# (16: bfloat16 weights and activations): torchao picks its own codes and rounding.
+# (16: bfloat16 weights and activations): torchao's int8 kernels pick their own codes and
+# rounding, and so does CUDA's int4 (tinygemm's ``from_hp``).
 TOLERANCE = {32: 1e-4, 16: 0.02, 8: 0.03, 4: 0.15, 2: 0.6}
+# The CPU int4 kernel holds the notes' codes (``notes_int4_weight``): only its bfloat16 scales
+# and activations differ (measured <= 1.2e-2 on the bench-size families; torchao's own codes
+# were 0.11-0.17 off).
+CPU_INT4 = 0.03
 # onnxruntime runs the simulated model's own codes (MatMulNBits written by mpq, per-block int8
 # inputs simulated, QDQ ranges from the simulated model): only float summation order and a
 # rare rounding tie differ, at every width (measured <= 1e-4 on the MODELS below).
 EXACT_BACKENDS = {"onnxruntime": 2e-3}
+
+
+def tolerance(backend: str, narrowest: int) -> float:
+    """The lowered-vs-simulated tolerance of ``backend`` where the narrowest width that ran is
+    ``narrowest``."""
+    if backend in EXACT_BACKENDS:
+        return EXACT_BACKENDS[backend]
+    width = min(k for k in TOLERANCE if k >= narrowest)
+    return CPU_INT4 if backend == "torch" and width == 4 else TOLERANCE[width]
+
+
 CUDA = torch.cuda.is_available()
 FLOAT8 = CUDA and torch.cuda.get_device_capability() >= (8, 9)
 CPU_BACKENDS = sorted(b for b in BACKENDS if "cuda" not in b)
@@ -109,7 +125,7 @@ def test_lowered_matches_simulated(backend: str, model_name: str, seed: int) -> 
         sim = first_tensor(simulated(*x)).float()
     assert out.shape == ref.shape
     narrowest = min(c.w_bits for c in lowered.ran_config.layers.values())
-    tol = EXACT_BACKENDS.get(backend, TOLERANCE[min(k for k in TOLERANCE if k >= narrowest)])
+    tol = tolerance(backend, narrowest)
     error, scale = float((out - sim).abs().max()), float(ref.abs().max())
     kernels = sorted(set(lowered.kernels.values()))
     assert error <= tol * scale + 1e-5, (error / scale, tol, kernels)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.evaluators.test_backends import TOLERANCE
+from tests.evaluators.test_backends import tolerance
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPS = {
@@ -42,7 +42,7 @@ def test_int8_linear_matches_simulated_under_isa_cap(cap: str) -> None:
     cases = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [c["w_bits"] for c in cases] == [8, 4]
     for case in cases:
-        assert case["error"] <= TOLERANCE[case["w_bits"]], case
+        assert case["error"] <= tolerance("torch", case["w_bits"]), case
         dynamic = any("int8 x int8" in k for k in case["kernels"])
         assert dynamic == case["exact"], case  # the inexact kernel never runs
         if not case["exact"]:  # and what ran instead says why, naming the ISA
