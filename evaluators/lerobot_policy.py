@@ -21,8 +21,9 @@ lerobot's own reader): calibration frames from the first ``CALIBRATION_SHARE`` o
 example inputs one of those frames at batch 1, and the task on the other episodes (held out:
 never calibrated on). The task is an offline proxy, said in each result (``proxy``): the share of
 held-out frames whose action chunk stays within ``TOLERANCE`` of the float policy's (per action
-dimension, in units of the dataset's action standard deviation). Episodes in the policy's gym
-environment are a user task (``module:function``) where its package is installed.
+dimension, in units of the dataset's action standard deviation; ``lerobot:DIR?tolerance_std=0.25``
+sets another). Episodes in the policy's gym environment are a user task (``module:function``)
+where its package is installed.
 
 Only the parts that need lerobot itself (building the policy class, reading a dataset) import
 it; ``pip install lerobot`` is the user's (its torch pins stay out of mpq's requirements).
@@ -372,20 +373,22 @@ def _reference(source: str, folder: str, count: int) -> torch.Tensor:
     return _batched(load_policy(source), _frames(folder, True, count)[0])
 
 
-def offline_task(folder: str, model: nn.Module, budget: int) -> dict[str, Any]:
+def offline_task(
+    folder: str, model: nn.Module, budget: int, tolerance_std: float = TOLERANCE
+) -> dict[str, Any]:
     """The offline proxy on ``budget`` held-out frames (evenly spread): success is the share
-    whose action chunk stays within ``TOLERANCE`` of the float policy's; outcomes per frame."""
+    whose action chunk stays within ``tolerance_std`` of the float policy's; outcomes per frame."""
     source = getattr(_unwrap(model), "source", None)
     if source is None:
         raise ValueError("task 'lerobot:...' measures a model loaded as 'lerobot:POLICY_DIR'")
     frames, std = _frames(folder, True, budget)
     actions = _batched(model, frames)
-    ok = within_tolerance(actions, _reference(source, folder, budget), std, TOLERANCE)
+    ok = within_tolerance(actions, _reference(source, folder, budget), std, tolerance_std)
     return {  # recorded with the trial: what this success is
         "success": float(ok.float().mean()),
         "outcomes": [bool(x) for x in ok],
         "offline_proxy": 1.0,  # frames against the float policy, not episodes in a simulator
-        "tolerance_std": TOLERANCE,
+        "tolerance_std": tolerance_std,
         "frames": float(len(ok)),
     }
 
@@ -396,8 +399,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def scheme_callable(spec: str, what: str) -> Callable[..., Any]:
     """``lerobot:POLICY_DIR`` as a ``model``; ``lerobot:DATASET_DIR`` as a ``calibration``,
-    ``example_inputs`` or ``task``."""
-    folder = spec[len(SCHEME) :]
+    ``example_inputs`` or ``task`` (``lerobot:DATASET_DIR?tolerance_std=0.25``: the task's
+    tolerance, in action standard deviations)."""
+    folder, _, query = spec[len(SCHEME) :].partition("?")
+    options = _task_options(spec, what, query)
     if what == "model":
         PolicyInfo.read(folder)  # a bad folder says so before anything imports lerobot
         return partial(load_policy, folder)
@@ -406,4 +411,20 @@ def scheme_callable(spec: str, what: str) -> Callable[..., Any]:
     fns = {"calibration": calibration, "example_inputs": example_inputs, "task": offline_task}
     if what not in fns:
         raise ValueError(f"{what} {spec!r}: a lerobot dataset serves {sorted(fns)}")
-    return partial(fns[what], folder)
+    return partial(fns[what], folder, **options)
+
+
+def _task_options(spec: str, what: str, query: str) -> dict[str, float]:
+    """``tolerance_std=X`` (X > 0), for a task only; anything else is one line."""
+    if not query:
+        return {}
+    key, _, value = query.partition("=")
+    if what != "task" or key != "tolerance_std":
+        raise ValueError(f"{what} {spec!r}: only a task takes an option, '?tolerance_std=X'")
+    try:
+        tolerance = float(value)
+    except ValueError:
+        tolerance = float("nan")
+    if not tolerance > 0 or tolerance == float("inf"):
+        raise ValueError(f"{what} {spec!r}: tolerance_std must be a number > 0, not {value!r}")
+    return {"tolerance_std": tolerance}

@@ -4,7 +4,8 @@
 there is none), ``torch-cuda-fp8`` is ``torch-cuda`` with float8 where int8 activations are
 asked (Hopper/Ada, compute capability >= 8.9). Per layer, from the kind and the choice alone
 (``plan``), what runs -- torchao quantizes the original float weights into each kernel's own
-layout, and the trial records what was asked, the kernel, and the choice that ran:
+layout (the CPU int4 kernel is written with the design notes' codes, ``notes_int4_weight``),
+and the trial records what was asked, the kernel, and the choice that ran:
 
 ====================================  ==============================================  =========
 asked                                 kernel                                          ran

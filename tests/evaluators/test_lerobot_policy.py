@@ -78,6 +78,31 @@ def test_a_dataset_spec_needs_a_lerobot_dataset_folder(tmp_path: Path) -> None:
     assert callable(load_callable(f"lerobot:{tmp_path}", "task"))
 
 
+@pytest.mark.parametrize(
+    ("query", "what", "message"),
+    [
+        ("tolerance_std=0", "task", "tolerance_std must be a number > 0, not '0'"),
+        ("tolerance_std=wide", "task", "tolerance_std must be a number > 0, not 'wide'"),
+        ("tolerance_std=nan", "task", "tolerance_std must be a number > 0, not 'nan'"),
+        ("tol=0.2", "task", r"only a task takes an option, '\?tolerance_std=X'"),
+        ("tolerance_std=0.2", "calibration", r"only a task takes an option"),
+    ],
+)
+def test_a_bad_task_option_is_one_line(tmp_path: Path, query: str, what: str, message: str) -> None:
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "info.json").write_text("{}")
+    with pytest.raises(ValueError, match=message):
+        load_callable(f"lerobot:{tmp_path}?{query}", what)
+
+
+def test_the_task_tolerance_is_an_option_of_the_dataset_spec(tmp_path: Path) -> None:
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "info.json").write_text("{}")
+    task = load_callable(f"lerobot:{tmp_path}?tolerance_std=0.25", "task")
+    assert task.keywords == {"tolerance_std": 0.25}
+    assert load_callable(f"lerobot:{tmp_path}", "task").keywords == {}
+
+
 def _stats() -> dict[str, torch.Tensor]:
     return {
         "observation.state.min": torch.tensor([-1.0, 0.0, 2.0, 2.0]),
