@@ -282,9 +282,10 @@ def notes_int4_weight(weight: torch.Tensor) -> Any:
     per group of 32 (``RAN[INT4_WEIGHT_ONLY]``: asymmetric). tinygemm dequantizes
     ``(Q - 8) s + zero`` with its zero point in the float domain, so ``zero = (8 - z) s`` gives
     ``(Q - z) s``, the notes' ``x'``; scale and zero are stored in bfloat16, as the kernel reads
-    them (with its bfloat16 output, under ``s / 8`` from ``x'``). torchao's own choice (``from_hp``) takes the group's
-    min and max as the grid's ends with an unrounded zero: up to ``s / 2`` from ``x'``, which
-    made a lowered 4-bit model 0.11-0.17 of its output scale off the simulated one.
+    them (with its bfloat16 output, under ``s / 8`` from ``x'``). torchao's own choice
+    (``from_hp``) takes the group's min and max as the grid's ends with an unrounded zero: up to
+    ``s / 2`` from ``x'``, which put a lowered 4-bit model 0.11-0.17 of its output scale off
+    the simulated one.
     """
     from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
     from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
@@ -311,12 +312,15 @@ def _int4_weight_only(lowered: nn.Module, la: LayerInfo, ctx: LowerContext) -> N
     linear = lowered.get_submodule(la.module)
     if ctx.cuda:
         config = Int4WeightOnlyConfig(
-            group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d", set_inductor_config=False
+            group_size=INT4_GROUP,
+            int4_packing_format="tile_packed_to_4d",
+            set_inductor_config=False,
         )
         _replace(lowered, la.module, _cast_linear(linear, config))
         return
     cast = _cast_linear(linear, None)
-    cast.inner.weight = nn.Parameter(notes_int4_weight(linear.weight.detach()), requires_grad=False)
+    weight = notes_int4_weight(linear.weight.detach())
+    cast.inner.weight = nn.Parameter(weight, requires_grad=False)
     _replace(lowered, la.module, cast)
 
 
