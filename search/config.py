@@ -214,6 +214,13 @@ class SearchConfig(BaseModel):
     screen_budget: int = Field(
         0, ge=0, description="cheap-check task budget before the full one (0: no screening)"
     )
+    refine_budget: int = Field(
+        0,
+        ge=0,
+        description="a close call's extra episodes: a trial whose success interval after the "
+        "full budget holds the success constraint's threshold runs again on task_budget + "
+        "refine_budget episodes, which decide it (0: never)",
+    )
     trial_timeout_s: float = Field(900, gt=0, description="a trial running longer fails")
     trial_memory_mb: int | None = Field(
         None, gt=0, description="a trial allocating more than this (MiB) fails"
@@ -277,6 +284,11 @@ class SearchConfig(BaseModel):
         if self.screen_budget >= self.task_budget:
             raise ValueError(
                 f"screen_budget={self.screen_budget} must be < task_budget={self.task_budget}"
+            )
+        if self.refine_budget and self.constraints.max_success_drop is None:
+            raise ValueError(
+                f"refine_budget={self.refine_budget} needs constraints.max_success_drop: "
+                "the threshold a close call is decided against"
             )
         return self
 

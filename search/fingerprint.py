@@ -98,8 +98,10 @@ def fingerprint(cfg: SearchConfig, model: nn.Module) -> dict[str, Any]:
 def _optional(cfg: SearchConfig) -> dict[str, Any]:
     """Settings that enter the fingerprint only when set, so a study without them keeps its
     fingerprint: the QAT stage (it changes the success of the trials it runs on), the
-    output(s) read."""
+    output(s) read, a close call's extra episodes."""
     out: dict[str, Any] = {}
+    if cfg.refine_budget:
+        out["refine_budget"] = cfg.refine_budget
     if cfg.qat.when != "never":
         out["qat"] = cfg.qat.model_dump(mode="json")
     if cfg.output is not None:

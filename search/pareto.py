@@ -171,6 +171,8 @@ def trial_row(study: optuna.Study, record: TrialRecord) -> dict[str, Any]:
         # the QAT stage: success before it (post-training), None where it did not run
         "ptq_success": record.qat.get("ptq_success"),
         "qat_steps": record.qat.get("steps"),
+        # a close call measured again: the full budget's success before it, None where not
+        "success_before_refine": record.refined.get("success_before"),
     }
 
 

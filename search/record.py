@@ -37,6 +37,7 @@ class TrialAttr(StrEnum):
     FALLBACKS = "fallbacks"  # layer -> why it ran otherwise than asked
     LATENCY_INFO = "latency_info"  # how the latency was measured (CPU, threads, visits)
     QAT = "qat"  # the QAT stage: PTQ success before it, steps, seconds, checkpoint (relative)
+    REFINED = "refined"  # a close call measured again: the full budget's success before it
 
 
 class StudyAttr(StrEnum):
@@ -52,11 +53,13 @@ class StudyAttr(StrEnum):
 
 
 class Stage(StrEnum):
-    """What a trial ran: the cheap screening stage, or the full task budget."""
+    """What a trial ran: the cheap screening stage, the full task budget, a close call's
+    larger budget, or QAT."""
 
     SCREEN = "screen"
     FULL = "full"
     QAT = "qat"  # fine-tuned (quantization-aware training), then the full task budget
+    REFINE = "refine"  # a close call: task_budget + refine_budget episodes decide it
 
 
 SEARCH = "search"  # proposed_by of a trial the sampler proposed
@@ -163,6 +166,7 @@ class TrialRecord:
     attrs: Mapping[str, Any]  # the raw user attributes, for what has no typed field
     predicted: Mapping[str, float] = field(default_factory=dict)  # the sampler's, if any
     qat: Mapping[str, Any] = field(default_factory=dict)  # the QAT stage, if it ran
+    refined: Mapping[str, Any] = field(default_factory=dict)  # a close call's REFINE stage
 
     @classmethod
     def from_frozen(cls, t: FrozenTrial) -> TrialRecord:
@@ -189,6 +193,7 @@ class TrialRecord:
             attrs=dict(a),
             predicted=dict(t.system_attrs.get(PREDICTED, {})),
             qat=dict(a.get(TrialAttr.QAT, {})),
+            refined=dict(a.get(TrialAttr.REFINED, {})),
         )
 
     @property

@@ -58,18 +58,35 @@ def paired_latency(result: Mapping[str, Any], float_latency_ms: float | None) ->
     return {**result, "latency_ms": float(float_latency_ms) / float(result["speedup"])}
 
 
+def success_interval(result: Mapping[str, Any], episodes: int) -> tuple[float, float]:
+    """The 95% success interval: the task's own (``success_lo``, ``success_hi``), else
+    Wilson's over ``episodes``."""
+    lo, hi = wilson_interval(round(float(result["success"]) * episodes), episodes)
+    return float(result.get("success_lo", lo)), float(result.get("success_hi", hi))
+
+
 def success_upper(result: Mapping[str, Any], episodes: int) -> float:
-    """Upper end of the 95% success interval: the task's own (``success_hi``), else Wilson's
-    over ``episodes``."""
-    if "success_hi" in result:
-        return float(result["success_hi"])
-    return wilson_interval(round(float(result["success"]) * episodes), episodes)[1]
+    """Upper end of the 95% success interval (``success_interval``)."""
+    return success_interval(result, episodes)[1]
 
 
 def cannot_be_feasible(cfg: SearchConfig, success_hi: float, float_success: float) -> bool:
     """Even ``success_hi`` misses the success constraint ``float_success - max_success_drop``."""
     drop = cfg.constraints.max_success_drop
     return drop is not None and success_hi < float_success - drop
+
+
+def close_call(cfg: SearchConfig, result: Mapping[str, Any], float_success: float) -> bool:
+    """The full budget cannot decide whether ``result`` meets the success constraint: its 95%
+    interval holds the threshold ``float_success - max_success_drop``, so one lucky (or
+    unlucky) draw of episodes would decide whether it is feasible, and may put it on the front.
+    With ``refine_budget`` set, such a trial runs again on ``task_budget + refine_budget``
+    episodes (``Stage.REFINE``), which decide it."""
+    drop = cfg.constraints.max_success_drop
+    if not cfg.refine_budget or drop is None:
+        return False
+    lo, hi = success_interval(result, cfg.task_budget)
+    return lo < float_success - drop <= hi
 
 
 def qat_worth(

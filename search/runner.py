@@ -6,9 +6,12 @@ killed at any moment leaves finished trials untouched and running ones to be fai
 (``hygiene.py``). Only this module catches trial errors: a trial that raises, returns NaN,
 passes its time limit or loses its worker is told FAIL with the reason, and the search goes on.
 
-A trial runs in up to two stages (``record.Stage``): with ``screen_budget`` > 0 it is screened
-first and pruned or promoted by ``rules.prune_after_screen``; the full stage spends
-``task_budget`` episodes. Duplicate configurations are answered from the first evaluation.
+A trial runs in stages (``record.Stage``): with ``screen_budget`` > 0 it is screened first and
+pruned or promoted by ``rules.prune_after_screen``; the full stage spends ``task_budget``
+episodes; with ``refine_budget`` > 0 a close call (``rules.close_call``: its success interval
+holds the constraint's threshold) runs again on ``task_budget + refine_budget`` episodes, which
+decide it; the QAT stage (``qat.when``) fine-tunes what post-training quantization cannot make
+feasible. Duplicate configurations are answered from the first evaluation.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from mpq.search.storage import make_storage
 from mpq.search.study import config_from_params, distributions, open_study
 from mpq.search.worker import QAT_WEIGHTS, ArtifactFigures, eval_spec
 from mpq.spaces.space import LayerOptions, QuantConfig
+
+SUCCESS_KEYS = ("success", "success_lo", "success_hi")  # a success and its interval
 
 
 def preflight(cfg: SearchConfig, source: str) -> dict[str, LayerOptions]:
@@ -112,6 +117,7 @@ class Running:
     started: float
     screen: dict[str, Any] = field(default_factory=dict)
     ptq: dict[str, Any] = field(default_factory=dict)  # before the QAT stage, if it runs
+    full: dict[str, Any] = field(default_factory=dict)  # before the REFINE stage, if it runs
     qat_from: Stage = Stage.FULL  # the stage whose figures the QAT stage started from
 
 
@@ -327,9 +333,19 @@ class Runner:
         if run.stage == Stage.QAT:
             self._tell(run, self._after_qat(run, result), TrialState.COMPLETE)
             return
-        metrics = {**run.screen, **result}
-        for key in ("episodes", "eval_s"):  # both stages spent them
-            metrics[key] = run.screen.get(key, 0) + result.get(key, 0)
+        if run.stage == Stage.REFINE:
+            metrics = _refined(run.full, result)
+        else:
+            metrics = {**run.screen, **result}
+            for key in ("episodes", "eval_s"):  # both stages spent them
+                metrics[key] = run.screen.get(key, 0) + result.get(key, 0)
+            if rules.close_call(self.cfg, metrics, float_success):
+                run.full, run.stage = metrics, Stage.REFINE
+                episodes = self.cfg.task_budget + self.cfg.refine_budget
+                run.ref = self.tasks.submit(
+                    run.config.model_dump_json(), ArtifactFigures.NONE, episodes, None
+                )
+                return
         if rules.qat_worth(
             self.cfg, metrics, float_success, self._feasible_values(), config=run.config
         ):
@@ -357,7 +373,7 @@ class Runner:
         screen's), never a failure that loses them."""
         metrics = {**run.ptq, TrialAttr.QAT: {"failed": reason[:500]}}
         run.stage = run.qat_from
-        state = TrialState.COMPLETE if run.qat_from == Stage.FULL else TrialState.PRUNED
+        state = TrialState.PRUNED if run.qat_from == Stage.SCREEN else TrialState.COMPLETE
         self._tell(run, metrics, state)
 
     def _after_qat(self, run: Running, result: dict[str, Any]) -> dict[str, Any]:
@@ -375,9 +391,7 @@ class Runner:
         metrics = {**run.ptq, **result}
         for key in ("episodes", "eval_s"):
             metrics[key] = run.ptq.get(key, 0) + result.get(key, 0)
-        before = {
-            f"ptq_{k}": run.ptq[k] for k in ("success", "success_lo", "success_hi") if k in run.ptq
-        }
+        before = {f"ptq_{k}": run.ptq[k] for k in SUCCESS_KEYS if k in run.ptq}
         metrics[TrialAttr.QAT] = {**qat, **before, "checkpoint": str(path)}
         return metrics
 
@@ -447,6 +461,22 @@ class Runner:
         counts["front"] = len(front_trials(self.study))
         counts["target"] = self.cfg.trials
         self.progress(counts)
+
+
+def _refined(full: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """A close call's figures: the success measured on the larger budget (its interval, its
+    per-level rates), the artifact's figures of the full stage, the episodes and seconds of
+    every stage; what the full budget said is kept (``TrialAttr.REFINED``). ``outcomes`` stay
+    the full budget's: the episodes every trial ran, which paired comparisons read."""
+    outcomes = full.get("outcomes")
+    metrics = {**full, **result}
+    for key in ("episodes", "eval_s"):
+        metrics[key] = full.get(key, 0) + result.get(key, 0)
+    if outcomes is not None:
+        metrics["outcomes"] = outcomes
+    before = {f"{k}_before": full[k] for k in SUCCESS_KEYS if k in full}
+    metrics[TrialAttr.REFINED] = {**before, "episodes": result.get("episodes")}
+    return metrics
 
 
 def _reason(exc: BaseException) -> str:

@@ -343,8 +343,15 @@ def print_summary(
         columns["needs QAT (PTQ success)"] = lambda r: (
             f"yes ({r['ptq_success']:.3f})" if r.get("qat_steps") else "no"
         )
+    refined = df.get("success_before_refine")
+    if refined is not None and refined.notna().any():
+        columns["close call (full budget)"] = lambda r: (
+            f"yes ({r['success_before_refine']:.3f})"
+            if r.get("success_before_refine") is not None
+            else "no"
+        )
     for name in columns:
-        left = name == "proposed by" or name.startswith("needs QAT")
+        left = name == "proposed by" or name.startswith(("needs QAT", "close call"))
         table.add_column(name, justify="left" if left else "right", no_wrap=True)
     for _, row in df.iterrows():
         attrs = {k: (None if pd.isna(v) else v) for k, v in row.items()}

@@ -141,6 +141,11 @@ def trial_run(study_name: str, parent_id: str, t: FrozenTrial, ref: dict[str, An
         for key in ("ptq_success", "steps", "seconds", "loss_first", "loss_last"):
             if isinstance(record.qat.get(key), int | float):
                 metrics[f"qat_{key}"] = float(record.qat[key])
+    if record.refined:  # a close call: what the full budget said before it was decided
+        tags["close_call"] = "true"
+        for key in ("success_before", "success_lo_before", "success_hi_before"):
+            if isinstance(record.refined.get(key), int | float):
+                metrics[key] = float(record.refined[key])
     status = _STATUS.get(record.state, "FAILED")
     return TrialRun(record.number, tags, flat_params(record), metrics, texts, status)
 

@@ -1,4 +1,5 @@
-"""The search's pure rules: paired latency, optimistic success, pruning after the screen."""
+"""The search's pure rules: paired latency, optimistic success, pruning after the screen, close
+calls."""
 
 from __future__ import annotations
 
@@ -28,3 +29,19 @@ def test_prune_after_screen(tmp_path) -> None:  # type: ignore[no-untyped-def]
     better = (0.99, 50.0, 0.5)  # finished: more success, smaller, faster
     assert rules.prune_after_screen(cfg, hopeful, 0.9, [better])
     assert rules.constraint_names(cfg) == ["success_drop"]
+
+
+def test_a_close_call_is_an_interval_that_holds_the_threshold(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = conv_config(tmp_path, refine_budget=64)  # threshold: 0.9 - 0.05 = 0.85
+    assert rules.close_call(cfg, {"success": 0.86, "success_lo": 0.80, "success_hi": 0.92}, 0.9)
+    assert rules.close_call(cfg, {"success": 0.84, "success_lo": 0.80, "success_hi": 0.85}, 0.9)
+    assert not rules.close_call(cfg, {"success": 0.9, "success_lo": 0.86, "success_hi": 0.95}, 0.9)
+    assert not rules.close_call(cfg, {"success": 0.7, "success_lo": 0.6, "success_hi": 0.84}, 0.9)
+    # without the task's own interval: Wilson's over task_budget (32) episodes
+    assert rules.close_call(cfg, {"success": 0.875}, 0.9)
+    assert not rules.close_call(conv_config(tmp_path), {"success": 0.875}, 0.9)  # off
+
+
+def test_refine_budget_needs_a_success_constraint(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="refine_budget=8 needs constraints.max_success_drop"):
+        conv_config(tmp_path, refine_budget=8, constraints={"max_success_drop": None})

@@ -115,6 +115,34 @@ def test_screening_prunes_and_saves_episodes(ray_local: None, tmp_path: Path) ->
             assert t.user_attrs["episodes"] == 72
 
 
+def test_a_close_call_is_decided_on_more_episodes(ray_local: None, tmp_path: Path) -> None:
+    """A trial whose success interval after the full budget holds the constraint's threshold
+    runs again on task_budget + refine_budget episodes; its success is that run's, what the
+    full budget said is kept; a trial the full budget decided is not run again."""
+    from mpq.search import rules
+
+    cfg = conv_config(tmp_path, task_budget=16, refine_budget=48, trials=6)
+    result = _run(cfg)
+    float_success = float(result.float_reference["success"])
+    stages = []
+    for t in result.study.get_trials(states=(TrialState.COMPLETE,)):
+        if "duplicate_of" in t.user_attrs:
+            continue
+        stages.append(t.user_attrs["stage"])
+        before = t.user_attrs.get("refined")
+        if t.user_attrs["stage"] == "refine":
+            full = {"success": before["success_before"]}  # the task gives no interval: Wilson's
+            assert rules.close_call(cfg, full, float_success), before
+            assert t.user_attrs["episodes"] == 16 + 64 and before["episodes"] == 64
+            lo, hi = rules.success_interval(t.user_attrs, 64)
+            lo_before, hi_before = rules.success_interval(full, 16)
+            assert hi - lo < hi_before - lo_before
+        else:
+            assert before is None and not rules.close_call(cfg, t.user_attrs, float_success)
+            assert t.user_attrs["episodes"] == 16
+    assert "refine" in stages
+
+
 def test_duplicates_are_not_evaluated_twice(ray_local: None, tmp_path: Path) -> None:
     cfg = conv_config(
         tmp_path,
