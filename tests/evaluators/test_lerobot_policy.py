@@ -88,7 +88,9 @@ def test_a_dataset_spec_needs_a_lerobot_dataset_folder(tmp_path: Path) -> None:
         ("tolerance_std=0.2", "calibration", r"only a task takes an option"),
     ],
 )
-def test_a_bad_task_option_is_one_line(tmp_path: Path, query: str, what: str, message: str) -> None:
+def test_a_bad_task_option_is_one_line(
+    tmp_path: Path, query: str, what: str, message: str
+) -> None:
     (tmp_path / "meta").mkdir()
     (tmp_path / "meta" / "info.json").write_text("{}")
     with pytest.raises(ValueError, match=message):
