@@ -34,6 +34,7 @@ BABYAI = {
     "screen_budget": 0,
     "confirm_budget": 2,
     "sensitivity": {"budgets": [0.5]},
+    "refine_budget": 0,
 }
 
 
@@ -42,7 +43,9 @@ BABYAI = {
     [
         # the main job: the flagship policy (its 52 layers' sensitivity, about a minute on 2
         # cores, is left to the tiny policy's run below: the same code)
-        ("babyai/search.yaml", {**BABYAI, "sensitivity": {"enabled": False}}),
+        # (and the model-based sampler would measure that sensitivity: NSGA-II here; the
+        # sampler and the close calls' stage are tested in tests/search)
+        ("babyai/search.yaml", {**BABYAI, "sensitivity": {"enabled": False}, "sampler": "nsga2"}),
         ("babyai/tiny.yaml", BABYAI),
         ("classifier/search.yaml", {"task_budget": 200}),
         ("transformer/search.yaml", {"task_budget": 8}),  # keyword inputs through the CLI path
@@ -66,3 +69,25 @@ def test_example_runs(ray_local: None, tmp_path: Path, example: str, changes: di
     if example.startswith("babyai"):  # the deployable model and its held-out confirmation
         assert (tmp_path / "out" / "best" / "model.onnx").exists()
         assert "on held-out episodes" in text
+
+
+@pytest.mark.parametrize("example", ["transformer/bert.yaml", "transformer/vit.yaml"])
+def test_a_family_example_builds_covers_its_matrices_and_its_task_answers(example: str) -> None:
+    """The BERT and ViT configs as a user runs them (their searches are in the README; the
+    contract suite lowers both families): the model builds from the config, the space covers
+    every weight matrix (ViT's class token and position table are added, not multiplied), and
+    the task answers with per-input outcomes: the shipped checkpoints are trained (>= 0.9)."""
+    from mpq.evaluators.evaluator import get_evaluator
+    from mpq.search.config import load_search_config
+    from mpq.search.runner import preflight
+    from mpq.search.worker import eval_spec
+    from mpq.spaces.discover import coverage
+
+    cfg = load_search_config(ROOT / "examples" / example)
+    assert preflight(cfg, example)
+    evaluator = get_evaluator(eval_spec(cfg))
+    left = {name for name, _ in coverage(evaluator.model, evaluator.layers).uncovered}
+    assert left <= {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings"}
+    result = evaluator.success(None, 16)
+    assert result["success"] >= 0.9 and len(result["outcomes"]) == 16
+    assert result["success"] == result["outcomes"].count("1") / 16

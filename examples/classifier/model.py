@@ -92,13 +92,18 @@ def accuracy_task(model: nn.Module, budget: int) -> dict[str, float]:
 @torch.inference_mode()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Accuracy with its Wilson interval, and the per-image outcomes (paired comparisons)."""
+    return scored(model(x).argmax(-1) == y)
+
+
+def scored(right: torch.Tensor) -> dict[str, float]:
+    """The task's metrics from each input's right/wrong: the share right with its Wilson
+    interval, and the per-input outcomes in their fixed order (paired comparisons)."""
     from mpq.evaluators.stats import wilson_interval
 
-    budget = len(y)
-    right = model(x).argmax(-1) == y
+    budget = len(right)
     correct = int(right.sum())
     lo, hi = wilson_interval(correct, budget)
-    outcomes = "".join("1" if r else "0" for r in right.tolist())  # per image, fixed order
+    outcomes = "".join("1" if r else "0" for r in right.tolist())
     return {"success": correct / budget, "success_lo": lo, "success_hi": hi, "outcomes": outcomes}
 
 

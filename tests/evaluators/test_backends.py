@@ -101,9 +101,21 @@ def _random_config(layers, seed: int) -> QuantConfig:  # type: ignore[no-untyped
     )
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("model_name", sorted(MODELS))
-@pytest.mark.parametrize("seed", [0, 1])
+def _cases() -> list[object]:
+    """Every backend x model x seed 0 and 1, but the policy on the ``torch`` backend at seed 0
+    only: compiling it costs 35-40 s a case on 2 cores, and the families' contract tests run
+    that backend on four more models."""
+    backends = [(b, ()) if isinstance(b, str) else (b.values[0], b.marks) for b in ALL_BACKENDS]
+    return [
+        pytest.param(b, m, seed, marks=marks, id=f"{seed}-{m}-{b}")
+        for seed in (0, 1)
+        for m in sorted(MODELS)
+        for b, marks in backends
+        if not (seed == 1 and m == "babyai" and b == "torch")
+    ]
+
+
+@pytest.mark.parametrize(("backend", "model_name", "seed"), _cases())
 def test_lowered_matches_simulated(backend: str, model_name: str, seed: int) -> None:
     torch.manual_seed(seed)
     builder, inputs_fn = MODELS[model_name]
