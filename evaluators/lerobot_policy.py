@@ -425,6 +425,8 @@ def _task_options(spec: str, what: str, query: str) -> dict[str, float]:
         tolerance = float(value)
     except ValueError:
         tolerance = float("nan")
-    if not tolerance > 0 or tolerance == float("inf"):
-        raise ValueError(f"{what} {spec!r}: tolerance_std must be a number > 0, not {value!r}")
+    if not 0 < tolerance < float("inf"):
+        raise ValueError(
+            f"{what} {spec!r}: tolerance_std must be a finite number > 0, not {value!r}"
+        )
     return {"tolerance_std": tolerance}

@@ -219,7 +219,8 @@ class SearchConfig(BaseModel):
         ge=0,
         description="a close call's extra episodes: a trial whose success interval after the "
         "full budget holds the success constraint's threshold runs again on task_budget + "
-        "refine_budget episodes, which decide it (0: never)",
+        "refine_budget episodes (the task's first ones: the full budget's are run again), "
+        "which decide it (0: never)",
     )
     trial_timeout_s: float = Field(900, gt=0, description="a trial running longer fails")
     trial_memory_mb: int | None = Field(

@@ -38,11 +38,22 @@ def model_card(
     ref = dict(study.user_attrs.get(StudyAttr.FLOAT_REFERENCE, {}))
     a = t.user_attrs
     shipped = _SHIPPED[deployable["artifact"]].format(backend=cfg.latency.backend)
+    refined = a.get(TrialAttr.REFINED, {})
+    episodes = (
+        f"{cfg.task_budget} episodes per level, fixed evaluation seeds, the same for every "
+        "configuration"
+        + (
+            f"; a close call, this trial's success is of the first "
+            f"{cfg.task_budget + cfg.refine_budget} (it read {refined['success_before']:.3f} on "
+            f"{cfg.task_budget})"
+            if "success_before" in refined
+            else ""
+        )
+    )
     lines = [
         f"# {cfg.name}: trial {t.number}",
         "",
-        f"Model `{cfg.model}`, task `{cfg.task}` ({cfg.task_budget} episodes per level, fixed "
-        "evaluation seeds, the same for every configuration). Every figure below is of the "
+        f"Model `{cfg.model}`, task `{cfg.task}` ({episodes}). Every figure below is of the "
         f"model that ships, as it runs (`ran_config.yaml`); deployable file: {shipped}.",
         "",
         *([f"Why this trial: {why}.", ""] if why else []),

@@ -296,19 +296,12 @@ class Runner:
                     # Ctrl-C reaches the Ray workers of the process group too: what fails after
                     # it was interrupted, whatever the worker's own error says
                     reason = "interrupted (SIGINT)" if self._stop else _reason(exc)
-                    if run.stage == Stage.QAT and not self._stop:
-                        self._qat_failed(run, reason)
-                    else:
-                        self._fail(run, reason)
+                    self._stage_failed(run, reason)
                     continue
                 self._advance(run, result)
             elif time.monotonic() - run.started > self.cfg.trial_timeout_s:
                 self.tasks.cancel(run.ref)
-                reason = f"time limit {self.cfg.trial_timeout_s:.0f}s exceeded"
-                if run.stage == Stage.QAT:
-                    self._qat_failed(run, reason)
-                else:
-                    self._fail(run, reason)
+                self._stage_failed(run, f"time limit {self.cfg.trial_timeout_s:.0f}s exceeded")
 
     def _advance(self, run: Running, result: dict[str, Any]) -> None:
         result = rules.paired_latency(result, self.float_reference.get("latency_ms"))
@@ -341,6 +334,7 @@ class Runner:
                 metrics[key] = run.screen.get(key, 0) + result.get(key, 0)
             if rules.close_call(self.cfg, metrics, float_success):
                 run.full, run.stage = metrics, Stage.REFINE
+                run.started = time.monotonic()  # a stage of its own: its own time limit
                 episodes = self.cfg.task_budget + self.cfg.refine_budget
                 run.ref = self.tasks.submit(
                     run.config.model_dump_json(), ArtifactFigures.NONE, episodes, None
@@ -366,6 +360,27 @@ class Runner:
             qat=True,
         )
 
+    def _stage_failed(self, run: Running, reason: str) -> None:
+        """A trial's stage raised or ran out of time: a QAT or close-call stage keeps what the
+        stage before it measured (``_qat_failed``, ``_refine_failed``); anything else, or
+        anything after Ctrl-C, fails the trial."""
+        if self._stop:
+            self._fail(run, "interrupted (SIGINT)")
+        elif run.stage == Stage.QAT:
+            self._qat_failed(run, reason)
+        elif run.stage == Stage.REFINE:
+            self._refine_failed(run, reason)
+        else:
+            self._fail(run, reason)
+
+    def _refine_failed(self, run: Running, reason: str) -> None:
+        """The close call's larger run failed (time, memory, a worker): the trial is complete on
+        the full budget's figures, with the reason under ``refined``."""
+        run.stage = Stage.FULL
+        self._tell(
+            run, {**run.full, TrialAttr.REFINED: {"failed": reason[:500]}}, TrialState.COMPLETE
+        )
+
     def _qat_failed(self, run: Running, reason: str) -> None:
         """QAT failed (a loss that is not finite, out of memory, time): the trial keeps what
         post-training quantization measured, with the reason; after a full evaluation it is
@@ -389,6 +404,7 @@ class Runner:
         write_atomic(Path(self.cfg.output_dir) / path, weights)
         qat["sha256"] = hashlib.sha256(weights).hexdigest()  # the export ships these bytes
         metrics = {**run.ptq, **result}
+        metrics.pop(TrialAttr.REFINED, None)  # its success is the fine-tuned model's
         for key in ("episodes", "eval_s"):
             metrics[key] = run.ptq.get(key, 0) + result.get(key, 0)
         before = {f"ptq_{k}": run.ptq[k] for k in SUCCESS_KEYS if k in run.ptq}

@@ -155,6 +155,13 @@ def convnet_task(model: nn.Module, budget: int) -> dict[str, float]:
     return {"success": float(agree.mean()), "n": float(budget)}
 
 
+def capped_task(model: nn.Module, budget: int) -> dict[str, float]:
+    """``convnet_task`` on up to 16 inputs; more raises (a close call's larger run fails)."""
+    if budget > 16:
+        raise RuntimeError(f"no more than 16 inputs, asked for {budget}")
+    return convnet_task(model, budget)
+
+
 def _weight_levels(model: nn.Module) -> int:
     return int(torch.unique(model.fc.weight[0]).numel())
 

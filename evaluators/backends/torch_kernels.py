@@ -279,10 +279,12 @@ def notes_int4_weight(weight: torch.Tensor) -> Any:
     """The CPU int4 kernel's weight (``Int4OpaqueTensor``) holding the design notes' codes.
 
     ``Q = clamp(round(w / s) + z, 0, 15)``, ``s = (max - min) / 15``, ``z = round(-min / s)``
-    per group of 32 (``RAN[INT4_WEIGHT_ONLY]``: asymmetric). tinygemm dequantizes
-    ``(Q - 8) s + zero`` with its zero point in the float domain, so ``zero = (8 - z) s`` gives
-    ``(Q - z) s``, the notes' ``x'``; scale and zero are stored in bfloat16, as the kernel reads
-    them (with its bfloat16 output, under ``s / 8`` from ``x'``). torchao's own choice
+    per group of 32 (``RAN[INT4_WEIGHT_ONLY]``: asymmetric; ``quantize.choose_qparams``, which
+    widens the range to hold 0 and clamps ``z`` to [0, 15], as the simulated model does).
+    tinygemm dequantizes ``(Q - 8) s + zero`` with its zero point in the float domain, so
+    ``zero = (8 - z) s`` gives ``(Q - z) s``, the notes' ``x'``; scale and zero are stored in
+    bfloat16, as the kernel reads them (with its bfloat16 output, under ``s / 8`` from
+    ``x'``). torchao's own choice
     (``from_hp``) takes the group's min and max as the grid's ends with an unrounded zero: up to
     ``s / 2`` from ``x'``, which put a lowered 4-bit model 0.11-0.17 of its output scale off
     the simulated one.
@@ -294,7 +296,7 @@ def notes_int4_weight(weight: torch.Tensor) -> Any:
 
     rows = weight.shape[0]
     grouped, qp = weight_qparams(weight, 4, "per_group", INT4_GROUP, symmetric=False)
-    codes = quantize(grouped, qp).reshape(weight.shape).cpu()
+    codes = quantize(grouped, qp).reshape(weight.shape)
     scale = qp.scale.reshape(rows, -1)
     zero = ((8 - qp.zero_point) * qp.scale).reshape(rows, -1)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)

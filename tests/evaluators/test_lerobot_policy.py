@@ -81,9 +81,10 @@ def test_a_dataset_spec_needs_a_lerobot_dataset_folder(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("query", "what", "message"),
     [
-        ("tolerance_std=0", "task", "tolerance_std must be a number > 0, not '0'"),
-        ("tolerance_std=wide", "task", "tolerance_std must be a number > 0, not 'wide'"),
-        ("tolerance_std=nan", "task", "tolerance_std must be a number > 0, not 'nan'"),
+        ("tolerance_std=0", "task", "tolerance_std must be a finite number > 0, not '0'"),
+        ("tolerance_std=wide", "task", "must be a finite number > 0, not 'wide'"),
+        ("tolerance_std=nan", "task", "must be a finite number > 0, not 'nan'"),
+        ("tolerance_std=inf", "task", "must be a finite number > 0, not 'inf'"),
         ("tol=0.2", "task", r"only a task takes an option, '\?tolerance_std=X'"),
         ("tolerance_std=0.2", "calibration", r"only a task takes an option"),
     ],

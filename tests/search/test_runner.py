@@ -122,6 +122,7 @@ def test_a_close_call_is_decided_on_more_episodes(ray_local: None, tmp_path: Pat
     from mpq.search import rules
 
     cfg = conv_config(tmp_path, task_budget=16, refine_budget=48, trials=6)
+    larger = cfg.task_budget + cfg.refine_budget
     result = _run(cfg)
     float_success = float(result.float_reference["success"])
     stages = []
@@ -133,14 +134,30 @@ def test_a_close_call_is_decided_on_more_episodes(ray_local: None, tmp_path: Pat
         if t.user_attrs["stage"] == "refine":
             full = {"success": before["success_before"]}  # the task gives no interval: Wilson's
             assert rules.close_call(cfg, full, float_success), before
-            assert t.user_attrs["episodes"] == 16 + 64 and before["episodes"] == 64
-            lo, hi = rules.success_interval(t.user_attrs, 64)
-            lo_before, hi_before = rules.success_interval(full, 16)
+            assert t.user_attrs["episodes"] == cfg.task_budget + larger
+            assert before["episodes"] == larger
+            lo, hi = rules.success_interval(t.user_attrs, larger)
+            lo_before, hi_before = rules.success_interval(full, cfg.task_budget)
             assert hi - lo < hi_before - lo_before
         else:
             assert before is None and not rules.close_call(cfg, t.user_attrs, float_success)
-            assert t.user_attrs["episodes"] == 16
+            assert t.user_attrs["episodes"] == cfg.task_budget
     assert "refine" in stages
+
+
+def test_a_close_call_whose_larger_run_fails_keeps_the_full_budgets_figures(
+    ray_local: None, tmp_path: Path
+) -> None:
+    cfg = conv_config(
+        tmp_path, task="tests.models:capped_task", task_budget=16, refine_budget=48, trials=3
+    )
+    trials = _run(cfg).study.get_trials()
+    refined = [t for t in trials if "refined" in t.user_attrs]
+    assert refined  # every close call's larger run raised
+    for t in refined:
+        assert t.state == TrialState.COMPLETE and t.user_attrs["stage"] == "full"
+        assert t.user_attrs["episodes"] == cfg.task_budget
+        assert "no more than 16 inputs, asked for 64" in t.user_attrs["refined"]["failed"]
 
 
 def test_duplicates_are_not_evaluated_twice(ray_local: None, tmp_path: Path) -> None:
