@@ -121,7 +121,7 @@ def test_a_close_call_is_decided_on_more_episodes(ray_local: None, tmp_path: Pat
     full budget said is kept; a trial the full budget decided is not run again."""
     from mpq.search import rules
 
-    cfg = conv_config(tmp_path, task_budget=16, refine_budget=48, trials=6)
+    cfg = conv_config(tmp_path, task_budget=16, refine_budget=48, trials=4)
     larger = cfg.task_budget + cfg.refine_budget
     result = _run(cfg)
     float_success = float(result.float_reference["success"])
