@@ -7,8 +7,10 @@ once its grace period is over.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
+import threading
 import time
 from collections.abc import Callable, Collection
 
@@ -40,6 +42,49 @@ def record_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
     no public call for it, so this reaches the storage (``_storage``, ``_trial_id``) here only.
     """
     study._storage.record_heartbeat(trial._trial_id)  # noqa: SLF001
+
+
+class Heartbeat:
+    """Records the heartbeats of this process's RUNNING trials every ``HEARTBEAT_INTERVAL_S``
+    from a thread, as Optuna's ``Study.optimize`` does: a trial is alive while its process is,
+    not only while the search loop turns. A loop that stalls past ``GRACE_PERIOD_S`` (a slow
+    tracking call, two searches on two busy cores) would otherwise see its trial failed as
+    stale by another search, and its result refused by the storage.
+    """
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+        self._trials: dict[int, optuna.Trial] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="mpq-heartbeat", daemon=True)
+
+    def add(self, trial: optuna.Trial) -> None:
+        """Beat for ``trial`` from now on (and once now)."""
+        record_heartbeat(self._study, trial)
+        with self._lock:
+            self._trials[trial.number] = trial
+
+    def discard(self, number: int) -> None:
+        with self._lock:
+            self._trials.pop(number, None)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_INTERVAL_S):
+            with self._lock:
+                trials = list(self._trials.values())
+            for trial in trials:
+                # a storage outage: the loop's own calls meet it and say so
+                with contextlib.suppress(Exception):
+                    record_heartbeat(self._study, trial)
 
 
 def _fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> FrozenTrial:

@@ -21,7 +21,8 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,7 @@ class Runner:
         self.progress = progress
         self.tasks = TrialTasks(cfg, self.spec)
         self.running: dict[int, Running] = {}
+        self.heartbeat = hygiene.Heartbeat(self.study)
         self.float_reference: dict[str, Any] = {}
         self.latency_table: str | None = None
         self._stop = False
@@ -206,7 +208,8 @@ class Runner:
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            self._loop()
+            with self.heartbeat:
+                self._loop()
         except KeyboardInterrupt:
             self._stop = True
         except BaseException as exc:  # a bug or a storage error: no trial left RUNNING behind
@@ -236,8 +239,6 @@ class Runner:
             if not self.running:
                 break
             self._poll()
-            for run in self.running.values():
-                hygiene.record_heartbeat(self.study, run.trial)
             self._report()
         if not self._stop:
             hygiene.settle(self.study, self._track)
@@ -268,7 +269,7 @@ class Runner:
             and (self.finished_count() + len(self.running) < self.cfg.trials)
         ):
             trial = self.study.ask(self.dists)
-            hygiene.record_heartbeat(self.study, trial)
+            self.heartbeat.add(trial)
             config = config_from_params(self.resolved, trial.params)
             trial.set_user_attr(TrialAttr.CONFIG_KEY, config.key())
             trial.set_user_attr(
@@ -289,19 +290,43 @@ class Runner:
     def _poll(self) -> None:
         ready = self.tasks.ready([r.ref for r in self.running.values()])
         for run in list(self.running.values()):
-            if run.ref in ready:
-                try:
-                    result = self.tasks.result(run.ref)
-                except Exception as exc:  # noqa: BLE001  a failed trial is data, not a crash
-                    # Ctrl-C reaches the Ray workers of the process group too: what fails after
-                    # it was interrupted, whatever the worker's own error says
-                    reason = "interrupted (SIGINT)" if self._stop else _reason(exc)
-                    self._stage_failed(run, reason)
-                    continue
-                self._advance(run, result)
-            elif time.monotonic() - run.started > self.cfg.trial_timeout_s:
-                self.tasks.cancel(run.ref)
-                self._stage_failed(run, f"time limit {self.cfg.trial_timeout_s:.0f}s exceeded")
+            with self._unless_failed_elsewhere(run):
+                self._poll_one(run, ready)
+
+    def _poll_one(self, run: Running, ready: Collection[Any]) -> None:
+        if run.ref in ready:
+            try:
+                result = self.tasks.result(run.ref)
+            except Exception as exc:  # noqa: BLE001  a failed trial is data, not a crash
+                # Ctrl-C reaches the Ray workers of the process group too: what fails after
+                # it was interrupted, whatever the worker's own error says
+                reason = "interrupted (SIGINT)" if self._stop else _reason(exc)
+                self._stage_failed(run, reason)
+                return
+            self._advance(run, result)
+        elif time.monotonic() - run.started > self.cfg.trial_timeout_s:
+            self.tasks.cancel(run.ref)
+            self._stage_failed(run, f"time limit {self.cfg.trial_timeout_s:.0f}s exceeded")
+
+    @contextlib.contextmanager
+    def _unless_failed_elsewhere(self, run: Running) -> Iterator[None]:
+        """Let go of a trial that another search failed as stale while it ran here (this
+        process stalled past the heartbeat's grace period, e.g. suspended): the storage refuses
+        a second answer and keeps the first, so this one is dropped, and said so."""
+        try:
+            yield
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self._release(run.trial.number)
+            warnings.warn(
+                f"trial {run.trial.number} was failed as stale by another search while it ran"
+                " here: its result is dropped",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _release(self, number: int) -> None:
+        self.running.pop(number, None)
+        self.heartbeat.discard(number)
 
     def _advance(self, run: Running, result: dict[str, Any]) -> None:
         result = rules.paired_latency(result, self.float_reference.get("latency_ms"))
@@ -435,7 +460,7 @@ class Runner:
             self.seen[run.config.key()] = frozen
         else:
             frozen = self.study.tell(trial, state=state)
-        self.running.pop(trial.number, None)
+        self._release(trial.number)
         self._track(frozen)
 
     def _tell_duplicate(self, trial: optuna.Trial, first: FrozenTrial) -> None:
@@ -448,12 +473,13 @@ class Runner:
             trial.set_constraint(name, value)
         trial.set_user_attr(TrialAttr.DUPLICATE_OF, first.number)
         trial.set_user_attr("episodes", 0)
+        self.heartbeat.discard(trial.number)
         self._track(self.study.tell(trial, list(first.values or [])))
 
     def _fail(self, run: Running, reason: str, track: bool = True) -> None:
         run.trial.set_user_attr(TrialAttr.FAIL_REASON, reason[:500])
         frozen = self.study.tell(run.trial, state=TrialState.FAIL)
-        self.running.pop(run.trial.number, None)
+        self._release(run.trial.number)
         if track:
             self._track(frozen)
 
@@ -465,7 +491,8 @@ class Runner:
         """Cancel the trials in flight and fail them with ``reason``."""
         for run in list(self.running.values()):
             self.tasks.cancel(run.ref)
-            self._fail(run, reason, track)
+            with self._unless_failed_elsewhere(run):
+                self._fail(run, reason, track)
 
     def _report(self) -> None:
         if self.progress is None:

@@ -248,6 +248,38 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed(
     assert t.state == TrialState.FAIL and t.user_attrs["fail_reason"] == "killed before it started"
 
 
+def test_a_trial_failed_as_stale_elsewhere_is_dropped_not_a_crash(
+    ray_local: None, tmp_path: Path
+) -> None:
+    """Another search failed one of ours as stale while it ran here (this process stalled
+    past the grace period): the storage keeps that first answer; the search says so and goes
+    on, and the other trials are told as usual."""
+    from mpq.search import hygiene
+
+    runner = Runner(conv_config(tmp_path, trials=4))
+    runner.prepare()
+    result, victims = runner.tasks.result, []
+
+    def fail_first_elsewhere(ref):  # type: ignore[no-untyped-def]
+        if not victims:
+            run = next(r for r in runner.running.values() if r.ref is ref)
+            victims.append(run.trial.number)
+            frozen = runner.study._storage.get_trial(run.trial._trial_id)  # noqa: SLF001
+            hygiene._fail_trial(runner.study, frozen, hygiene.STALE)  # noqa: SLF001
+        return result(ref)
+
+    runner.tasks.result = fail_first_elsewhere  # type: ignore[method-assign]
+    with pytest.warns(RuntimeWarning, match=r"was failed as stale by another search .*dropped"):
+        study = runner.run().study
+    (victim,) = victims
+    assert study.trials[victim].state == TrialState.FAIL
+    assert study.trials[victim].user_attrs["fail_reason"] == hygiene.STALE
+    assert not runner.running
+    others = [t for t in study.trials if t.number != victim]
+    assert len([t for t in others if t.state.is_finished()]) == 3
+    assert any(t.state == TrialState.COMPLETE for t in others)
+
+
 def test_an_error_in_the_loop_leaves_no_trial_running(ray_local: None, tmp_path: Path) -> None:
     """A bug (here in the tracking callback) stops the search with that error; the trials in
     flight are failed with it rather than left RUNNING."""
