@@ -79,9 +79,10 @@ def int4_layout(layer: LayerInfo, device: str) -> tuple[int, int] | None:
     """``(rows, K)`` the int4 kernel stores for ``layer`` on ``device``; None where it doesn't fit.
 
     CPU (``Int4OpaqueTensor``): groups of 32 along K and tiles of 16 rows, nothing padded, so
-    K % 32 == 0 and N % 16 == 0. CUDA (tinygemm, ``Int4TilePackedTo4dTensor``): K padded up to a
-    multiple of 1024 and N to 8 -- a 384-wide layer stores 1024 columns -- so int4 is used only
-    where the padded weight is smaller than int8's, else int8.
+    K % 32 == 0 and N % 16 == 0. CUDA (tinygemm, ``Int4TilePackedTo4dTensor``): K % 32 == 0
+    (the notes' groups are the kernel's), K padded up to a multiple of 1024 and N to 8 -- a
+    384-wide layer stores 1024 columns -- so int4 is used only where the padded weight is
+    smaller than int8's, else int8.
     """
     rows, k = layer.shape[0], layer.reduction_size
     if device == "cpu":
@@ -89,7 +90,7 @@ def int4_layout(layer: LayerInfo, device: str) -> tuple[int, int] | None:
         return (rows, k) if fits else None
     padded = _round_up(rows, 8), _round_up(k, 1024)
     smaller = _int4_bytes(*padded) < packed_layer_bytes(layer, INT8_WEIGHT_ONLY)
-    return padded if smaller else None
+    return padded if smaller and k % INT4_GROUP == 0 else None
 
 
 def _int4_bytes(rows: int, k: int) -> int:
@@ -276,50 +277,55 @@ def _bfloat16(lowered: nn.Module, la: LayerInfo, ctx: LowerContext) -> None:
 
 
 def notes_int4_weight(weight: torch.Tensor) -> Any:
-    """The CPU int4 kernel's weight (``Int4OpaqueTensor``) holding the design notes' codes.
+    """The int4 kernel's weight holding the design notes' codes: CPU ``Int4OpaqueTensor``, CUDA
+    tinygemm ``Int4TilePackedTo4dTensor`` (on ``weight``'s device).
 
     ``Q = clamp(round(w / s) + z, 0, 15)``, ``s = (max - min) / 15``, ``z = round(-min / s)``
     per group of 32 (``RAN[INT4_WEIGHT_ONLY]``: asymmetric; ``quantize.choose_qparams``, which
     widens the range to hold 0 and clamps ``z`` to [0, 15], as the simulated model does).
-    tinygemm dequantizes ``(Q - 8) s + zero`` with its zero point in the float domain, so
-    ``zero = (8 - z) s`` gives ``(Q - z) s``, the notes' ``x'``; scale and zero are stored in
-    bfloat16, as the kernel reads them (with its bfloat16 output, under ``s / 8`` from
-    ``x'``). torchao's own choice
-    (``from_hp``) takes the group's min and max as the grid's ends with an unrounded zero: up to
-    ``s / 2`` from ``x'``, which put a lowered 4-bit model 0.11-0.17 of its output scale off
-    the simulated one.
+    tinygemm (both devices) dequantizes ``(Q - 8) s + zero`` with its zero point in the float
+    domain, so ``zero = (8 - z) s`` gives ``(Q - z) s``, the notes' ``x'``; scale and zero are
+    stored in bfloat16, as the kernel reads them (with its bfloat16 output, under ``s / 8``
+    from ``x'``). torchao's own choice (``from_hp``) takes the group's min and max as the
+    grid's ends with an unrounded zero: up to ``s / 2`` from ``x'``, which put a lowered 4-bit
+    model 0.11-0.17 of its output scale off the simulated one.
+
+    CUDA pads K to a multiple of 1024 and N to 8 (``int4_layout``): padded codes are 8 with
+    scale 1 and zero 0, so they dequantize to 0 (and meet zero-padded activations anyway).
     """
-    from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
     from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
 
     from mpq.evaluators.quantize import quantize, weight_qparams
 
-    rows = weight.shape[0]
+    rows, k = weight.shape
     grouped, qp = weight_qparams(weight, 4, "per_group", INT4_GROUP, symmetric=False)
-    codes = quantize(grouped, qp).reshape(weight.shape)
+    codes = quantize(grouped, qp).reshape(weight.shape).to(torch.int32)
     scale = qp.scale.reshape(rows, -1)
     zero = ((8 - qp.zero_point) * qp.scale).reshape(rows, -1)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     bf16 = torch.bfloat16
+    if weight.device.type != "cuda":
+        from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
+
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        scale_and_zero = pack_tinygemm_scales_and_zeros(scale.to(bf16), zero.to(bf16), bf16)
+        return Int4OpaqueTensor(packed, scale_and_zero, [1, INT4_GROUP], weight.shape)
+    from torchao.quantization import Int4TilePackedTo4dTensor
+
+    pad_rows, pad_k = _round_up(rows, 8) - rows, _round_up(k, 1024) - k
+    codes = nn.functional.pad(codes, (0, pad_k, 0, pad_rows), value=8)
+    groups = (0, pad_k // INT4_GROUP, 0, pad_rows)
+    scale = nn.functional.pad(scale, groups, value=1.0)
+    zero = nn.functional.pad(zero, groups, value=0.0)
+    pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack(pairs, 8)  # inner_k_tiles, torchao's
     scale_and_zero = pack_tinygemm_scales_and_zeros(scale.to(bf16), zero.to(bf16), bf16)
-    return Int4OpaqueTensor(packed, scale_and_zero, [1, INT4_GROUP], weight.shape)
+    return Int4TilePackedTo4dTensor(packed, scale_and_zero, [1, INT4_GROUP], weight.shape)
 
 
 @handles(INT4_WEIGHT_ONLY)
 def _int4_weight_only(lowered: nn.Module, la: LayerInfo, ctx: LowerContext) -> None:
-    """CPU: the notes' codes (``notes_int4_weight``). CUDA: torchao's tinygemm layout with its
-    own codes (``from_hp``; K padded to 1024), not yet written from the notes' codes."""
-    from torchao.quantization import Int4WeightOnlyConfig
-
+    """The notes' codes in the device's tinygemm layout (``notes_int4_weight``)."""
     linear = lowered.get_submodule(la.module)
-    if ctx.cuda:
-        config = Int4WeightOnlyConfig(
-            group_size=INT4_GROUP,
-            int4_packing_format="tile_packed_to_4d",
-            set_inductor_config=False,
-        )
-        _replace(lowered, la.module, _cast_linear(linear, config))
-        return
     cast = _cast_linear(linear, None)
     weight = notes_int4_weight(linear.weight.detach())
     cast.inner.weight = nn.Parameter(weight, requires_grad=False)

@@ -35,7 +35,7 @@ TOLERANCE = {32: 1e-4, 16: 0.02, 8: 0.03, 4: 0.15, 2: 0.6}
 # The CPU int4 kernel holds the notes' codes (``notes_int4_weight``): only its bfloat16 scales
 # and activations differ (measured <= 1.2e-2 on the bench-size families; torchao's own codes
 # were 0.11-0.17 off).
-CPU_INT4 = 0.03
+INT4 = 0.03
 # onnxruntime runs the simulated model's own codes (MatMulNBits written by mpq, per-block int8
 # inputs simulated, QDQ ranges from the simulated model): only float summation order and a
 # rare rounding tie differ, at every width (measured <= 1e-4 on the MODELS below).
@@ -48,7 +48,7 @@ def tolerance(backend: str, narrowest: int) -> float:
     if backend in EXACT_BACKENDS:
         return EXACT_BACKENDS[backend]
     width = min(k for k in TOLERANCE if k >= narrowest)
-    return CPU_INT4 if backend == "torch" and width == 4 else TOLERANCE[width]
+    return INT4 if backend.startswith("torch") and width == 4 else TOLERANCE[width]
 
 
 CUDA = torch.cuda.is_available()
