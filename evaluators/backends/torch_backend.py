@@ -4,7 +4,7 @@
 there is none), ``torch-cuda-fp8`` is ``torch-cuda`` with float8 where int8 activations are
 asked (Hopper/Ada, compute capability >= 8.9). Per layer, from the kind and the choice alone
 (``plan``), what runs -- torchao quantizes the original float weights into each kernel's own
-layout (the CPU int4 kernel is written with the design notes' codes, ``notes_int4_weight``),
+layout (the int4 kernels are written with the design notes' codes, ``notes_int4_weight``),
 and the trial records what was asked, the kernel, and the choice that ran:
 
 ====================================  ==============================================  =========
@@ -17,7 +17,7 @@ Linear, w <= 8, a8                    int8 x int8, activations quantized per tok
 (K, N % 16 == 0)                      ``torch-cuda-fp8``: float8 e4m3 rows            w8 a8
 Linear, w <= 4, a32/a16, where the    int4 weight-only, groups of 32, bfloat16        w4 g32 a16
 int4 layout fits (``int4_layout``)    activations (CPU ``Int4OpaqueTensor``; CUDA
-                                      tinygemm ``Int4WeightOnly``, K padded to 1024)
+                                      tinygemm tiles, K padded to 1024)
 Linear, other w <= 8, a32/a16         int8 weight-only (``Int8WeightOnly``)           w8 a32
 Linear, w16                           bfloat16 weights and activations                w16 a16
 GRU/LSTM/RNN, every weight w <= 8     ``quantize_dynamic`` int8 (CPU only)            w8 a8
