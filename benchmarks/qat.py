@@ -42,6 +42,9 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=100, help="task budget per level")
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--variants", nargs="+", default=["one-step", "progressive", "lsq"])
+    p.add_argument(
+        "--data", default=None, help="qat.data: module:function -> batches (default: calibration)"
+    )
     args = p.parse_args()
     cfg = load_search_config(args.config, task_budget=args.episodes)
     preflight(cfg, str(args.config))
@@ -49,10 +52,11 @@ def main() -> None:
     ev.use_kernels(None)
     float_success = ev.success(None, args.episodes)
     float_bytes = ev.artifact(QuantConfig.uniform(ev.layers, LayerChoice()))["size_bytes"]
+    common = {"steps": args.steps, "lr": args.lr, "data": args.data}
     variants = {
-        "one-step": QatSettings(steps=args.steps, lr=args.lr),
-        "progressive": QatSettings(steps=args.steps, lr=args.lr, progressive=True),
-        "lsq": QatSettings(steps=args.steps, lr=args.lr, lsq=True),
+        "one-step": QatSettings(**common),
+        "progressive": QatSettings(**common, progressive=True),
+        "lsq": QatSettings(**common, lsq=True),
     }
     rows = []
     with Progress() as progress:
@@ -78,7 +82,8 @@ def main() -> None:
     print(
         f"\n{cfg.model}: float success {_fmt(float_success)}, {float_bytes:,} bytes "
         f"({cfg.latency.backend}); {args.episodes} episodes per level, the same for every row; "
-        f"QAT {args.steps} steps, lr {args.lr}, distillation (KL) on the calibration inputs.\n"
+        f"QAT {args.steps} steps, lr {args.lr}, distillation (KL) on "
+        f"{args.data or 'the calibration inputs'}.\n"
     )
     head = " | ".join(f"{v} QAT (s)" for v in args.variants)
     print(f"| weights (as run) | deployable bytes | x smaller | PTQ | {head} |")

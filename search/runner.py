@@ -354,9 +354,7 @@ class Runner:
         if run.stage == Stage.REFINE:
             metrics = _refined(run.full, result)
         else:
-            metrics = {**run.screen, **result}
-            for key in ("episodes", "eval_s"):  # both stages spent them
-                metrics[key] = run.screen.get(key, 0) + result.get(key, 0)
+            metrics = _spent(run.screen, result)
             if rules.close_call(self.cfg, metrics, float_success):
                 run.full, run.stage = metrics, Stage.REFINE
                 run.started = time.monotonic()  # a stage of its own: its own time limit
@@ -428,10 +426,8 @@ class Runner:
         path = (folder / f"trial-{run.trial.number}.pt").relative_to(self.cfg.output_dir)
         write_atomic(Path(self.cfg.output_dir) / path, weights)
         qat["sha256"] = hashlib.sha256(weights).hexdigest()  # the export ships these bytes
-        metrics = {**run.ptq, **result}
+        metrics = _spent(run.ptq, result)
         metrics.pop(TrialAttr.REFINED, None)  # its success is the fine-tuned model's
-        for key in ("episodes", "eval_s"):
-            metrics[key] = run.ptq.get(key, 0) + result.get(key, 0)
         before = {f"ptq_{k}": run.ptq[k] for k in SUCCESS_KEYS if k in run.ptq}
         metrics[TrialAttr.QAT] = {**qat, **before, "checkpoint": str(path)}
         return metrics
@@ -506,15 +502,22 @@ class Runner:
         self.progress(counts)
 
 
+def _spent(before: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """A later stage's figures over an earlier one's, with the episodes and evaluation time
+    of both stages added up (what the trial spent in all)."""
+    metrics = {**before, **result}
+    for key in ("episodes", "eval_s"):
+        metrics[key] = before.get(key, 0) + result.get(key, 0)
+    return metrics
+
+
 def _refined(full: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     """A close call's figures: the success measured on the larger budget (its interval, its
     per-level rates), the artifact's figures of the full stage, the episodes and seconds of
     every stage; what the full budget said is kept (``TrialAttr.REFINED``). ``outcomes`` stay
     the full budget's: the episodes every trial ran, which paired comparisons read."""
     outcomes = full.get("outcomes")
-    metrics = {**full, **result}
-    for key in ("episodes", "eval_s"):
-        metrics[key] = full.get(key, 0) + result.get(key, 0)
+    metrics = _spent(full, result)
     if outcomes is not None:
         metrics["outcomes"] = outcomes
     before = {f"{k}_before": full[k] for k in SUCCESS_KEYS if k in full}

@@ -14,6 +14,7 @@ from mpq.zoo.babyai import (
     evaluate_episodes,
     example_inputs,
     tokenize,
+    training_batches,
 )
 from mpq.zoo.babyai.demos import EVAL_SEED_BASE, HELDOUT_SEED_BASE, LEVEL_STRIDE, TRAIN_SEED_BASE
 from mpq.zoo.babyai.policy import MAX_TOKENS
@@ -75,6 +76,18 @@ def test_calibration_and_example_inputs() -> None:
     )
     logits, new_memory = build_policy()(image, tokens, memory)
     assert logits.shape == (1, 1, 7) and new_memory.shape == memory.shape
+
+
+def test_qat_data_is_demos_on_the_training_seeds() -> None:
+    """``qat.data`` for the shipped policies: bot demos on the training seeds, never the
+    held-out (calibration) or evaluation ones."""
+    from mpq.zoo.babyai.demos import collect_demos
+
+    batches = training_batches(episodes_per_level=1)
+    images = {bytes(b[0][i, 0].numpy()) for b in batches for i in range(len(b[0]))}
+    first = {bytes(ep.images[0]) for ep in collect_demos(LEVELS, 1, TRAIN_SEED_BASE)}
+    held_out = {bytes(ep.images[0]) for ep in collect_demos(LEVELS, 1, HELDOUT_SEED_BASE)}
+    assert images == first and not images & held_out
 
 
 def test_tokenize_left_pads_and_maps_unknown_words() -> None:

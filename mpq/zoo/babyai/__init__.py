@@ -3,8 +3,9 @@
 Two policies: the tiny one (``build_policy``, 1.4M parameters, fits in cache: fast tests, the
 low-compute example) and the flagship (``build_flagship``, 21M parameters, memory-bound at batch 1
 like a real VLA: the main job). ``evaluate_episodes`` is the task of both, and
-``calibration_batches``/``flagship_calibration_batches`` their calibration inputs, each referenced
-from a search config as ``module:function`` exactly like a user's own model, task and data.
+``calibration_batches``/``flagship_calibration_batches`` their calibration inputs and
+``training_batches``/``flagship_training_batches`` their QAT data, each referenced from a search
+config as ``module:function`` exactly like a user's own model, task and data.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from mpq.zoo.babyai.task import (
     example_inputs,
     flagship_calibration_batches,
     flagship_example_inputs,
+    flagship_training_batches,
+    training_batches,
 )
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "build_untrained_flagship",
     "flagship_calibration_batches",
     "flagship_example_inputs",
+    "flagship_training_batches",
     "LEVELS",
     "VOCAB",
     "BabyAIVLAPolicy",
@@ -51,4 +55,5 @@ __all__ = [
     "evaluate_episodes",
     "example_inputs",
     "tokenize",
+    "training_batches",
 ]

@@ -111,14 +111,17 @@ def confirm_episodes(model: nn.Module, budget: int) -> dict[str, Any]:
 
 
 def _demo_batches(
-    episodes_per_level: int, context: Callable[[list[str]], tuple[torch.Tensor, ...]]
+    episodes_per_level: int,
+    context: Callable[[list[str]], tuple[torch.Tensor, ...]],
+    seed_base: int | None = None,
 ) -> list[tuple[torch.Tensor, ...]]:
-    """Held-out bot demos (never the evaluation seeds) as whole episodes from an empty memory,
-    episodes of equal length in one batch: (image (B, T, 56, 56, 3), *context(missions),
-    memory (1, B, 256))."""
+    """Bot demos (never the evaluation seeds; by default the held-out ones) as whole episodes
+    from an empty memory, episodes of equal length in one batch: (image (B, T, 56, 56, 3),
+    *context(missions), memory (1, B, 256))."""
     from mpq.zoo.babyai.demos import HELDOUT_SEED_BASE, collect_demos
 
-    demos = collect_demos(LEVELS, episodes_per_level, HELDOUT_SEED_BASE)
+    base = HELDOUT_SEED_BASE if seed_base is None else seed_base
+    demos = collect_demos(LEVELS, episodes_per_level, base)
     by_length: dict[int, list] = {}
     for ep in demos:
         by_length.setdefault(len(ep.actions), []).append(ep)
@@ -144,6 +147,23 @@ def _first_step(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 def calibration_batches(episodes_per_level: int = 16) -> list[tuple[torch.Tensor, ...]]:
     """The tiny policy's calibration inputs: (image, tokens (B, L), memory) per batch."""
     return _demo_batches(episodes_per_level, lambda missions: (tokenize(missions),))
+
+
+def training_batches(episodes_per_level: int = 64) -> list[tuple[torch.Tensor, ...]]:
+    """The tiny policy's QAT data (``qat.data``): bot demos on the policy's own training seeds
+    (``TRAIN_SEED_BASE``; never the evaluation or held-out ones), four times the calibration
+    set: a fine-tuned 2-bit policy sees more of the states it will meet."""
+    from mpq.zoo.babyai.demos import TRAIN_SEED_BASE
+
+    return _demo_batches(episodes_per_level, lambda m: (tokenize(m),), TRAIN_SEED_BASE)
+
+
+def flagship_training_batches(episodes_per_level: int = 64) -> list[tuple[torch.Tensor, ...]]:
+    """The flagship's QAT data: as ``training_batches``, with its sentence encoder."""
+    from mpq.zoo.babyai.demos import TRAIN_SEED_BASE
+    from mpq.zoo.babyai.flagship import shipped_encoder
+
+    return _demo_batches(episodes_per_level, shipped_encoder().encode, TRAIN_SEED_BASE)
 
 
 def example_inputs() -> tuple[torch.Tensor, ...]:
