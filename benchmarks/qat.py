@@ -1,7 +1,8 @@
 """What quantization-aware training wins back below 4 bits, on the example's own task.
 
     python benchmarks/qat.py [--config examples/babyai/tiny.yaml] [--bits 2 3 4]
-        [--steps 200] [--episodes 100] [--group-size 32]
+        [--steps 200] [--episodes 100] [--group-size 32] [--data module:function]
+        [--record module:function --rounds N]
 
 For each uniform weight width (8-bit dynamic activations, blocks of ``--group-size``, as the
 backend runs it: ``as_ran``), on the same evaluation episodes (the task's fixed seeds,
@@ -45,6 +46,10 @@ def main() -> None:
     p.add_argument(
         "--data", default=None, help="qat.data: module:function -> batches (default: calibration)"
     )
+    p.add_argument(
+        "--record", default=None, help="qat.record: module:function (model, round) -> batches"
+    )
+    p.add_argument("--rounds", type=int, default=0, help="qat.rounds (with --record)")
     args = p.parse_args()
     cfg = load_search_config(args.config, task_budget=args.episodes)
     preflight(cfg, str(args.config))
@@ -53,6 +58,7 @@ def main() -> None:
     float_success = ev.success(None, args.episodes)
     float_bytes = ev.artifact(QuantConfig.uniform(ev.layers, LayerChoice()))["size_bytes"]
     common = {"steps": args.steps, "lr": args.lr, "data": args.data}
+    common |= {"record": args.record, "rounds": args.rounds}
     variants = {
         "one-step": QatSettings(**common),
         "progressive": QatSettings(**common, progressive=True),
@@ -83,7 +89,9 @@ def main() -> None:
         f"\n{cfg.model}: float success {_fmt(float_success)}, {float_bytes:,} bytes "
         f"({cfg.latency.backend}); {args.episodes} episodes per level, the same for every row; "
         f"QAT {args.steps} steps, lr {args.lr}, distillation (KL) on "
-        f"{args.data or 'the calibration inputs'}.\n"
+        f"{args.data or 'the calibration inputs'}"
+        + (f", {args.rounds} rounds of {args.record}" if args.record else "")
+        + ".\n"
     )
     head = " | ".join(f"{v} QAT (s)" for v in args.variants)
     print(f"| weights (as run) | deployable bytes | x smaller | PTQ | {head} |")

@@ -146,6 +146,12 @@ class Evaluator:
             data = list(call_user(loader, settings.data, "qat.data"))
             if not data:
                 raise ValueError(f"qat.data {settings.data!r} returned no batch")
+        record = None
+        if settings.record:
+            recorder, source = load_callable(settings.record, "qat.record"), settings.record
+
+            def record(model: nn.Module, round_: int) -> list[Any]:
+                return list(call_user(recorder, source, "qat.record", model, round_))
 
         def each_step(n: int, loss: float) -> None:
             timing_slot.yield_point()  # a neighbour's latency timer waits one step at most
@@ -163,6 +169,7 @@ class Evaluator:
                 step,
                 each_step,
                 calibration=self.calibration,
+                record=record,
             )
         return self.with_model(result.model), result
 

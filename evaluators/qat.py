@@ -27,6 +27,15 @@ evaluation episodes), ``KL(softmax(float) || softmax(student))`` on the first ou
 ``step(student, batch) -> scalar loss tensor`` replaces it (behaviour cloning on demos, a task
 loss); ``student(*batch)`` runs the quantized forward pass.
 
+On-policy distillation (``record``, ``rounds``), for a policy whose inputs depend on its own
+actions: a quantized policy drifts to states its float teacher and the demos never visit, and
+its errors compound there (the reason DAgger, Ross et al. 2011, records the learner's own
+states). ``rounds`` times, evenly spaced from the first step, the shadow quantized as it
+deploys (``apply_config``; min-max ranges, LSQ's clipping only at the end) is handed to the
+user's ``record(model, round) -> batches``, which rolls it out in the task on its own seeds
+(never the evaluation seeds) and returns the inputs it met; they join the data, labelled by
+the float model like every batch.
+
 Progressive quantization: the layers below 8 bits start at 8 and step down through 6, 4, 3
 and 2 to their own width, in stages of equal steps (``progressive: true``); one-step QAT
 trains at the target widths for all steps.
@@ -43,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.func import functional_call
 
@@ -76,12 +85,35 @@ class QatSettings(BaseModel):
     data: str | None = Field(
         None, description="module:function -> batches to train on (default: calibration)"
     )
+    record: str | None = Field(
+        None,
+        description="module:function (model, round) -> batches: inputs the quantized model "
+        "meets in its own rollouts (never the evaluation seeds), distilled from the float model",
+    )
+    rounds: int = Field(
+        0, ge=0, description="times to record (evenly spaced from step 0; needs record)"
+    )
     seed: int = Field(0, description="order of the batches")
     when: Literal["never", "infeasible"] = Field(
         "never",
         description="in the search: never, or for a trial whose post-training success misses "
         "the constraint while its size and latency would reach the front (a QAT stage)",
     )
+
+    @model_validator(mode="after")
+    def _record_needs_rounds(self) -> QatSettings:
+        if (self.record is None) != (self.rounds == 0):
+            raise ValueError("qat.record and qat.rounds >= 1 go together: set both or neither")
+        if self.record is not None and self.step is not None:
+            raise ValueError(
+                "qat.record's states are labelled by the float model (distillation); "
+                "qat.step replaces distillation: use one of them"
+            )
+        return self
+
+    def record_steps(self) -> list[int]:
+        """The steps before which the student's states are recorded: 0 and evenly after."""
+        return sorted({self.steps * r // self.rounds for r in range(self.rounds)})
 
 
 @dataclass
@@ -276,6 +308,7 @@ def finetune(
     step: Callable[[nn.Module, Any], Any] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     calibration: Sequence[Any] | None = None,
+    record: Callable[[nn.Module, int], Sequence[Any]] | None = None,
 ) -> QatResult:
     """Fine-tune a float copy of ``model`` for ``config`` (as the backend runs it).
 
@@ -285,6 +318,8 @@ def finetune(
         on_step: called with (step, loss) after each optimizer step (progress, tracking).
         calibration: model inputs for the static activation ranges (default: ``batches``;
             needed where a user step's batches are not model inputs, such as (x, label)).
+        record: ``(quantized model, round) -> batches`` of its own rollouts, called at
+            ``settings.record_steps()`` (needed where ``settings.rounds`` > 0).
 
     Raises:
         ValueError: no batch, nothing quantized to an integer format, a loss that is not a
@@ -298,20 +333,28 @@ def finetune(
             "QAT: the configuration (as it runs) has no integer weight or activation: "
             "nothing for quantization-aware training to recover"
         )
+    if settings.rounds and record is None:
+        raise ValueError("QAT: qat.rounds is set but no record function was given")
     start = time.perf_counter()
     config.check(layers)
     trainer = _Trainer(model, batches, settings, step, on_step)
     stages = stage_configs(config, settings.progressive)
     per_stage = [settings.steps // len(stages)] * len(stages)
     per_stage[-1] += settings.steps - sum(per_stage)
+    marks = settings.record_steps() if record is not None else []
     log: list[dict[str, Any]] = []
     student = None
     for stage, steps in zip(stages, per_stage, strict=True):
-        with torch.no_grad():  # static ranges calibrated on this stage's weights
-            shadow = trainer.shadow.eval()
-            sim = apply_config(shadow, stage, calibration or batches, observer, layers)
-        student = trainer.student(sim.eval(), stage, layers)  # eval: the deployed forward
-        trainer.train(student, steps)
+        quantized = _Quantized(trainer.shadow, stage, calibration or batches, observer, layers)
+        student = trainer.student(quantized().eval(), stage, layers)  # eval: deployed forward
+        opt = trainer.optimizer(student)
+        end = len(trainer.losses) + steps
+        while len(trainer.losses) < end:
+            done = len(trainer.losses)
+            if record is not None and done in marks:
+                trainer.add(_recorded(record, quantized, marks.index(done)))
+            upcoming = [m for m in marks if done < m < end]
+            trainer.train(student, opt, min([*upcoming, end]) - done)
         log.append({"w_bits": _bits_summary(stage), "steps": steps})
     assert student is not None
     with torch.no_grad():
@@ -320,6 +363,36 @@ def finetune(
         for name, p in trainer.params.items():
             check_finite(p, f"QAT: parameter {name}")
     return QatResult(trainer.shadow.eval(), trainer.losses, log, time.perf_counter() - start)
+
+
+@dataclass
+class _Quantized:
+    """The shadow quantized as ``stage`` deploys, at its current weights (each call a fresh
+    copy, static ranges calibrated on them)."""
+
+    shadow: nn.Module
+    stage: QuantConfig
+    calibration: Sequence[Any]
+    observer: str
+    layers: tuple[LayerInfo, ...]
+
+    def __call__(self) -> nn.Module:
+        with torch.no_grad():
+            self.shadow.eval()
+            return apply_config(
+                self.shadow, self.stage, self.calibration, self.observer, self.layers
+            )
+
+
+def _recorded(
+    record: Callable[[nn.Module, int], Sequence[Any]], quantized: _Quantized, round_: int
+) -> list[Any]:
+    """One round of the student's own states, checked: at least one batch."""
+    with torch.no_grad():
+        batches = list(record(quantized().eval(), round_))
+    if not batches:
+        raise ValueError(f"QAT: qat.record returned no batch in round {round_}")
+    return batches
 
 
 class _Trainer:
@@ -337,9 +410,18 @@ class _Trainer:
         self.shadow = copy.deepcopy(model).float()
         self.params = dict(self.shadow.named_parameters())
         self.batches, self.settings, self.step, self.on_step = batches, settings, step, on_step
-        gen = torch.Generator().manual_seed(settings.seed)
-        self.order = itertools.cycle(torch.randperm(len(batches), generator=gen).tolist())
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self._shuffle()
         self.losses: list[float] = []
+
+    def _shuffle(self) -> None:
+        order = torch.randperm(len(self.batches), generator=self.generator).tolist()
+        self.order = itertools.cycle(order)
+
+    def add(self, batches: Sequence[Any]) -> None:
+        """More data (a round of recorded states): every batch, in a new order."""
+        self.batches = [*self.batches, *batches]
+        self._shuffle()
 
     def student(
         self, sim: nn.Module, stage: QuantConfig, layers: tuple[LayerInfo, ...]
@@ -361,10 +443,13 @@ class _Trainer:
             }
         return _Student(sim, names, self.params, quantized, ranges)
 
-    def train(self, student: _Student, steps: int) -> None:
+    def optimizer(self, student: _Student) -> torch.optim.Optimizer:
+        """One stage's Adam: the shadow's parameters and the stage's learned ranges."""
         trainable = list(self.params.values())
         trainable += [p for r in student.ranges.values() for p in r.parameters()]
-        opt = torch.optim.Adam(trainable, lr=self.settings.lr)
+        return torch.optim.Adam(trainable, lr=self.settings.lr)
+
+    def train(self, student: _Student, opt: torch.optim.Optimizer, steps: int) -> None:
         for _ in range(steps):
             loss = self._loss(student, self.batches[next(self.order)])
             opt.zero_grad(set_to_none=True)

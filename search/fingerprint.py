@@ -103,7 +103,10 @@ def _optional(cfg: SearchConfig) -> dict[str, Any]:
     if cfg.refine_budget:
         out["refine_budget"] = cfg.refine_budget
     if cfg.qat.when != "never":
-        out["qat"] = cfg.qat.model_dump(mode="json")
+        qat = cfg.qat.model_dump(mode="json")
+        if cfg.qat.record is None:  # added later: a study without them keeps its fingerprint
+            del qat["record"], qat["rounds"]
+        out["qat"] = qat
     if cfg.output is not None:
         out["output"] = cfg.output
     return out

@@ -169,3 +169,49 @@ def test_a_user_step_trains_the_quantized_forward_pass() -> None:
         model, layers, config, data, settings, step=step, calibration=_batches(model, 1)
     )
     assert result.losses[-1] < result.losses[0]
+
+
+def test_recorded_rollouts_join_the_data_and_the_float_model_labels_them() -> None:
+    """On-policy distillation: the quantized shadow is handed to ``record`` at steps 0, 4 and
+    8 of 12 (one Adam across them), and what it returns is trained on, labelled by the float
+    model."""
+    model = ConvNet().eval()
+    layers = discover_layers(model)
+    config = QuantConfig.uniform(layers, W2)
+    batches = _batches(model, 2)
+    marker = torch.full_like(batches[0][0], 0.5)
+    seen, calls, steps = [], [], []
+    model.register_forward_pre_hook(lambda m, args: seen.append(torch.equal(args[0], marker)))
+
+    def record(quantized: torch.nn.Module, round_: int) -> list[tuple[torch.Tensor, ...]]:
+        calls.append((round_, len(steps)))
+        ptq = apply_config(model, config, batches, layers=layers)
+        x = batches[0][0]
+        if round_ == 0:  # the shadow before any step: the post-training quantized model
+            torch.testing.assert_close(quantized(x), ptq(x))
+        return [(marker,)]
+
+    settings = QatSettings(steps=12, lr=1e-2, record="tests:record", rounds=3)
+    assert settings.record_steps() == [0, 4, 8]
+    seen.clear()
+    finetune(model, layers, config, batches, settings, on_step=lambda n, _: steps.append(n),
+             record=record)  # fmt: skip
+    assert calls == [(0, 0), (1, 4), (2, 8)]
+    assert any(seen)  # a recorded batch was trained on
+
+
+def test_recording_settings_and_an_empty_round_are_one_line() -> None:
+    with pytest.raises(ValueError, match="qat.record and qat.rounds >= 1 go together"):
+        QatSettings(record="m:f")
+    with pytest.raises(ValueError, match="qat.record and qat.rounds >= 1 go together"):
+        QatSettings(rounds=2)
+    with pytest.raises(ValueError, match="qat.step replaces distillation: use one of them"):
+        QatSettings(record="m:f", rounds=1, step="m:g")
+    model = ConvNet().eval()
+    layers = discover_layers(model)
+    config = QuantConfig.uniform(layers, W2)
+    settings = QatSettings(steps=3, record="m:f", rounds=1)
+    with pytest.raises(ValueError, match=r"^QAT: qat.record returned no batch in round 0$"):
+        finetune(model, layers, config, _batches(model, 1), settings, record=lambda m, r: [])
+    with pytest.raises(ValueError, match=r"^QAT: qat.rounds is set but no record function"):
+        finetune(model, layers, config, _batches(model, 1), settings)

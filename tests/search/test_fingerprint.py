@@ -82,3 +82,10 @@ def test_the_qat_stage_is_part_of_it_only_when_on(tmp_path: Path) -> None:
     assert off == base  # QAT settings without the stage change no trial's figures
     on = fingerprint.fingerprint(conv_config(tmp_path, qat={"when": "infeasible"}), model)
     assert [c.split(":")[0] for c in fingerprint.differences(base, on)] == ["qat"]
+    # the fields added later (on-policy recording) enter only when set: older studies resume
+    assert set(on["qat"]) == {
+        "steps", "lr", "progressive", "lsq", "loss", "step", "data", "seed", "when"
+    }  # fmt: skip
+    record = {"when": "infeasible", "record": "m:f", "rounds": 2}
+    recorded = fingerprint.fingerprint(conv_config(tmp_path, qat=record), model)
+    assert recorded["qat"]["record"] == "m:f" and recorded["qat"]["rounds"] == 2

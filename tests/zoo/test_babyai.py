@@ -90,6 +90,25 @@ def test_qat_data_is_demos_on_the_training_seeds() -> None:
     assert images == first and not images & held_out
 
 
+def test_recorded_states_are_the_models_own_rollouts_on_new_training_seeds() -> None:
+    from mpq.zoo.babyai.demos import level_seed, make_env, quiet_reset
+    from mpq.zoo.babyai.task import RECORD_OFFSET, record_states, rollout_level
+
+    policy = build_policy()
+    batches = record_states(policy, 1, episodes_per_level=2)
+    assert sum(len(b[0]) for b in batches) == 2 * len(LEVELS)
+    first = {bytes(b[0][i, 0].numpy()) for b in batches for i in range(len(b[0]))}
+    seeds = [(li, level_seed(TRAIN_SEED_BASE, li, RECORD_OFFSET + 2 + i)) for li in range(4)
+             for i in range(2)]  # fmt: skip
+    want = {bytes(quiet_reset(make_env(LEVELS[li]), s)[0]["image"]) for li, s in seeds}
+    assert first == want  # round 1: the seeds after round 0's
+    _, length = rollout_level(policy, LEVELS[0], [seeds[0][1]])
+    assert int(length[0]) in {b[0].shape[1] for b in batches}  # the policy's own episode
+    image, tokens, memory = batches[0]
+    assert image.shape[2:] == (56, 56, 3) and tokens.shape[1] == MAX_TOKENS
+    assert memory.shape == (1, len(image), 256) and not image.is_inference()
+
+
 def test_tokenize_left_pads_and_maps_unknown_words() -> None:
     t = tokenize(["go to the red ball", "fly to the moon"])
     assert t[0, :5].tolist() == [0] * 5 and t[0, -1] != 0

@@ -33,6 +33,7 @@ from mpq.zoo.babyai.task import (
     flagship_calibration_batches,
     flagship_example_inputs,
     flagship_training_batches,
+    record_states,
     training_batches,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "confirm_episodes",
     "evaluate_episodes",
     "example_inputs",
+    "record_states",
     "tokenize",
     "training_batches",
 ]

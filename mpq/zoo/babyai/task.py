@@ -32,9 +32,16 @@ def episode_context(model: nn.Module, missions: list[str]) -> tuple[torch.Tensor
 
 @torch.inference_mode()
 def rollout_level(
-    model: nn.Module, level: str, seeds: list[int], greedy: bool = True
+    model: nn.Module,
+    level: str,
+    seeds: list[int],
+    greedy: bool = True,
+    frames: list[list[np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run one episode per seed, all in lockstep with one batched forward per step.
+
+    Args:
+        frames: where given, each episode's images as the model saw them (one list per seed).
 
     Returns:
         (success (N,) bool, episode length (N,) int).
@@ -46,8 +53,13 @@ def rollout_level(
     success = np.zeros(len(seeds), dtype=bool)
     length = np.zeros(len(seeds), dtype=np.int64)
     active = np.arange(len(seeds))
+    if frames is not None:
+        frames[:] = [[] for _ in seeds]
     while active.size:
         timing_slot.yield_point()  # a trial waiting to time its latency gets the node now
+        if frames is not None:
+            for i in active:
+                frames[i].append(obs[i]["image"])
         image = torch.from_numpy(np.stack([obs[i]["image"] for i in active]))[:, None]
         logits, new_memory = model(image, *(c[active] for c in context), memory[:, active])
         memory[:, active] = new_memory
@@ -164,6 +176,38 @@ def flagship_training_batches(episodes_per_level: int = 64) -> list[tuple[torch.
     from mpq.zoo.babyai.flagship import shipped_encoder
 
     return _demo_batches(episodes_per_level, shipped_encoder().encode, TRAIN_SEED_BASE)
+
+
+RECORD_OFFSET = 50_000  # recorded rollouts' seeds: training seeds the demos do not use
+
+
+def record_states(
+    model: nn.Module, round_: int, episodes_per_level: int = 16
+) -> list[tuple[torch.Tensor, ...]]:
+    """``qat.record`` for both shipped policies: the inputs ``model`` (the quantized policy
+    being fine-tuned) meets in its own greedy rollouts, ``episodes_per_level`` of each level
+    on new training seeds each round (``TRAIN_SEED_BASE``, from ``RECORD_OFFSET``; never the
+    evaluation, held-out or confirmation seeds). Batched like the demos: whole episodes from an
+    empty memory, equal lengths together, the context as the model computes it."""
+    from mpq.zoo.babyai.demos import TRAIN_SEED_BASE
+
+    first = RECORD_OFFSET + round_ * episodes_per_level
+    by_length: dict[int, list[tuple[np.ndarray, str]]] = {}
+    for li, level in enumerate(LEVELS):
+        seeds = [level_seed(TRAIN_SEED_BASE, li, first + i) for i in range(episodes_per_level)]
+        frames: list[list[np.ndarray]] = []
+        rollout_level(model, level, seeds, frames=frames)
+        missions = [quiet_reset(make_env(level), s)[0]["mission"] for s in seeds]
+        for images, mission in zip(frames, missions, strict=True):
+            by_length.setdefault(len(images), []).append((np.stack(images), mission))
+    batches = []
+    with torch.inference_mode():
+        for length in sorted(by_length):
+            images, missions = zip(*by_length[length], strict=True)
+            context = episode_context(model, list(missions))
+            memory = torch.zeros(1, len(images), MEMORY_DIM)
+            batches.append((torch.from_numpy(np.stack(images)), *context, memory))
+    return [tuple(t.clone() for t in b) for b in batches]  # out of inference mode
 
 
 def example_inputs() -> tuple[torch.Tensor, ...]:
