@@ -140,12 +140,6 @@ class Evaluator:
             def step(student: nn.Module, batch: Any) -> Any:
                 return call_user(user_step, name, "qat.step", student, batch)
 
-        data = self.calibration
-        if settings.data:
-            loader = load_callable(settings.data, "qat.data")
-            data = list(call_user(loader, settings.data, "qat.data"))
-            if not data:
-                raise ValueError(f"qat.data {settings.data!r} returned no batch")
         record = None
         if settings.record:
             recorder, source = load_callable(settings.record, "qat.record"), settings.record
@@ -158,7 +152,13 @@ class Evaluator:
             if on_step is not None:
                 on_step(n, loss)
 
-        with timing_slot.compute():
+        with timing_slot.compute():  # loading the data is compute too (a simulator's demos)
+            data = self.calibration
+            if settings.data:
+                loader = load_callable(settings.data, "qat.data")
+                data = list(call_user(loader, settings.data, "qat.data"))
+                if not data:
+                    raise ValueError(f"qat.data {settings.data!r} returned no batch")
             result = finetune(
                 self.model,
                 self.layers,

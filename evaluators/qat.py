@@ -30,11 +30,12 @@ loss); ``student(*batch)`` runs the quantized forward pass.
 On-policy distillation (``record``, ``rounds``), for a policy whose inputs depend on its own
 actions: a quantized policy drifts to states its float teacher and the demos never visit, and
 its errors compound there (the reason DAgger, Ross et al. 2011, records the learner's own
-states). ``rounds`` times, evenly spaced from the first step, the shadow quantized as it
-deploys (``apply_config``; min-max ranges, LSQ's clipping only at the end) is handed to the
-user's ``record(model, round) -> batches``, which rolls it out in the task on its own seeds
-(never the evaluation seeds) and returns the inputs it met; they join the data, labelled by
-the float model like every batch.
+states). ``rounds`` times, evenly spaced from the first step, the shadow quantized at the
+current stage's widths (``apply_config`` with min-max ranges: under ``progressive`` the
+stage's, not yet the target's; under ``lsq`` without the learned clipping, applied only at
+the end) is handed to the user's ``record(model, round) -> batches``, which rolls it out in
+the task on its own seeds (never the evaluation seeds) and returns the inputs it met; they
+join the data, labelled by the float model like every batch.
 
 Progressive quantization: the layers below 8 bits start at 8 and step down through 6, 4, 3
 and 2 to their own width, in stages of equal steps (``progressive: true``); one-step QAT
@@ -104,6 +105,10 @@ class QatSettings(BaseModel):
     def _record_needs_rounds(self) -> QatSettings:
         if (self.record is None) != (self.rounds == 0):
             raise ValueError("qat.record and qat.rounds >= 1 go together: set both or neither")
+        if self.rounds > self.steps:
+            raise ValueError(
+                f"qat.rounds ({self.rounds}) must not exceed qat.steps ({self.steps})"
+            )
         if self.record is not None and self.step is not None:
             raise ValueError(
                 "qat.record's states are labelled by the float model (distillation); "

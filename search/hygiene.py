@@ -57,7 +57,7 @@ class Heartbeat:
         self._trials: dict[int, optuna.Trial] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="mpq-heartbeat", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def add(self, trial: optuna.Trial) -> None:
         """Beat for ``trial`` from now on (and once now)."""
@@ -70,18 +70,25 @@ class Heartbeat:
             self._trials.pop(number, None)
 
     def __enter__(self) -> Heartbeat:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name="mpq-heartbeat", daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Stop beating; a beat stuck in a storage outage's retries is not waited for (the
+        thread is a daemon, and the process is leaving or its trials are told)."""
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * HEARTBEAT_INTERVAL_S)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_INTERVAL_S):
             with self._lock:
                 trials = list(self._trials.values())
             for trial in trials:
+                if self._stop.is_set():
+                    return
                 # a storage outage: the loop's own calls meet it and say so
                 with contextlib.suppress(Exception):
                     record_heartbeat(self._study, trial)
@@ -101,6 +108,16 @@ def _fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> FrozenT
 
 
 STALE = "stale: the process running it stopped"  # a fail reason's start: resume re-queues seeds
+ORPHAN = "killed before it started"
+
+
+def failed_here(study: optuna.Study, trial: optuna.Trial) -> str | None:
+    """The reason this module failed ``trial`` with (in any search: stale or orphaned), or
+    None where it did not."""
+    frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+    reason = str(frozen.user_attrs.get(TrialAttr.FAIL_REASON, ""))
+    ours = frozen.state == TrialState.FAIL and reason.startswith((STALE, ORPHAN))
+    return reason if ours else None
 
 
 def fail_stale(
@@ -148,7 +165,7 @@ def fail_orphans(
         if t.number in ours or TrialAttr.CONFIG_KEY in t.user_attrs or not t.datetime_start:
             continue
         if (wall - t.datetime_start).total_seconds() > grace:
-            on_fail(_fail_trial(study, t, "killed before it started"))
+            on_fail(_fail_trial(study, t, ORPHAN))
 
 
 def settle(study: optuna.Study, on_fail: Callable[[FrozenTrial], None]) -> None:

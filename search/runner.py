@@ -316,12 +316,15 @@ class Runner:
         try:
             yield
         except optuna.exceptions.UpdateFinishedTrialError:
+            reason = hygiene.failed_here(self.study, run.trial)
+            if reason is None:  # finished by something else: a bug, not a stall
+                raise
             self._release(run.trial.number)
             warnings.warn(
-                f"trial {run.trial.number} was failed as stale by another search while it ran"
-                " here: its result is dropped",
+                f"trial {run.trial.number} was failed by another search while it ran here "
+                f"({reason}): its result is dropped",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
 
     def _release(self, number: int) -> None:
@@ -452,12 +455,25 @@ class Runner:
             for name, value in cons.items():
                 trial.set_constraint(name, value)
             trial.set_user_attr(TrialAttr.CONSTRAINTS, list(cons.values()))
-            frozen = self.study.tell(trial, values)
+            frozen = self._told(trial, values, TrialState.COMPLETE)
             self.seen[run.config.key()] = frozen
         else:
-            frozen = self.study.tell(trial, state=state)
+            frozen = self._told(trial, None, state)
         self._release(trial.number)
         self._track(frozen)
+
+    def _told(
+        self, trial: optuna.Trial, values: list[float] | None, state: TrialState
+    ) -> FrozenTrial:
+        """``study.tell``. A trial another search finished between this process's last
+        attribute write and the tell raises ``UpdateFinishedTrialError``, as those writes do
+        (Optuna's own tell raises a ValueError then)."""
+        frozen = self.study.tell(trial, values, state=state, skip_if_finished=True)
+        if frozen.state != state:
+            raise optuna.exceptions.UpdateFinishedTrialError(
+                f"trial {trial.number} was already {frozen.state.name}"
+            )
+        return frozen
 
     def _tell_duplicate(self, trial: optuna.Trial, first: FrozenTrial) -> None:
         """Answer a repeated configuration with the first one's figures (no episodes spent)."""
@@ -474,7 +490,7 @@ class Runner:
 
     def _fail(self, run: Running, reason: str, track: bool = True) -> None:
         run.trial.set_user_attr(TrialAttr.FAIL_REASON, reason[:500])
-        frozen = self.study.tell(run.trial, state=TrialState.FAIL)
+        frozen = self._told(run.trial, None, TrialState.FAIL)
         self._release(run.trial.number)
         if track:
             self._track(frozen)

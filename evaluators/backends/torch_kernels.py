@@ -82,7 +82,7 @@ def int4_layout(layer: LayerInfo, device: str) -> tuple[int, int] | None:
     K % 32 == 0 and N % 16 == 0. CUDA (tinygemm, ``Int4TilePackedTo4dTensor``): K % 32 == 0
     (the notes' groups are the kernel's), K padded up to a multiple of 1024 and N to 8 -- a
     384-wide layer stores 1024 columns -- so int4 is used only where the padded weight is
-    smaller than int8's, else int8.
+    smaller than int8's (and the GPU has tensor cores), else int8.
     """
     rows, k = layer.shape[0], layer.reduction_size
     if device == "cpu":
@@ -90,7 +90,13 @@ def int4_layout(layer: LayerInfo, device: str) -> tuple[int, int] | None:
         return (rows, k) if fits else None
     padded = _round_up(rows, 8), _round_up(k, 1024)
     smaller = _int4_bytes(*padded) < packed_layer_bytes(layer, INT8_WEIGHT_ONLY)
-    return padded if smaller and k % INT4_GROUP == 0 else None
+    return padded if smaller and k % INT4_GROUP == 0 and _tensor_cores() else None
+
+
+def _tensor_cores() -> bool:
+    """tinygemm's int4 kernels need compute capability >= 8.0 (torchao's ``from_hp`` refuses
+    less); planned without a GPU, a modern one is assumed."""
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (8, 0)
 
 
 def _int4_bytes(rows: int, k: int) -> int:

@@ -181,7 +181,8 @@ def test_recorded_rollouts_join_the_data_and_the_float_model_labels_them() -> No
     batches = _batches(model, 2)
     marker = torch.full_like(batches[0][0], 0.5)
     seen, calls, steps = [], [], []
-    model.register_forward_pre_hook(lambda m, args: seen.append(torch.equal(args[0], marker)))
+    labelled = lambda m, args: seen.append(m is model and torch.equal(args[0], marker))  # noqa: E731
+    model.register_forward_pre_hook(labelled)  # copies (shadow, student) carry it too
 
     def record(quantized: torch.nn.Module, round_: int) -> list[tuple[torch.Tensor, ...]]:
         calls.append((round_, len(steps)))
@@ -197,7 +198,7 @@ def test_recorded_rollouts_join_the_data_and_the_float_model_labels_them() -> No
     finetune(model, layers, config, batches, settings, on_step=lambda n, _: steps.append(n),
              record=record)  # fmt: skip
     assert calls == [(0, 0), (1, 4), (2, 8)]
-    assert any(seen)  # a recorded batch was trained on
+    assert any(seen)  # the float model labelled a recorded batch
 
 
 def test_recording_settings_and_an_empty_round_are_one_line() -> None:
@@ -207,6 +208,8 @@ def test_recording_settings_and_an_empty_round_are_one_line() -> None:
         QatSettings(rounds=2)
     with pytest.raises(ValueError, match="qat.step replaces distillation: use one of them"):
         QatSettings(record="m:f", rounds=1, step="m:g")
+    with pytest.raises(ValueError, match=r"qat.rounds \(5\) must not exceed qat.steps \(3\)"):
+        QatSettings(steps=3, record="m:f", rounds=5)
     model = ConvNet().eval()
     layers = discover_layers(model)
     config = QuantConfig.uniform(layers, W2)

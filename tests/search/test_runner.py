@@ -269,7 +269,9 @@ def test_a_trial_failed_as_stale_elsewhere_is_dropped_not_a_crash(
         return result(ref)
 
     runner.tasks.result = fail_first_elsewhere  # type: ignore[method-assign]
-    with pytest.warns(RuntimeWarning, match=r"was failed as stale by another search .*dropped"):
+    with pytest.warns(
+        RuntimeWarning, match=r"was failed by another search while it ran here \(stale: .*dropped"
+    ):
         study = runner.run().study
     (victim,) = victims
     assert study.trials[victim].state == TrialState.FAIL

@@ -6,6 +6,7 @@ configurations are compared on the same episodes (a paired comparison).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -161,21 +162,33 @@ def calibration_batches(episodes_per_level: int = 16) -> list[tuple[torch.Tensor
     return _demo_batches(episodes_per_level, lambda missions: (tokenize(missions),))
 
 
-def training_batches(episodes_per_level: int = 64) -> list[tuple[torch.Tensor, ...]]:
+def training_batches(episodes_per_level: int = 256) -> list[tuple[torch.Tensor, ...]]:
     """The tiny policy's QAT data (``qat.data``): bot demos on the policy's own training seeds
-    (``TRAIN_SEED_BASE``; never the evaluation or held-out ones), four times the calibration
-    set: a fine-tuned 2-bit policy sees more of the states it will meet."""
-    from mpq.zoo.babyai.demos import TRAIN_SEED_BASE
+    (``TRAIN_SEED_BASE``; never the evaluation or held-out ones), 16 times the calibration set:
+    at 2 bits, 1000 steps on 16 episodes per level reach 0.882, on 64 0.943, on 256 0.955
+    (float 0.975; README). The bot's 1,024 episodes take minutes on one core, so a process
+    collects them once (about 240 MB of frames, kept; the batches are only read)."""
+    return list(_training_demos(episodes_per_level, flagship=False))
 
-    return _demo_batches(episodes_per_level, lambda m: (tokenize(m),), TRAIN_SEED_BASE)
 
-
-def flagship_training_batches(episodes_per_level: int = 64) -> list[tuple[torch.Tensor, ...]]:
+def flagship_training_batches(episodes_per_level: int = 256) -> list[tuple[torch.Tensor, ...]]:
     """The flagship's QAT data: as ``training_batches``, with its sentence encoder."""
-    from mpq.zoo.babyai.demos import TRAIN_SEED_BASE
-    from mpq.zoo.babyai.flagship import shipped_encoder
+    return list(_training_demos(episodes_per_level, flagship=True))
 
-    return _demo_batches(episodes_per_level, shipped_encoder().encode, TRAIN_SEED_BASE)
+
+@functools.cache
+def _training_demos(
+    episodes_per_level: int, flagship: bool
+) -> tuple[tuple[torch.Tensor, ...], ...]:
+    from mpq.zoo.babyai.demos import TRAIN_SEED_BASE
+
+    if flagship:
+        from mpq.zoo.babyai.flagship import shipped_encoder
+
+        context = shipped_encoder().encode
+    else:
+        context = lambda missions: (tokenize(missions),)  # noqa: E731
+    return tuple(_demo_batches(episodes_per_level, context, TRAIN_SEED_BASE))
 
 
 RECORD_OFFSET = 50_000  # recorded rollouts' seeds: training seeds the demos do not use
@@ -205,7 +218,7 @@ def record_states(
         for length in sorted(by_length):
             images, missions = zip(*by_length[length], strict=True)
             context = episode_context(model, list(missions))
-            memory = torch.zeros(1, len(images), MEMORY_DIM)
+            memory = torch.zeros(1, len(images), model.memory_gru.hidden_size)  # type: ignore[union-attr]
             batches.append((torch.from_numpy(np.stack(images)), *context, memory))
     return [tuple(t.clone() for t in b) for b in batches]  # out of inference mode
 
