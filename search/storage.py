@@ -113,7 +113,9 @@ def _connect(url: str, engine: dict[str, Any], attempts: int) -> RetryingStorage
                 heartbeat_interval=HEARTBEAT_INTERVAL_S,
                 grace_period=GRACE_PERIOD_S,
             )
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as exc:
+        except sqlalchemy.exc.DBAPIError as exc:
+            # the other creator's tables (PostgreSQL: DuplicateTable, a ProgrammingError), its
+            # types (IntegrityError) or its alembic stamp, met halfway
             race = "already exists" in str(exc) or "alembic_version" in str(exc)
             if not race or attempt == attempts - 1:
                 raise
