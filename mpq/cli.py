@@ -143,6 +143,10 @@ def search(
         bool, typer.Option(help="continue the study of the same name", metavar="")
     ] = False,
     trials: Annotated[int | None, typer.Option(help="trials to finish in all")] = None,
+    time_budget_s: Annotated[
+        float | None,
+        typer.Option(help="no trial starts after this many seconds (config: time_budget_s)"),
+    ] = None,
     output_dir: Annotated[
         str | None, typer.Option(help="study database, plots, exports (config: output_dir)")
     ] = None,
@@ -186,6 +190,7 @@ def search(
             new_study=new_study,
             quiet=quiet,
             trials=trials,
+            time_budget_s=time_budget_s,
             output_dir=output_dir,
             workers=workers,
             task_budget=task_budget,

@@ -203,6 +203,12 @@ class SearchConfig(BaseModel):
     )
     population_size: int = Field(16, ge=2, description="NSGA-II population size")
     trials: int = Field(24, ge=1, description="trials to finish (complete, pruned or failed)")
+    time_budget_s: float | None = Field(
+        None,
+        gt=0,
+        description="wall-time budget of one run of the search, in seconds: no trial starts "
+        "after it (running ones finish; like Optuna's timeout); None: only the trial budget",
+    )
     seed: int = Field(0, description="sampler seed")
     task_budget: int = Field(50, ge=1, description="full-fidelity task budget (episodes)")
     confirm_task: str | None = Field(

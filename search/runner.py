@@ -128,6 +128,7 @@ class SearchResult:
     float_reference: dict[str, Any]
     interrupted: bool = False
     plots: list[Path] = field(default_factory=list)  # written by run_search
+    out_of_time: bool = False  # time_budget_s ended it before the trial budget
 
 
 class Runner:
@@ -161,6 +162,8 @@ class Runner:
         self.float_reference: dict[str, Any] = {}
         self.latency_table: str | None = None
         self._stop = False
+        budget = cfg.time_budget_s  # counted from here: the float reference and tables count
+        self._deadline = None if budget is None else time.monotonic() + budget
         self._orphans_checked = 0.0
         self._seeds_lost = False
         self.seen: dict[str, FrozenTrial] = {
@@ -226,7 +229,8 @@ class Runner:
         if self._stop:
             self._interrupt()
         self._report()
-        return SearchResult(self.study, self.float_reference, self._stop)
+        short = self.out_of_time() and self.finished_count() < self.cfg.trials
+        return SearchResult(self.study, self.float_reference, self._stop, out_of_time=short)
 
     def _loop(self) -> None:
         while not self._stop:
@@ -262,11 +266,17 @@ class Runner:
         states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
         return len(self.study.get_trials(deepcopy=False, states=states))
 
+    def out_of_time(self) -> bool:
+        """This run's ``time_budget_s`` is spent (counted from the runner's start, so a fresh
+        study's float reference and tables count too): no trial starts any more."""
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
     def _fill(self) -> None:
         while (
             not self._stop
             and len(self.running) < self.cfg.ray.workers
             and (self.finished_count() + len(self.running) < self.cfg.trials)
+            and not self.out_of_time()
         ):
             trial = self.study.ask(self.dists)
             self.heartbeat.add(trial)

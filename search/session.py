@@ -40,6 +40,7 @@ from mpq.spaces.space import LayerOptions, QuantConfig
 # ``mpq search`` flags -> the config field each one overrides for this run
 FLAG_FIELDS: dict[str, tuple[str, ...]] = {
     "trials": ("trials",),
+    "time_budget_s": ("time_budget_s",),
     "output_dir": ("output_dir",),
     "workers": ("ray", "workers"),
     "task_budget": ("task_budget",),
@@ -214,6 +215,11 @@ def run_session(
         )
     print_summary(console, cfg, result, result.float_reference)
     export_best(console, cfg, result, path)
+    if result.out_of_time:
+        console.print(
+            f"time budget of {cfg.time_budget_s:.0f} s spent: no trial started after it "
+            "(--resume goes on)"
+        )
     if result.plots:
         console.print("plots: " + "  ".join(str(p) for p in result.plots))
     return result

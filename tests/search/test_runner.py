@@ -47,6 +47,17 @@ def test_resume_keeps_finished_trials_and_continues(ray_local: None, tmp_path: P
         assert study.trials[number].values == values  # unchanged, exactly once
 
 
+def test_a_spent_time_budget_starts_no_trial_and_resume_goes_on(
+    ray_local: None, tmp_path: Path
+) -> None:
+    result = _run(conv_config(tmp_path, trials=4, time_budget_s=1e-3))
+    assert result.out_of_time and not result.interrupted
+    assert not [t for t in result.study.get_trials() if t.state.is_finished()]
+    more = _run(conv_config(tmp_path, trials=4), resume=True)  # no budget: the trial budget
+    assert not more.out_of_time
+    assert len([t for t in more.study.get_trials() if t.state.is_finished()]) == 4
+
+
 def test_resume_of_a_missing_study_creates_it(tmp_path: Path) -> None:
     runner = Runner(conv_config(tmp_path), resume=True)
     assert runner.study.study_name == "conv" and not runner.study.trials
