@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--layers", nargs="+", default=list(SEARCHED), help="the searched layers")
     p.add_argument("--out", default="mpq-runs/exhaustive", help="the measured study (resumed)")
+    p.add_argument("--only", nargs="+", default=None, help="replay rows whose label has one")
     args = p.parse_args()
     space = {
         "defaults": {"w_bits": [32], "a_bits": [32]},
@@ -159,6 +160,8 @@ def main() -> None:
     rows["NSGA-II seeded with greedy + ILP + uniform"] = ("nsga2", seed_params + ilp_params)
     rows["mpq model-based, seeded with greedy + uniform"] = ("mpq", seed_params)
     rows["mpq model-based, seeded with greedy + ILP + uniform"] = ("mpq", seed_params + ilp_params)
+    if args.only:
+        rows = {k: v for k, v in rows.items() if any(x in k for x in args.only)}
     pairs: dict[str, list[tuple[float, float]]] = {o: [] for o in ref_objectives}
     for label, (sampler, enqueue) in rows.items():
         shares = {n: [] for n in budgets}  # type: ignore[var-annotated]

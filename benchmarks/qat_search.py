@@ -1,16 +1,17 @@
 """The search's front with its QAT stage off and on, at equal wall time.
 
     python benchmarks/qat_search.py [--config examples/babyai/tiny.yaml] [--time-budget-s 1200]
-        [--seed 0]
+        [--seed 0] [--qat-steps 1000 250] [--out DIR]
 
-Two searches of the example, identical but for ``qat.when`` (``never``, then ``infeasible``:
-a trial whose post-training success misses the constraint while its optimistic figures would
-reach the front is fine-tuned with the config's ``qat:`` settings, then evaluated again). Each
-starts from an empty folder, with the same sampler seed, and gets the same ``time_budget_s``:
-no trial starts after it (the ones running finish, so each run's wall time is printed). Both
-are judged against the union of every feasible point the two measured (``-success``,
-``size / float size``, ``1 / paired speed-up``: ``search/pareto.py``): each run's share of that
-reference's hypervolume; then each front, with what QAT won back on its points.
+Searches of the example, identical but for ``qat.when`` (``never``; then ``infeasible``, once
+per ``--qat-steps`` value: a trial whose post-training success misses the constraint while its
+optimistic figures would reach the front is fine-tuned with the config's ``qat:`` settings at
+that many steps, then evaluated again). Each starts from an empty folder, with the same sampler
+seed, and gets the same ``time_budget_s``: no trial starts after it (the ones running finish,
+so each run's wall time is printed). All are judged against the union of every feasible point
+they measured (``-success``, ``size / float size``, ``1 / paired speed-up``:
+``search/pareto.py``): each run's share of that reference's hypervolume; then each front, with
+what QAT won back on its points. With ``--out``, a rerun reuses the runs that finished there.
 """
 
 from __future__ import annotations
@@ -23,42 +24,55 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-ARMS = {"QAT stage off": "never", "QAT stage on": "infeasible"}
+WALL_S = "benchmark:wall_s"  # a finished run's wall time, kept with its study
+SETUP = "benchmark:setup"  # its time budget and sampler seed: a rerun reuses it only on these
 
 
 def main() -> None:
     from mpq.search.config import load_search_config
     from mpq.search.record import StudyAttr
-    from mpq.search.session import run_search
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "examples/babyai/tiny.yaml"))
     p.add_argument("--time-budget-s", type=float, default=1200.0)
-    p.add_argument("--seed", type=int, default=0, help="sampler seed (both runs)")
-    p.add_argument("--out", default=None, help="keep the two studies here (default: temporary)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (every run)")
+    p.add_argument(
+        "--qat-steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="one QAT-on run per value (default: the config's qat.steps)",
+    )
+    p.add_argument(
+        "--out", default=None, help="keep the studies here; a rerun reuses finished runs"
+    )
     args = p.parse_args()
     base = load_search_config(args.config)
+    arms = {"QAT stage off": ("never", base.qat.steps)}
+    for steps in args.qat_steps or [base.qat.steps]:
+        arms[f"QAT stage on, {steps} steps"] = ("infeasible", steps)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
-        for label, when in ARMS.items():
+        for label, (when, steps) in arms.items():
+            # the config's own steps keep the plain name: a rerun with more values reuses it
+            tag = when if steps == base.qat.steps or when == "never" else f"{when}-{steps}"
             data = base.model_dump()
             data |= {
-                "name": f"{base.name}-qat-{when}",
+                "name": f"{base.name}-qat-{tag}",
                 "seed": args.seed,
                 "trials": 10_000,  # the time budget ends it
                 "time_budget_s": args.time_budget_s,
-                "output_dir": str(root / when),
+                "output_dir": str(root / tag),
                 "storage": None,
                 "tracking": {"enabled": False},
-                "qat": {**data["qat"], "when": when},
+                "qat": {**data["qat"], "when": when, "steps": steps},
             }
-            start = time.perf_counter()
-            study = run_search(type(base).model_validate(data)).study
-            runs[label] = (study, time.perf_counter() - start)
+            runs[label] = _run(type(base).model_validate(data), [args.time_budget_s, args.seed])
             print(f"# {label}: {runs[label][1]:.0f} s", flush=True)
         _summary(base, args.time_budget_s, args.seed, runs)
         for label, (study, _) in runs.items():
@@ -68,6 +82,32 @@ def main() -> None:
             f"\nfloat: success {ref['success']:.3f}, {ref['size_bytes']:,} bytes; constraint: "
             f"success >= float - {base.constraints.max_success_drop}"
         )
+
+
+def _run(cfg: Any, setup: list[float]) -> tuple[Any, float]:
+    """One run from an empty folder, or the finished one of the same ``setup`` (time budget,
+    seed) already in ``cfg.output_dir``."""
+    import optuna
+
+    from mpq.search.session import run_search
+
+    if Path(cfg.output_dir, "study.db").exists():
+        study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url())
+        if WALL_S not in study.user_attrs:
+            raise SystemExit(f"{cfg.output_dir} holds an unfinished run: remove it")
+        if study.user_attrs.get(SETUP) != setup:
+            raise SystemExit(
+                f"{cfg.output_dir} holds a run of another time budget and seed "
+                f"({study.user_attrs.get(SETUP)}): remove it or pick another --out"
+            )
+        return study, float(study.user_attrs[WALL_S])
+    start = time.perf_counter()
+    result = run_search(cfg)
+    if result.interrupted:
+        raise SystemExit(f"interrupted: {cfg.output_dir} holds an unfinished run")
+    result.study.set_user_attr(SETUP, setup)
+    result.study.set_user_attr(WALL_S, time.perf_counter() - start)
+    return result.study, float(result.study.user_attrs[WALL_S])
 
 
 def _summary(base: Any, budget_s: float, seed: int, runs: dict[str, tuple[Any, float]]) -> None:
@@ -81,8 +121,8 @@ def _summary(base: Any, budget_s: float, seed: int, runs: dict[str, tuple[Any, f
     q = base.qat
     print(
         f"\n{base.name}: time budget {budget_s:.0f} s per run, sampler {base.sampler} seed "
-        f"{seed}, {base.task_budget} episodes per level; QAT stage: {q.steps} steps at lr "
-        f"{q.lr}, data {q.data or 'calibration'}. Reference: the union of {len(union)} "
+        f"{seed}, {base.task_budget} episodes per level; QAT stage: lr {q.lr}, data "
+        f"{q.data or 'calibration'}. Reference: the union of {len(union)} "
         f"feasible points, hypervolume {ref_hv:.4f}.\n"
     )
     print(
@@ -92,9 +132,10 @@ def _summary(base: Any, budget_s: float, seed: int, runs: dict[str, tuple[Any, f
     print("|---|---|---|---|---|---|")
     for label, (study, wall) in runs.items():
         finished = [t for t in study.trials if t.state.is_finished()]
-        qat = [t.user_attrs[TrialAttr.QAT] for t in finished if TrialAttr.QAT in t.user_attrs]
+        own = [t for t in finished if TrialAttr.DUPLICATE_OF not in t.user_attrs]  # not copies
+        qat = [t.user_attrs[TrialAttr.QAT] for t in own if TrialAttr.QAT in t.user_attrs]
         qat_s = sum(float(x.get("seconds", 0)) for x in qat)
-        front = front_trials(study)
+        front = [t for t in front_trials(study) if TrialAttr.DUPLICATE_OF not in t.user_attrs]
         tuned = sum(1 for t in front if t.user_attrs.get(TrialAttr.QAT, {}).get("steps"))
         share = hypervolume_of(normalised_losses(study), objectives) / ref_hv if ref_hv else 0
         print(
@@ -113,16 +154,22 @@ def _front(label: str, study: Any) -> None:
     print(f"\n{label}: the front, smallest first\n")
     print("| trial | success | size_bytes | speed-up | QAT (PTQ success before) |")
     print("|---|---|---|---|---|")
-    for r in front_table(study).sort_values("size_bytes").to_dict("records"):
+    table = front_table(study)
+    if table.empty:
+        print("| (no feasible point) | | | | |")
+        return
+    for row in table.sort_values("size_bytes").to_dict("records"):
+        r = {k: (None if pd.isna(v) else v) for k, v in row.items()}  # a column's NaN: absent
         qat = f"yes ({r['ptq_success']:.3f})" if r.get("qat_steps") else "no"
         interval = (
             f" ({r['success_lo']:.3f}-{r['success_hi']:.3f})"
             if r["success_lo"] is not None
             else ""
         )
+        speed = "n/a" if r.get("speedup") is None else f"{r['speedup']:.2f}x"
         print(
-            f"| {r['trial']} | {r['success']:.3f}{interval} | {r['size_bytes']:,} | "
-            f"{r['speedup']:.2f}x | {qat} |"
+            f"| {r['trial']} | {r['success']:.3f}{interval} | {r['size_bytes']:,} | {speed} | "
+            f"{qat} |"
         )
 
 

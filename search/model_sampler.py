@@ -17,11 +17,16 @@ and the same in every process):
                                                  trials and the float reference (strong on the
                                                  per-layer v_l, so few trials give the
                                                  bytes-proportional model)
-    success(c)     = s_float - k * sum_l S_l(b_l) S_l(b): the per-layer sensitivity measured
+    success(c)     = s_float - k * sum_l S_l(b_l) - u . x(c)
+                                                 S_l(b): the per-layer sensitivity measured
                                                  before the search (KL of the action
-                                                 distribution); k >= 0 by least squares on the
-                                                 trials' success drops, with the residual
-                                                 spread sigma (S at the bits that run)
+                                                 distribution, at the bits that run); k >= 0 by
+                                                 least squares on the trials' success drops
+                                                 (screened ones too, weighted by episodes);
+                                                 u: ridge regression of what is left on x(c),
+                                                 the one-hot choices, its strength by
+                                                 leave-one-out error (none when none helps);
+                                                 sigma: that leave-one-out error
 
 The candidates: random configurations of the space and neighbours of the front (one to three
 layers moved one option along an ordered dimension), never one that runs as a configuration
@@ -29,16 +34,17 @@ already asked (an asked 3-bit layer that runs as 4 bits is the 4-bit trial again
 by the hypervolume improvement (``search.pareto``'s normalisation and reference, Optuna's
 hypervolume) of its predicted point, success taken optimistically at ``+ sigma / 2`` and
 required to meet ``constraints.max_success_drop``, over the measured front plus the predicted
-points of the trials still running (so parallel workers get different proposals). Each
-proposal records its prediction (system attribute ``mpq:predicted``) for the predicted vs
-measured comparison. With fewer than two measured trials, or unbound (no model in this
-process), it samples at random.
+points of the trials still running (so parallel workers get different proposals). (The
+expectation over ``N(predicted, sigma)`` instead measured worse on the exhaustive benchmark:
+README.) Each proposal records its prediction (system attribute ``mpq:predicted``) for the
+predicted vs measured comparison. With fewer than two measured trials, or unbound (no model in
+this process), it samples at random.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,10 +58,13 @@ from mpq.search.study import config_from_params, distributions, params_from_conf
 from mpq.spaces.space import LayerChoice, LayerOptions, QuantConfig
 
 __all__ = ["PREDICTED", "ModelBasedSampler"]
+RIDGE_GRID = (0.1, 1.0, 10.0, 100.0)  # the residual model's ridge strengths (by LOO error)
 
 
 class ModelBasedSampler(optuna.samplers.BaseSampler):
-    """See the module docstring. ``bind`` gives it the space and the size formula."""
+    """See the module docstring. ``bind`` gives it the space and the size formula;
+    ``residual=False``: the success model without its ridge correction (sensitivity only, as
+    measured against it in the README)."""
 
     def __init__(
         self,
@@ -64,7 +73,9 @@ class ModelBasedSampler(optuna.samplers.BaseSampler):
         candidates: int = 600,
         max_size_bytes: int | None = None,
         max_latency_ms: float | None = None,
+        residual: bool = True,
     ) -> None:
+        self._residual = residual
         self._rng = np.random.default_rng(seed)
         self._random = optuna.samplers.RandomSampler(seed=seed)
         self._max_drop = max_success_drop
@@ -159,7 +170,10 @@ class ModelBasedSampler(optuna.samplers.BaseSampler):
             and t.values is not None
             and TrialAttr.CONFIG in t.user_attrs
         ]
-        model = _Model(self, objectives, ref, sens, done)
+        screened = [  # pruned after screening: their success on fewer episodes still counts
+            t for t in trials if t.state == TrialState.PRUNED and TrialAttr.CONFIG in t.user_attrs
+        ]
+        model = _Model(self, objectives, ref, sens, done, screened, residual=self._residual)
         pool = self._candidates(study, asked)
         if not pool:
             return None
@@ -237,21 +251,41 @@ class _Model:
         ref: dict[str, Any],
         sens: dict[str, dict[int, float]],
         done: list[FrozenTrial],
+        screened: Sequence[FrozenTrial] = (),
+        residual: bool = True,
     ) -> None:
         assert sampler._resolved is not None and sampler._bytes is not None
+        self._residual = residual
         self.objectives = objectives
         self.ref = ref
         self.sens = sens
         self._bytes = sampler._bytes
         self._ran = sampler.ran
-        resolved = sampler._resolved
+        resolved = self._resolved = sampler._resolved
         self._names = [n for n in resolved if not resolved[n].is_fixed]
+        self._slots = {  # one-hot slots of the searched parameters' values
+            (name, v): i
+            for i, (name, v) in enumerate(
+                (name, v) for name, d in sampler._dists.items() for v in _values(d)
+            )
+        }
         self._float_bytes = self._bytes(QuantConfig(layers={n: LayerChoice() for n in resolved}))
         configs = [QuantConfig.model_validate(t.user_attrs[TrialAttr.CONFIG]) for t in done]
         values = [dict(zip(objectives, t.values or [], strict=True)) for t in done]
         self._fit_size(configs, values)
         self._fit_latency(configs, values)
-        self._fit_success(configs, values)
+        screen_configs = [
+            QuantConfig.model_validate(t.user_attrs[TrialAttr.CONFIG]) for t in screened
+        ]
+        measured = [
+            (c, *_ptq_success(t, v.get("success")))
+            for c, t, v in zip(configs, done, values, strict=True)
+        ]
+        measured += [(c, *_ptq_success(t)) for c, t in zip(screen_configs, screened, strict=True)]
+        measured = [m for m in measured if m[1] is not None]
+        self._fit_success(
+            [m[0] for m in measured], [m[1] for m in measured], [m[2] for m in measured]
+        )
 
     # features
     def _fractions(self, config: QuantConfig) -> tuple[float, np.ndarray, int]:
@@ -296,20 +330,62 @@ class _Model:
         penalty = np.diag([0.0, 1e-3, *([1.0] * len(self._names))])
         self.lat_w = np.linalg.solve(x.T @ x + penalty, x.T @ y)
 
-    def _fit_success(self, configs: list[QuantConfig], values: list[dict[str, float]]) -> None:
+    def _features(self, config: QuantConfig) -> np.ndarray:
+        """One-hot of each searched parameter's value in ``config`` (none for a configuration
+        outside the space: a seed of an older space)."""
+        x = np.zeros(len(self._slots))
+        try:
+            params = params_from_config(self._resolved, config)
+        except (ValueError, KeyError):
+            return x
+        for name, value in params.items():
+            i = self._slots.get((name, value))
+            if i is not None:
+                x[i] = 1.0
+        return x
+
+    def _fit_success(
+        self, configs: list[QuantConfig], successes: list[float], weights: list[float]
+    ) -> None:
+        """``drop = k * KL + u . x``, each trial weighted by the inverse square of its success
+        interval's width (about its episodes: a screened one's success is noisier). ``k >= 0``
+        by least squares on the sensitivity's KL; then the residuals by ridge regression on
+        the one-hot choices ``x`` (what the sensitivity misses: an activation width, a block
+        size, layers that interact), its strength chosen by leave-one-out error from
+        ``RIDGE_GRID``, or none where no strength beats no correction; ``sigma`` is that
+        leave-one-out error, so the spread the acquisition uses is out of sample."""
         s_float = float(self.ref.get("success", 1.0))
         kl = np.asarray([self._kl(c) for c in configs], float)
-        drop = np.asarray([max(0.0, s_float - v.get("success", s_float)) for v in values], float)
-        self.k = float(max(0.0, (kl @ drop) / (kl @ kl))) if kl.size and (kl @ kl) > 0 else 0.0
+        drop = np.asarray([max(0.0, s_float - v) for v in successes], float)
+        w = np.asarray(weights, float) / max(weights, default=1.0)
+        wkl = w * kl
+        self.k = float(max(0.0, (wkl @ drop) / (wkl @ kl))) if kl.size and wkl @ kl > 0 else 0.0
         resid = drop - self.k * kl
-        self.sigma = float(max(0.01, math.sqrt(float(np.mean(resid**2))) if resid.size else 0.05))
+        self.u: np.ndarray | None = None
+        if not resid.size:
+            self.sigma = 0.05
+            return
+        best = float(np.sqrt(np.average(resid**2, weights=w)))  # no correction: nothing left out
+        if self._residual and len(resid) >= 3:
+            root = np.sqrt(w)[:, None]
+            x = np.stack([self._features(c) for c in configs]) * root  # weighted rows
+            r = resid * root[:, 0]
+            for lam in RIDGE_GRID:
+                u, loo = ridge_loo(x, r, lam)
+                err = float(np.sqrt(np.sum(loo**2) / np.sum(w)))
+                if err < best:
+                    best, self.u = err, u
+        self.sigma = float(max(0.01, best))
 
     # predictions
     def predict(self, config: QuantConfig) -> dict[str, float]:
         mean, f, formula = self._fractions(config)
         out = {"size_bytes": max(1.0, formula + self.size_over)}
         s_float = float(self.ref.get("success", 1.0))
-        out["success"] = max(0.0, s_float - self.k * self._kl(config))
+        drop = self.k * self._kl(config)
+        if self.u is not None:
+            drop += float(self.u @ self._features(config))
+        out["success"] = min(s_float, max(0.0, s_float - drop))  # a correction may be < 0
         if self.lat_w is not None:
             out["latency_ms"] = float(math.exp(self.lat_w @ np.concatenate([[1.0, mean], f])))
         elif "latency_ms" in self.objectives:
@@ -339,6 +415,40 @@ def _draw(dist: BaseDistribution, rng: np.random.Generator) -> Any:
         return int(rng.integers(dist.low, dist.high + 1))
     assert isinstance(dist, optuna.distributions.CategoricalDistribution)
     return dist.choices[int(rng.integers(len(dist.choices)))]
+
+
+def ridge_loo(x: np.ndarray, r: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge regression ``u = (X'X + lam I)^-1 X'r`` and its leave-one-out residuals, exact
+    without refitting: ``(r_i - x_i u) / (1 - h_ii)``, ``h_ii`` the hat matrix's diagonal."""
+    inv = np.linalg.inv(x.T @ x + lam * np.eye(x.shape[1]))
+    u = inv @ x.T @ r
+    hat = np.einsum("ij,jk,ik->i", x, inv, x)
+    return u, (r - x @ u) / np.clip(1.0 - hat, 1e-9, None)
+
+
+def _ptq_success(t: FrozenTrial, objective: float | None = None) -> tuple[float | None, float]:
+    """The success post-training quantization reached (what the model predicts; after a QAT
+    stage, the one recorded before it; else the trial's own, or its ``objective`` value) and
+    its weight, ``1 / width^2`` of its interval (1 without one); None where there is no
+    finite success."""
+    a = t.user_attrs
+    qat = a.get(TrialAttr.QAT) or {}
+    key = "ptq_success" if qat.get("steps") else "success"
+    src = qat if qat.get("steps") else a
+    success = src.get(key, objective)
+    if not isinstance(success, (int, float)) or not math.isfinite(success):
+        return None, 0.0
+    lo, hi = src.get(f"{key}_lo"), src.get(f"{key}_hi")
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and hi > lo:
+        return float(success), 1.0 / (hi - lo) ** 2
+    return float(success), 1.0
+
+
+def _values(dist: BaseDistribution) -> list[Any]:
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return list(range(dist.low, dist.high + 1, dist.step))
+    assert isinstance(dist, optuna.distributions.CategoricalDistribution)
+    return list(dist.choices)
 
 
 def _step(dist: BaseDistribution, value: Any, rng: np.random.Generator) -> Any:

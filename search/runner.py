@@ -496,7 +496,7 @@ class Runner:
         trial.set_user_attr(TrialAttr.DUPLICATE_OF, first.number)
         trial.set_user_attr("episodes", 0)
         self.heartbeat.discard(trial.number)
-        self._track(self.study.tell(trial, list(first.values or [])))
+        self._track(self._told(trial, list(first.values or []), TrialState.COMPLETE))
 
     def _fail(self, run: Running, reason: str, track: bool = True) -> None:
         run.trial.set_user_attr(TrialAttr.FAIL_REASON, reason[:500])

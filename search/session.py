@@ -215,11 +215,6 @@ def run_session(
         )
     print_summary(console, cfg, result, result.float_reference)
     export_best(console, cfg, result, path)
-    if result.out_of_time:
-        console.print(
-            f"time budget of {cfg.time_budget_s:.0f} s spent: no trial started after it "
-            "(--resume goes on)"
-        )
     if result.plots:
         console.print("plots: " + "  ".join(str(p) for p in result.plots))
     return result
@@ -378,6 +373,11 @@ def print_summary(
     console.print(f"hypervolume {hypervolume(result.study):.4f}  storage {cfg.storage_shown()}")
     if result.interrupted:
         console.print("[yellow]interrupted[/]: finished trials are kept; --resume continues")
+    elif result.out_of_time:
+        console.print(
+            f"time budget of {cfg.time_budget_s:.0f} s spent: no trial started after it "
+            "(--resume goes on)"
+        )
 
 
 def _fmt(v: Any) -> str:

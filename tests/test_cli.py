@@ -142,6 +142,9 @@ def test_a_bad_flag_is_named_as_the_flag_not_the_file(tmp_path: Path) -> None:
     assert "--trials: Input should be greater than or equal to 1" in result.output
     result = runner.invoke(app, ["search", str(p), "--sampler", "cmaes"])
     assert result.exit_code == 2 and "--sampler: Input should be" in result.output
+    result = runner.invoke(app, ["search", str(p), "--time-budget-s", "0"])
+    assert result.exit_code == 2
+    assert "--time-budget-s: Input should be greater than 0" in result.output
 
 
 def test_an_existing_study_is_refused_before_ray_starts(

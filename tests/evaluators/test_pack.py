@@ -40,3 +40,27 @@ def test_packed_weight_equals_simulated(
     p = pack_weight(w, bits, granularity, group, symmetric)
     restored = unpack_weight(PackedWeight.from_state(p.to_state()))
     assert torch.equal(restored, fake_quantize_weight(w, bits, granularity, group, symmetric))  # type: ignore[arg-type]
+
+
+def test_a_symmetric_2bit_weight_is_ternary_in_the_matmulnbits_codes() -> None:
+    """The notes' symmetric scale ``s = max|w| / (2^(b-1) - 1)`` is ``max|w|`` at 2 bits, so
+    ``round(w / s)`` is -1, 0 or +1: ternary weights, which ``MatMulNBits`` runs as 2-bit codes
+    ``q + 2`` (never code 0, the format's -2)."""
+    from onnx import numpy_helper
+
+    from mpq.evaluators.backends.onnx_nbits import nbits_tensors
+    from mpq.spaces.space import LayerChoice
+
+    w = torch.randn(8, 96, generator=torch.Generator().manual_seed(0))
+    ran = LayerChoice(w_bits=2, granularity="per_group", group_size=32, symmetric=True)
+    tensors, n, k = nbits_tensors(w.numpy(), ran, "w")
+    assert len(tensors) == 2  # symmetric: no zero points (the kernel's default 2)
+    packed = numpy_helper.to_array(tensors[0])  # [N, blocks, 32 * 2 / 8]
+    codes = unpack_bits(packed.reshape(-1), 2, n * k).reshape(n, k)
+    assert set(np.unique(codes).tolist()) == {1, 2, 3}
+    scales = numpy_helper.to_array(tensors[1]).reshape(n, k // 32)
+    weights = (codes.reshape(n, k // 32, 32) - 2.0) * scales[..., None]
+    simulated = fake_quantize_weight(w, 2, "per_group", 32, True).reshape(n, k // 32, 32)
+    np.testing.assert_array_equal(weights.astype(np.float32), simulated.numpy())
+    for block in simulated.reshape(-1, 32):  # three levels: -s, 0, +s
+        assert len(torch.unique(block)) <= 3

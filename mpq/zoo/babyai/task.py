@@ -37,12 +37,13 @@ def rollout_level(
     level: str,
     seeds: list[int],
     greedy: bool = True,
-    frames: list[list[np.ndarray]] | None = None,
+    episodes: list[tuple[str, list[np.ndarray]]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run one episode per seed, all in lockstep with one batched forward per step.
 
     Args:
-        frames: where given, each episode's images as the model saw them (one list per seed).
+        episodes: where given, filled with each episode's mission and the images the model
+            saw, one per seed (``qat.record``'s states).
 
     Returns:
         (success (N,) bool, episode length (N,) int).
@@ -54,13 +55,13 @@ def rollout_level(
     success = np.zeros(len(seeds), dtype=bool)
     length = np.zeros(len(seeds), dtype=np.int64)
     active = np.arange(len(seeds))
-    if frames is not None:
-        frames[:] = [[] for _ in seeds]
+    if episodes is not None:
+        episodes[:] = [(o["mission"], []) for o in obs]
     while active.size:
         timing_slot.yield_point()  # a trial waiting to time its latency gets the node now
-        if frames is not None:
+        if episodes is not None:
             for i in active:
-                frames[i].append(obs[i]["image"])
+                episodes[i][1].append(obs[i]["image"])
         image = torch.from_numpy(np.stack([obs[i]["image"] for i in active]))[:, None]
         logits, new_memory = model(image, *(c[active] for c in context), memory[:, active])
         memory[:, active] = new_memory
@@ -208,10 +209,9 @@ def record_states(
     by_length: dict[int, list[tuple[np.ndarray, str]]] = {}
     for li, level in enumerate(LEVELS):
         seeds = [level_seed(TRAIN_SEED_BASE, li, first + i) for i in range(episodes_per_level)]
-        frames: list[list[np.ndarray]] = []
-        rollout_level(model, level, seeds, frames=frames)
-        missions = [quiet_reset(make_env(level), s)[0]["mission"] for s in seeds]
-        for images, mission in zip(frames, missions, strict=True):
+        episodes: list[tuple[str, list[np.ndarray]]] = []
+        rollout_level(model, level, seeds, episodes=episodes)
+        for mission, images in episodes:
             by_length.setdefault(len(images), []).append((np.stack(images), mission))
     batches = []
     with torch.inference_mode():
