@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SEARCHED = ("fuse", "memory_gru.weight_ih_l0", "memory_gru.weight_hh_l0", "ffn_in", "action_head")
 SAMPLERS = ("random", "nsga2", "tpe", "gp", "mpq")
+KL_ONLY = "mpq-kl"  # the model-based sampler with its success model's sensitivity term alone
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     from mpq.search import rules
     from mpq.search import study as study_mod
     from mpq.search.config import load_search_config
-    from mpq.search.model_sampler import PREDICTED
+    from mpq.search.model_sampler import PREDICTED, ModelBasedSampler
     from mpq.search.pareto import front_trials, hypervolume
     from mpq.search.record import SEARCH, StudyAttr, TrialAttr, TrialRecord
     from mpq.search.runner import bind_sampler, preflight
@@ -112,10 +113,20 @@ def main() -> None:
     evaluator = get_evaluator(eval_spec(cfg))
 
     def replay(sampler: str, seed: int, trials: int, enqueue: list) -> optuna.Study:  # type: ignore[type-arg]
-        s_cfg = cfg.model_copy(update={"sampler": sampler, "seed": seed})
-        study = optuna.create_study(
-            directions=full.directions, sampler=study_mod.make_sampler(s_cfg)
-        )
+        if sampler == KL_ONLY:
+            c = cfg.constraints
+            made: optuna.samplers.BaseSampler = ModelBasedSampler(
+                seed=seed,
+                max_success_drop=c.max_success_drop,
+                max_size_bytes=c.max_size_bytes,
+                max_latency_ms=c.max_latency_ms,
+                residual=False,
+            )
+        else:
+            made = study_mod.make_sampler(
+                cfg.model_copy(update={"sampler": sampler, "seed": seed})
+            )
+        study = optuna.create_study(directions=full.directions, sampler=made)
         study.set_user_attr(StudyAttr.OBJECTIVES, full.user_attrs[StudyAttr.OBJECTIVES])
         study.set_user_attr(StudyAttr.FLOAT_REFERENCE, ref)
         study.set_user_attr(StudyAttr.SENSITIVITY, full.user_attrs[StudyAttr.SENSITIVITY])
@@ -156,13 +167,16 @@ def main() -> None:
         share = hypervolume(full, trials) / exhaustive_hv
         print(f"| {label} | " + " | ".join(f"{share:.3f}" for _ in budgets) + " |")
     rows = {f"{s} (plain)": (s, []) for s in SAMPLERS}
+    rows["mpq (plain), success from the sensitivity alone (no ridge correction)"] = (KL_ONLY, [])
     rows["NSGA-II seeded with greedy + uniform"] = ("nsga2", seed_params)
     rows["NSGA-II seeded with greedy + ILP + uniform"] = ("nsga2", seed_params + ilp_params)
     rows["mpq model-based, seeded with greedy + uniform"] = ("mpq", seed_params)
     rows["mpq model-based, seeded with greedy + ILP + uniform"] = ("mpq", seed_params + ilp_params)
     if args.only:
         rows = {k: v for k, v in rows.items() if any(x in k for x in args.only)}
-    pairs: dict[str, list[tuple[float, float]]] = {o: [] for o in ref_objectives}
+    pairs: dict[str, dict[str, list[tuple[float, float]]]] = {
+        kind: {o: [] for o in ref_objectives} for kind in ("mpq", KL_ONLY)
+    }
     for label, (sampler, enqueue) in rows.items():
         shares = {n: [] for n in budgets}  # type: ignore[var-annotated]
         for seed in args.seeds:
@@ -171,7 +185,7 @@ def main() -> None:
                 predicted = t.system_attrs.get(PREDICTED)
                 if predicted and t.values is not None:
                     for o, v in zip(ref_objectives, t.values, strict=True):
-                        pairs[o].append((predicted[o], v))
+                        pairs[sampler][o].append((predicted[o], v))
             for n in budgets:
                 first = [t for t in study.trials if t.number < n]
                 shares[n].append(hypervolume(study, first) / exhaustive_hv)
@@ -179,13 +193,14 @@ def main() -> None:
             f"{statistics.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" for v in shares.values()
         )
         print(f"| {label} | {cells} |")
-    print(
-        "\nmpq model-based: predicted vs measured over its proposals (Spearman rank correlation)"
-    )
-    for o, xy in pairs.items():
-        if len(xy) > 2:
-            rho = spearmanr([x for x, _ in xy], [y for _, y in xy]).statistic
-            print(f"- {o}: {rho:.3f} over {len(xy)} proposals")
+    for kind, title in (("mpq", "mpq model-based"), (KL_ONLY, "the same, sensitivity alone")):
+        if not any(len(xy) > 2 for xy in pairs[kind].values()):
+            continue
+        print(f"\n{title}: predicted vs measured over its proposals (Spearman rank correlation)")
+        for o, xy in pairs[kind].items():
+            if len(xy) > 2:
+                rho = spearmanr([x for x, _ in xy], [y for _, y in xy]).statistic
+                print(f"- {o}: {rho:.3f} over {len(xy)} proposals")
 
 
 if __name__ == "__main__":
