@@ -149,10 +149,10 @@ def _summary(base: Any, budget_s: float, seed: int, runs: dict[str, tuple[Any, f
 
 def _front(label: str, study: Any) -> None:
     """The run's front, smallest first, with the PTQ success of points QAT fine-tuned."""
-    from mpq.search.pareto import front_table
+    from mpq.search.pareto import format_speedup, format_success, front_table
 
     print(f"\n{label}: the front, smallest first\n")
-    print("| trial | success | size_bytes | speed-up | QAT (PTQ success before) |")
+    print("| trial | success | size_bytes | speed-up (95%) | QAT (PTQ success before) |")
     print("|---|---|---|---|---|")
     table = front_table(study)
     if table.empty:
@@ -161,15 +161,9 @@ def _front(label: str, study: Any) -> None:
     for row in table.sort_values("size_bytes").to_dict("records"):
         r = {k: (None if pd.isna(v) else v) for k, v in row.items()}  # a column's NaN: absent
         qat = f"yes ({r['ptq_success']:.3f})" if r.get("qat_steps") else "no"
-        interval = (
-            f" ({r['success_lo']:.3f}-{r['success_hi']:.3f})"
-            if r["success_lo"] is not None
-            else ""
-        )
-        speed = "n/a" if r.get("speedup") is None else f"{r['speedup']:.2f}x"
         print(
-            f"| {r['trial']} | {r['success']:.3f}{interval} | {r['size_bytes']:,} | {speed} | "
-            f"{qat} |"
+            f"| {r['trial']} | {format_success(r)} | {r['size_bytes']:,} | "
+            f"{format_speedup(r)} | {qat} |"
         )
 
 

@@ -22,7 +22,8 @@ and the same in every process):
                                                  before the search (KL of the action
                                                  distribution, at the bits that run); k >= 0 by
                                                  least squares on the trials' success drops
-                                                 (screened ones too, weighted by episodes);
+                                                 (screened ones too; each weighted by 1 /
+                                                 width^2 of its success interval);
                                                  u: ridge regression of what is left on x(c),
                                                  the one-hot choices, its strength by
                                                  leave-one-out error (none when none helps);
