@@ -153,7 +153,12 @@ def main() -> None:
                 predicted = TrialRecord.from_frozen(t).predicted
                 if predicted and t.values is not None:
                     for o, v in zip(objectives, t.values, strict=True):
-                        pairs[o].append((predicted[o], v))
+                        if o == "success":  # the success model's: post-training, QAT or not
+                            qat = t.user_attrs.get("qat") or {}
+                            v = qat.get("ptq_success", v) if qat.get("steps") else v
+                            pairs[o].append((predicted.get("ptq_success", predicted[o]), v))
+                        else:
+                            pairs[o].append((predicted[o], v))
     if any(pairs.values()):
         print("\nmpq model-based: predicted vs measured (Spearman rank correlation)")
         for o, xy in pairs.items():

@@ -1,7 +1,7 @@
 """The search's front with its QAT stage off and on, at equal wall time.
 
     python benchmarks/qat_search.py [--config examples/babyai/tiny.yaml] [--time-budget-s 1200]
-        [--seed 0] [--qat-steps 1000 250] [--out DIR]
+        [--seed 0] [--qat-steps 1000 250] [--trial-timeout-s S] [--out DIR]
 
 Searches of the example, identical but for ``qat.when`` (``never``; then ``infeasible``, once
 per ``--qat-steps`` value: a trial whose post-training success misses the constraint while its
@@ -29,7 +29,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WALL_S = "benchmark:wall_s"  # a finished run's wall time, kept with its study
-SETUP = "benchmark:setup"  # its time budget and sampler seed: a rerun reuses it only on these
+SETUP = "benchmark:setup"  # its time budget, seed, stage time limit: reused only on these
 
 
 def main() -> None:
@@ -48,6 +48,12 @@ def main() -> None:
         help="one QAT-on run per value (default: the config's qat.steps)",
     )
     p.add_argument(
+        "--trial-timeout-s",
+        type=float,
+        default=None,
+        help="each stage's time limit, every run (default: the config's trial_timeout_s)",
+    )
+    p.add_argument(
         "--out", default=None, help="keep the studies here; a rerun reuses finished runs"
     )
     args = p.parse_args()
@@ -55,6 +61,7 @@ def main() -> None:
     arms = {"QAT stage off": ("never", base.qat.steps)}
     for steps in args.qat_steps or [base.qat.steps]:
         arms[f"QAT stage on, {steps} steps"] = ("infeasible", steps)
+    timeout_s = base.trial_timeout_s if args.trial_timeout_s is None else args.trial_timeout_s
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
@@ -67,14 +74,16 @@ def main() -> None:
                 "seed": args.seed,
                 "trials": 10_000,  # the time budget ends it
                 "time_budget_s": args.time_budget_s,
+                "trial_timeout_s": timeout_s,
                 "output_dir": str(root / tag),
                 "storage": None,
                 "tracking": {"enabled": False},
                 "qat": {**data["qat"], "when": when, "steps": steps},
             }
-            runs[label] = _run(type(base).model_validate(data), [args.time_budget_s, args.seed])
+            setup = [args.time_budget_s, args.seed, timeout_s]
+            runs[label] = _run(type(base).model_validate(data), setup)
             print(f"# {label}: {runs[label][1]:.0f} s", flush=True)
-        _summary(base, args.time_budget_s, args.seed, runs)
+        _summary(base, args.time_budget_s, args.seed, timeout_s, runs)
         for label, (study, _) in runs.items():
             _front(label, study)
         ref = next(iter(runs.values()))[0].user_attrs[StudyAttr.FLOAT_REFERENCE]
@@ -86,7 +95,7 @@ def main() -> None:
 
 def _run(cfg: Any, setup: list[float]) -> tuple[Any, float]:
     """One run from an empty folder, or the finished one of the same ``setup`` (time budget,
-    seed) already in ``cfg.output_dir``."""
+    seed, a stage's time limit) already in ``cfg.output_dir``."""
     import optuna
 
     from mpq.search.session import run_search
@@ -97,7 +106,7 @@ def _run(cfg: Any, setup: list[float]) -> tuple[Any, float]:
             raise SystemExit(f"{cfg.output_dir} holds an unfinished run: remove it")
         if study.user_attrs.get(SETUP) != setup:
             raise SystemExit(
-                f"{cfg.output_dir} holds a run of another time budget and seed "
+                f"{cfg.output_dir} holds a run of another time budget, seed or time limit "
                 f"({study.user_attrs.get(SETUP)}): remove it or pick another --out"
             )
         return study, float(study.user_attrs[WALL_S])
@@ -110,7 +119,9 @@ def _run(cfg: Any, setup: list[float]) -> tuple[Any, float]:
     return result.study, float(result.study.user_attrs[WALL_S])
 
 
-def _summary(base: Any, budget_s: float, seed: int, runs: dict[str, tuple[Any, float]]) -> None:
+def _summary(
+    base: Any, budget_s: float, seed: int, timeout_s: float, runs: dict[str, tuple[Any, float]]
+) -> None:
     """Wall time, trials, QAT stages, front and share of the union's hypervolume per run."""
     from mpq.search.pareto import front_trials, hypervolume_of, normalised_losses
     from mpq.search.record import StudyAttr, TrialAttr
@@ -121,7 +132,8 @@ def _summary(base: Any, budget_s: float, seed: int, runs: dict[str, tuple[Any, f
     q = base.qat
     print(
         f"\n{base.name}: time budget {budget_s:.0f} s per run, sampler {base.sampler} seed "
-        f"{seed}, {base.task_budget} episodes per level; QAT stage: lr {q.lr}, data "
+        f"{seed}, {base.task_budget} episodes per level, a stage's time limit {timeout_s:.0f} "
+        f"s; QAT stage: lr {q.lr}, data "
         f"{q.data or 'calibration'}. Reference: the union of {len(union)} "
         f"feasible points, hypervolume {ref_hv:.4f}.\n"
     )

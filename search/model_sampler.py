@@ -37,15 +37,20 @@ hypervolume) of its predicted point, success taken optimistically at ``+ sigma /
 required to meet ``constraints.max_success_drop``, over the measured front plus the predicted
 points of the trials still running (so parallel workers get different proposals). (The
 expectation over ``N(predicted, sigma)`` instead measured worse on the exhaustive benchmark:
-README.) Each proposal records its prediction (system attribute ``mpq:predicted``) for the
-predicted vs measured comparison. With fewer than two measured trials, or unbound (no model in
-this process), it samples at random.
+README.) With the QAT stage on (``qat.when: infeasible``), a candidate whose optimistic
+success misses the constraint is judged on its success after fine-tuning instead
+(``QatPlan``: the share of the drop the study's QAT stages won back), its gain divided by what
+a fine-tuned trial costs in wall time over a post-training one. Each proposal records its
+prediction (system attribute ``mpq:predicted``; ``ptq_success`` too where it plans on a QAT
+stage) for the predicted vs measured comparison. With fewer than two measured trials, or
+unbound (no model in this process), it samples at random.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,14 +63,18 @@ from mpq.search.record import PREDICTED, StudyAttr, TrialAttr
 from mpq.search.study import config_from_params, distributions, params_from_config
 from mpq.spaces.space import LayerChoice, LayerOptions, QuantConfig
 
-__all__ = ["PREDICTED", "ModelBasedSampler"]
+__all__ = ["PREDICTED", "ModelBasedSampler", "QatPlan"]
 RIDGE_GRID = (0.1, 1.0, 10.0, 100.0)  # the residual model's ridge strengths (by LOO error)
+QAT_PRIOR_RECOVERED = 0.5  # the share of a PTQ drop a QAT stage is taken to win back at first
+QAT_PRIOR_COST = 2.0  # a fine-tuned trial's wall time over a post-training one's, at first
 
 
 class ModelBasedSampler(optuna.samplers.BaseSampler):
     """See the module docstring. ``bind`` gives it the space and the size formula;
     ``residual=False``: the success model without its ridge correction (sensitivity only, as
-    measured against it in the README)."""
+    measured against it in the README); ``qat=True``: the search fine-tunes the trials that
+    miss the success constraint (``qat.when: infeasible``), so candidates only fine-tuning
+    could make feasible are proposed too, at their cost (``QatPlan``)."""
 
     def __init__(
         self,
@@ -75,8 +84,10 @@ class ModelBasedSampler(optuna.samplers.BaseSampler):
         max_size_bytes: int | None = None,
         max_latency_ms: float | None = None,
         residual: bool = True,
+        qat: bool = False,
     ) -> None:
         self._residual = residual
+        self._qat = qat
         self._rng = np.random.default_rng(seed)
         self._random = optuna.samplers.RandomSampler(seed=seed)
         self._max_drop = max_success_drop
@@ -128,7 +139,10 @@ class ModelBasedSampler(optuna.samplers.BaseSampler):
             return {}
         config, predicted = best
         objectives = study.user_attrs.get(StudyAttr.OBJECTIVES, [])
-        recorded = {k: v for k, v in predicted.items() if k in objectives}
+        kept = (
+            [*objectives, "success", "ptq_success"] if "ptq_success" in predicted else objectives
+        )
+        recorded = {k: v for k, v in predicted.items() if k in kept}
         study._storage.set_trial_system_attr(trial._trial_id, PREDICTED, recorded)
         return params_from_config(self._resolved, config)
 
@@ -180,7 +194,7 @@ class ModelBasedSampler(optuna.samplers.BaseSampler):
             return None
         front = [model.losses_of_trial(t) for t in feasible_complete(done)]
         front += [
-            model.losses(model.predict(config_from_params(self._resolved, t.params)))
+            model.losses(self._running_point(model, t))
             for t in trials
             if t.state == TrialState.RUNNING and t.number != trial.number and t.params
         ]
@@ -189,19 +203,41 @@ class ModelBasedSampler(optuna.samplers.BaseSampler):
         )
         base = _hv(front, reference)
         s_float = float(ref.get("success", 1.0))
+        plan = QatPlan.of(trials, s_float) if self._qat else None
         best, best_gain = None, -1.0
         for config in pool:
             predicted = model.predict(config)
             optimistic = dict(predicted)
-            if "success" in predicted:
-                optimistic["success"] = min(s_float, predicted["success"] + model.sigma / 2)
+            optimistic["success"] = min(s_float, predicted["success"] + model.sigma / 2)
+            cost = 1.0
             if not self._may_be_feasible(optimistic, s_float):
-                continue
+                if plan is None:
+                    continue
+                # only a QAT stage could make it feasible: judged on its figures after one,
+                # its gain per unit of time (a fine-tuned trial costs plan.cost_ratio trials)
+                optimistic["success"] = plan.after(optimistic["success"], s_float)
+                if not self._may_be_feasible(optimistic, s_float):
+                    continue
+                ptq = predicted["success"]
+                predicted = {**predicted, "success": plan.after(ptq, s_float), "ptq_success": ptq}
+                cost = plan.cost_ratio
             gain = _hv([*front, model.losses(optimistic)], reference) - base
-            gain += 1e-9 * self._rng.random()  # ties broken at random
+            if cost > 1.0 and gain <= 0.0:
+                continue  # a fine-tuning that adds nothing is never worth its time
+            gain = gain / cost + 1e-9 * self._rng.random()  # ties broken at random
             if gain > best_gain:
                 best, best_gain = (config, predicted), gain
         return best
+
+    def _running_point(self, model: _Model, t: FrozenTrial) -> dict[str, float]:
+        """A running trial's predicted figures; its success as recorded where its proposal
+        planned on a QAT stage (the success after it)."""
+        assert self._resolved is not None
+        point = model.predict(config_from_params(self._resolved, t.params))
+        recorded = t.system_attrs.get(PREDICTED) or {}
+        if "ptq_success" in recorded and "success" in recorded:
+            point["success"] = float(recorded["success"])
+        return point
 
     def _may_be_feasible(self, predicted: dict[str, float], float_success: float) -> bool:
         """The config's constraints, on the (optimistic) prediction."""
@@ -402,6 +438,58 @@ class _Model:
 
     def losses_of_trial(self, t: FrozenTrial) -> list[float]:
         return self.losses(dict(zip(self.objectives, t.values or [], strict=True)))
+
+
+@dataclass(frozen=True)
+class QatPlan:
+    """What a QAT stage is worth to the search, from the study's fine-tuned trials:
+
+        success after QAT = s_ptq + recovered * (s_float - s_ptq)
+
+    ``recovered``: the mean share of the PTQ drop the study's QAT stages won back (each
+    ``(s_qat - s_ptq) / (s_float - s_ptq)`` clipped to [0, 1]; a failed stage: 0), with
+    ``QAT_PRIOR_RECOVERED`` counted as one more stage; ``cost_ratio``: the median wall time of
+    a fine-tuned trial over that of a complete post-training one (``QAT_PRIOR_COST`` until both
+    are timed; at least 1), by which a fine-tuning candidate's hypervolume gain is divided:
+    the search compares gains per unit of time. Duplicates (answered from an earlier trial)
+    count for neither. (A trial sent to QAT straight from screening was picked for its low
+    screened success, so its share leans high: regression to the mean, left uncorrected.)"""
+
+    recovered: float = QAT_PRIOR_RECOVERED
+    cost_ratio: float = QAT_PRIOR_COST
+
+    def after(self, ptq_success: float, float_success: float) -> float:
+        return ptq_success + self.recovered * max(0.0, float_success - ptq_success)
+
+    @classmethod
+    def of(cls, trials: Sequence[FrozenTrial], float_success: float) -> QatPlan:
+        shares, qat_seconds, ptq_seconds = [QAT_PRIOR_RECOVERED], [], []
+        for t in trials:
+            if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+                continue
+            if TrialAttr.DUPLICATE_OF in t.user_attrs:  # answered from another: no time spent
+                continue
+            qat = t.user_attrs.get(TrialAttr.QAT) or {}
+            seconds = t.duration.total_seconds() if t.duration is not None else None
+            if qat.get("failed"):
+                shares.append(0.0)
+            elif qat.get("steps"):
+                before, after = qat.get("ptq_success"), t.user_attrs.get("success")
+                if _finite(before) and _finite(after) and float_success > before:
+                    shares.append(min(1.0, max(0.0, (after - before) / (float_success - before))))
+            elif t.state == TrialState.COMPLETE and seconds is not None:
+                ptq_seconds.append(seconds)
+                continue
+            if qat and seconds is not None:
+                qat_seconds.append(seconds)
+        cost = QAT_PRIOR_COST
+        if qat_seconds and ptq_seconds and np.median(ptq_seconds) > 0:
+            cost = max(1.0, float(np.median(qat_seconds) / np.median(ptq_seconds)))
+        return cls(float(np.mean(shares)), cost)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _hv(points: list[list[float]], reference: np.ndarray) -> float:

@@ -525,6 +525,8 @@ class Runner:
         counts["in_flight"] = len(self.running)
         counts["front"] = len(front_trials(self.study))
         counts["target"] = self.cfg.trials
+        if self._deadline is not None:  # the seconds of time_budget_s left
+            counts["time_left_s"] = max(0, math.ceil(self._deadline - time.monotonic()))
         self.progress(counts)
 
 

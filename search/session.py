@@ -128,7 +128,7 @@ def run_search(
         runner.prepare()
         study_setup.enqueue_configs(runner.study, runner.resolved, extra)
         if tracker:
-            tracker.start(runner.study)
+            tracker.start(runner.study, searching=True)
         result = runner.run()
     drop = cfg.constraints.max_success_drop
     min_success = None if drop is None else float(result.float_reference["success"]) - drop
@@ -138,7 +138,12 @@ def run_search(
     except Exception as exc:  # noqa: BLE001  a plot never costs the study its tracking or export
         (console or Console(stderr=True)).print(f"[yellow]plots not written[/]: {exc!r}"[:300])
     if tracker:
-        tracker.finish(result.study, result.plots, interrupted=result.interrupted)
+        tracker.finish(
+            result.study,
+            result.plots,
+            interrupted=result.interrupted,
+            out_of_time=result.out_of_time,
+        )
     return result
 
 
@@ -201,12 +206,14 @@ def run_session(
 
         def report(counts: dict[str, int]) -> None:
             done = counts["complete"] + counts["pruned"] + counts["fail"]
+            left = counts.get("time_left_s")  # a time budget ends the run, not the trials
             bar.update(
                 task,
                 completed=min(done, cfg.trials),
                 description=(
                     f"{counts['complete']} done, {counts['pruned']} pruned, {counts['fail']} "
                     f"failed, {counts['in_flight']} running, front {counts['front']}"
+                    + ("" if left is None else f", {left} s of the time budget left")
                 ),
             )
 

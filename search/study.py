@@ -114,6 +114,7 @@ def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
             max_success_drop=c.max_success_drop,
             max_size_bytes=c.max_size_bytes,
             max_latency_ms=c.max_latency_ms,
+            qat=cfg.qat.when == "infeasible",
         )
     if cfg.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed)

@@ -34,6 +34,7 @@ from mpq.search.record import Measurements, StudyAttr, TrialAttr, TrialRecord
 from mpq.spaces.space import DIMENSIONS, QuantConfig
 
 STUDY_TAG, TRIAL_TAG, KIND_TAG = "mpq_study", "mpq_trial", "mpq_kind"
+ENDED_BY = "ended_by"  # the study's run: trial budget, time budget or interrupted (last run)
 _MAX_BATCH = 100
 # what an unreachable or failing tracking store raises from MlflowClient's calls (a SQL store
 # raises SQLAlchemy's own errors when its database is down)
@@ -250,12 +251,20 @@ class Tracker:
         return self.experiment_id
 
     # -- study --------------------------------------------------------------------------------
-    def start(self, study: optuna.Study) -> None:
-        """Find or create the study's parent run, then back-fill every finished trial."""
+    def start(self, study: optuna.Study, searching: bool = False) -> None:
+        """Find or create the study's parent run, then back-fill every finished trial;
+        ``searching``: a run of the search begins, so what ended the last one (``ended_by``)
+        no longer holds and is removed until this one ends."""
         ref = dict(study.user_attrs.get(StudyAttr.FLOAT_REFERENCE, {}))
         params, metrics = study_params(self.cfg, ref), study_metrics(ref)
         self._guard(self._parent, study.study_name, params, metrics)
+        if searching and self.parent_id is not None and not self.down:
+            self._guard(self._clear_ended_by, self.parent_id)
         self._backfill(study)
+
+    def _clear_ended_by(self, run_id: str) -> None:
+        if ENDED_BY in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, ENDED_BY)
 
     def _parent(self, study_name: str, params: dict[str, str], metrics: dict[str, float]) -> None:
         self.load_runs(study_name)
@@ -327,9 +336,12 @@ class Tracker:
         plot_paths: list[Path] | None = None,
         interrupted: bool = False,
         status: str | None = "FINISHED",
+        out_of_time: bool = False,
     ) -> None:
         """Back-fill, tag the front, log hypervolume, the front table and the plots (the
-        files ``plot_paths``, else made here)."""
+        files ``plot_paths``, else made here); tag what ended this run of the search
+        (``ended_by``: ``trial budget``, ``time budget`` before the trial budget, or
+        ``interrupted``)."""
         import shutil
         import tempfile
 
@@ -348,10 +360,18 @@ class Tracker:
             if self.parent_id is not None and not self.down:
                 if interrupted:  # Ctrl-C: not a finished study
                     status = "KILLED"
-                self._guard(self._finish, front, history, out, len(study.trials), status)
+                ended = "interrupted" if interrupted else "time budget" if out_of_time else None
+                ended = ended or ("trial budget" if status == "FINISHED" else None)
+                self._guard(self._finish, front, history, out, len(study.trials), status, ended)
 
     def _finish(
-        self, front: set[int], history: list[Metric], artifacts: Path, n: int, status: str | None
+        self,
+        front: set[int],
+        history: list[Metric],
+        artifacts: Path,
+        n: int,
+        status: str | None,
+        ended_by: str | None,
     ) -> None:
         parent = self.parent_id
         if parent is None:
@@ -362,6 +382,8 @@ class Tracker:
             self.client.log_batch(parent, metrics=history[i : i + 1000])
         self.client.log_artifacts(parent, str(artifacts))
         self.client.set_tag(parent, "trials", str(n))
+        if ended_by is not None:
+            self.client.set_tag(parent, ENDED_BY, ended_by)
         if status is not None:
             self.client.set_terminated(parent, status)
 

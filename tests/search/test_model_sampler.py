@@ -164,3 +164,72 @@ def test_the_leave_one_out_shortcut_is_a_refit_without_the_point() -> None:
             keep = np.arange(12) != i
             u, _ = ridge_loo(x[keep], r[keep], lam)
             assert loo[i] == pytest.approx(r[i] - x[i] @ u, rel=1e-9, abs=1e-12)
+
+
+def test_the_qat_plan_learns_what_the_study_s_qat_stages_won_back_and_cost() -> None:
+    from datetime import datetime, timedelta
+
+    from mpq.search.model_sampler import QAT_PRIOR_COST, QAT_PRIOR_RECOVERED, QatPlan
+
+    t0 = datetime(2026, 1, 1)
+
+    def trial(seconds: float, success: float, qat: dict | None = None, **attrs):  # type: ignore[no-untyped-def]
+        attrs |= {"success": success} | ({TrialAttr.QAT: qat} if qat else {})
+        pruned = qat is not None and "failed" in qat
+        t = optuna.trial.create_trial(
+            state=TrialState.PRUNED if pruned else TrialState.COMPLETE,
+            values=None if pruned else [success, 1.0, 1.0],
+            user_attrs=attrs,
+        )
+        t.datetime_start, t.datetime_complete = t0, t0 + timedelta(seconds=seconds)
+        return t
+
+    assert QatPlan.of([trial(10, 0.9)], 1.0) == QatPlan(QAT_PRIOR_RECOVERED, QAT_PRIOR_COST)
+    won_back = {"steps": 250, "ptq_success": 0.6}  # 0.3 of the 0.4 lost: 0.75
+    trials = [
+        trial(10, 0.95),
+        trial(12, 0.96),
+        trial(60, 0.9, won_back),
+        trial(80, 0.8, {"failed": "time limit 900s exceeded"}),  # after screening: nothing
+        trial(0.01, 0.9, won_back, **{TrialAttr.DUPLICATE_OF: 2}),  # counts for nothing
+        trial(0.01, 0.95, **{TrialAttr.DUPLICATE_OF: 0}),
+        trial(70, 0.9, {"steps": 250, "ptq_success": float("nan")}),  # a time, no share
+    ]
+    plan = QatPlan.of(trials, 1.0)
+    assert plan.recovered == pytest.approx((QAT_PRIOR_RECOVERED + 0.75 + 0.0) / 3)
+    assert plan.cost_ratio == pytest.approx(70 / 11)  # medians: (60, 70, 80) over (10, 12)
+    assert plan.after(0.6, 1.0) == pytest.approx(0.6 + plan.recovered * 0.4)
+
+
+def test_with_the_qat_stage_on_it_proposes_what_only_fine_tuning_makes_feasible(problem) -> None:  # type: ignore[no-untyped-def]
+    """Within 3 points of float: with the stage off every proposal is predicted feasible after
+    post-training quantization; with it on, some are predicted to need fine-tuning (their
+    PTQ success recorded below the constraint, their success after QAT)."""
+    from mpq.search.model_sampler import QAT_PRIOR_RECOVERED
+
+    def planned(qat: bool) -> list[dict[str, float]]:
+        sampler = ModelBasedSampler(seed=0, max_success_drop=0.03, qat=qat)
+        study = _run(problem, sampler, 16)
+        return [t.system_attrs[PREDICTED] for t in study.trials if PREDICTED in t.system_attrs]
+
+    off = planned(False)
+    assert min(p["success"] for p in off) >= 0.97 - 0.02  # within the optimism of sigma / 2
+    fine_tuned = [p for p in planned(True) if "ptq_success" in p]
+    assert fine_tuned
+    for p in fine_tuned:  # no stage measured yet: the prior share of the drop won back
+        assert p["ptq_success"] < 0.97
+        won_back = QAT_PRIOR_RECOVERED * (1.0 - p["ptq_success"])
+        assert p["success"] == pytest.approx(p["ptq_success"] + won_back)
+
+
+def test_the_dearer_a_qat_stage_the_fewer_proposals_plan_on_one(problem, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from mpq.search import model_sampler
+
+    def fine_tuned(cost_ratio: float) -> int:
+        plan = model_sampler.QatPlan(recovered=1.0, cost_ratio=cost_ratio)
+        monkeypatch.setattr(model_sampler.QatPlan, "of", classmethod(lambda cls, t, s: plan))
+        sampler = ModelBasedSampler(seed=0, max_success_drop=0.03, qat=True)
+        study = _run(problem, sampler, 16)
+        return sum("ptq_success" in t.system_attrs.get(PREDICTED, {}) for t in study.trials)
+
+    assert fine_tuned(1.0) > fine_tuned(1e6)

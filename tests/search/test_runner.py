@@ -50,8 +50,12 @@ def test_resume_keeps_finished_trials_and_continues(ray_local: None, tmp_path: P
 def test_a_spent_time_budget_starts_no_trial_and_resume_goes_on(
     ray_local: None, tmp_path: Path
 ) -> None:
-    result = _run(conv_config(tmp_path, trials=4, time_budget_s=1e-3))
+    seen: list[dict[str, int]] = []
+    runner = Runner(conv_config(tmp_path, trials=4, time_budget_s=1e-3), progress=seen.append)
+    runner.prepare()
+    result = runner.run()
     assert result.out_of_time and not result.interrupted
+    assert seen and seen[-1]["time_left_s"] == 0  # the progress bar says the budget is spent
     assert not [t for t in result.study.get_trials() if t.state.is_finished()]
     more = _run(conv_config(tmp_path, trials=4), resume=True)  # no budget: the trial budget
     assert not more.out_of_time

@@ -26,9 +26,9 @@ def _search(cfg):  # type: ignore[no-untyped-def]
     tracker = Tracker(cfg)
     runner = Runner(cfg, on_trial=tracker.on_trial)
     runner.prepare()
-    tracker.start(runner.study)
+    tracker.start(runner.study, searching=True)
     result = runner.run()
-    tracker.finish(result.study)
+    tracker.finish(result.study, out_of_time=result.out_of_time)
     return result.study, tracker
 
 
@@ -80,6 +80,22 @@ def test_runs_match_optuna_storage(
     history = client.get_metric_history(parent[0].info.run_id, "hypervolume")
     assert len(history) == 6 and history[-1].value >= history[0].value
     assert "float.success" in client.get_run(parent[0].info.run_id).data.metrics
+    assert parent[0].data.tags["ended_by"] == "trial budget"
+
+
+def test_a_run_ended_by_its_time_budget_is_tagged_so(ray_local: None, tmp_path: Path) -> None:
+    cfg = conv_config(
+        tmp_path, name="timed", trials=4, time_budget_s=1e-3, tracking={"enabled": True}
+    )
+    study, _ = _search(cfg)
+    assert not [t for t in study.trials if t.state.is_finished()]  # spent before the first
+    client = MlflowClient(cfg.tracking_uri())
+    exp = client.get_experiment_by_name("timed")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.mpq_kind = 'study'")
+    assert parent.data.tags["ended_by"] == "time budget"
+    assert parent.info.status == "FINISHED"
+    Tracker(cfg).start(study, searching=True)  # a resumed search: not ended (yet)
+    assert "ended_by" not in client.get_run(parent.info.run_id).data.tags
 
 
 def test_local_store_and_sync_backfills(ray_local: None, tmp_path: Path) -> None:
