@@ -37,7 +37,7 @@ def main() -> None:
     from mpq.search import rules
     from mpq.search import study as study_mod
     from mpq.search.config import load_search_config
-    from mpq.search.model_sampler import PREDICTED, ModelBasedSampler
+    from mpq.search.model_sampler import PREDICTED
     from mpq.search.pareto import front_trials, hypervolume
     from mpq.search.record import SEARCH, StudyAttr, TrialAttr, TrialRecord
     from mpq.search.runner import bind_sampler, preflight
@@ -113,19 +113,10 @@ def main() -> None:
     evaluator = get_evaluator(eval_spec(cfg))
 
     def replay(sampler: str, seed: int, trials: int, enqueue: list) -> optuna.Study:  # type: ignore[type-arg]
-        if sampler == KL_ONLY:
-            c = cfg.constraints
-            made: optuna.samplers.BaseSampler = ModelBasedSampler(
-                seed=seed,
-                max_success_drop=c.max_success_drop,
-                max_size_bytes=c.max_size_bytes,
-                max_latency_ms=c.max_latency_ms,
-                residual=False,
-            )
-        else:
-            made = study_mod.make_sampler(
-                cfg.model_copy(update={"sampler": sampler, "seed": seed})
-            )
+        name = "mpq" if sampler == KL_ONLY else sampler
+        made = study_mod.make_sampler(
+            cfg.model_copy(update={"sampler": name, "seed": seed}), residual=sampler != KL_ONLY
+        )
         study = optuna.create_study(directions=full.directions, sampler=made)
         study.set_user_attr(StudyAttr.OBJECTIVES, full.user_attrs[StudyAttr.OBJECTIVES])
         study.set_user_attr(StudyAttr.FLOAT_REFERENCE, ref)

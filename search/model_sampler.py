@@ -489,6 +489,7 @@ class QatPlan:
 
 
 def _finite(v: Any) -> bool:
+    """A recorded figure that is a finite number (not None, NaN or a string)."""
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
@@ -525,7 +526,7 @@ def _ptq_success(t: FrozenTrial, objective: float | None = None) -> tuple[float 
     key = "ptq_success" if qat.get("steps") else "success"
     src = qat if qat.get("steps") else a
     success = src.get(key, objective)
-    if not isinstance(success, (int, float)) or not math.isfinite(success):
+    if not _finite(success):
         return None, 0.0
     lo, hi = src.get(f"{key}_lo"), src.get(f"{key}_hi")
     if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and hi > lo:

@@ -103,8 +103,9 @@ def _leader(name: str, options: LayerOptions) -> str:
     return options.fused_with or name
 
 
-def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
-    """The config's sampler (``mpq``: the model-based one, bound to the space by the runner)."""
+def make_sampler(cfg: SearchConfig, residual: bool = True) -> optuna.samplers.BaseSampler:
+    """The config's sampler (``mpq``: the model-based one, bound to the space by the runner;
+    ``residual=False``: its success model without the ridge correction, for benchmarks)."""
     if cfg.sampler == "mpq":
         from mpq.search.model_sampler import ModelBasedSampler
 
@@ -114,6 +115,7 @@ def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
             max_success_drop=c.max_success_drop,
             max_size_bytes=c.max_size_bytes,
             max_latency_ms=c.max_latency_ms,
+            residual=residual,
             qat=cfg.qat.when == "infeasible",
         )
     if cfg.sampler == "nsga2":
