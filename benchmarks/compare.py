@@ -1,7 +1,7 @@
 """mpq's search against what users would pick instead, on the full space of an example.
 
     python benchmarks/compare.py [--config examples/babyai/tiny.yaml] [--budget 24]
-        [--seeds 0 1 2] [--episodes 30]
+        [--seeds 0 1 2] [--episodes 30] [--out DIR]
 
 Every row is measured in this run with the same task (fixed evaluation seeds, ``--episodes``
 per level), the same space and the same kernels (the config's latency backend, paired
@@ -20,7 +20,8 @@ is the union of every feasible
 point any run measured (each normalised by its own study's float model: ``-success``,
 ``size / float size``, ``1 / paired speed-up``); each method's score is its hypervolume after
 its first ``--budget`` trials as a share of the reference's. The gap closed is
-``(share - best one-shot share) / (1 - best one-shot share)``.
+``(share - best one-shot share) / (1 - best one-shot share)``. With ``--out``, the studies are
+kept there and a rerun reuses the runs that finished (same budget, episodes and seed).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -61,11 +61,12 @@ ONE_SHOT = {
 
 
 def main() -> None:
+    from _runs import run_or_reuse
+
     from mpq.search.cluster import ray_session
     from mpq.search.config import load_search_config
     from mpq.search.pareto import hypervolume_of, normalised_losses
     from mpq.search.record import StudyAttr, TrialRecord
-    from mpq.search.session import run_search
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "examples/babyai/tiny.yaml"))
@@ -73,19 +74,19 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--episodes", type=int, default=30, help="task budget per level")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument(
+        "--out", default=None, help="keep the studies here; a rerun reuses finished runs"
+    )
     args = p.parse_args()
     base = load_search_config(args.config, task_budget=args.episodes, screen_budget=10)
     runs: dict[str, list] = {k: [] for k in args.variants}  # type: ignore[type-arg]
     with tempfile.TemporaryDirectory() as tmp, ray_session(base):
+        root = Path(args.out or tmp)
         for name in args.variants:
             for seed in args.seeds:
-                cfg = _variant(
-                    base, VARIANTS[name], seed, args.budget, Path(tmp) / f"{name}{seed}"
-                )
-                start = time.perf_counter()
-                study = run_search(cfg).study
-                runs[name].append((study, time.perf_counter() - start))
-                print(f"# {name} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+                cfg = _variant(base, name, seed, args.budget, root)
+                runs[name].append(run_or_reuse(cfg, [args.budget, args.episodes, seed]))
+                print(f"# {name} seed {seed}: {runs[name][-1][1]:.0f} s", flush=True)
     some = next(iter(runs.values()))[0][0]
     objectives = list(some.user_attrs[StudyAttr.OBJECTIVES])
     first = {  # what each run measured within its budget, by trial number
@@ -167,14 +168,17 @@ def main() -> None:
                 print(f"- {o}: {rho:.3f} over {len(xy)} proposals")
 
 
-def _variant(base, overrides: dict, seed: int, trials: int, out: Path):  # type: ignore[no-untyped-def]
+def _variant(base, name: str, seed: int, trials: int, root: Path):  # type: ignore[no-untyped-def]
+    """The run of variant ``name`` at ``seed``, its study named and kept by both."""
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower())
+    overrides = VARIANTS[name]
     data = base.model_dump()
     data.update(
         {
-            "name": f"cmp-{abs(hash((str(overrides), seed))) % 10**8}",
+            "name": f"cmp-{slug}-{seed}",
             "seed": seed,
             "trials": trials,
-            "output_dir": str(out),
+            "output_dir": str(root / f"{slug}-{seed}"),
             "storage": None,
             "tracking": {"enabled": False},
         }

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,11 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-WALL_S = "benchmark:wall_s"  # a finished run's wall time, kept with its study
-SETUP = "benchmark:setup"  # its time budget, seed, stage time limit: reused only on these
 
 
 def main() -> None:
+    from _runs import run_or_reuse
+
     from mpq.search.config import load_search_config
     from mpq.search.record import StudyAttr
 
@@ -80,8 +79,8 @@ def main() -> None:
                 "tracking": {"enabled": False},
                 "qat": {**data["qat"], "when": when, "steps": steps},
             }
-            setup = [args.time_budget_s, args.seed, timeout_s]
-            runs[label] = _run(type(base).model_validate(data), setup)
+            setup = [args.time_budget_s, args.seed, timeout_s]  # time budget, seed, limit
+            runs[label] = run_or_reuse(type(base).model_validate(data), setup)
             print(f"# {label}: {runs[label][1]:.0f} s", flush=True)
         _summary(base, args.time_budget_s, args.seed, timeout_s, runs)
         for label, (study, _) in runs.items():
@@ -91,32 +90,6 @@ def main() -> None:
             f"\nfloat: success {ref['success']:.3f}, {ref['size_bytes']:,} bytes; constraint: "
             f"success >= float - {base.constraints.max_success_drop}"
         )
-
-
-def _run(cfg: Any, setup: list[float]) -> tuple[Any, float]:
-    """One run from an empty folder, or the finished one of the same ``setup`` (time budget,
-    seed, a stage's time limit) already in ``cfg.output_dir``."""
-    import optuna
-
-    from mpq.search.session import run_search
-
-    if Path(cfg.output_dir, "study.db").exists():
-        study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url())
-        if WALL_S not in study.user_attrs:
-            raise SystemExit(f"{cfg.output_dir} holds an unfinished run: remove it")
-        if study.user_attrs.get(SETUP) != setup:
-            raise SystemExit(
-                f"{cfg.output_dir} holds a run of another time budget, seed or time limit "
-                f"({study.user_attrs.get(SETUP)}): remove it or pick another --out"
-            )
-        return study, float(study.user_attrs[WALL_S])
-    start = time.perf_counter()
-    result = run_search(cfg)
-    if result.interrupted:
-        raise SystemExit(f"interrupted: {cfg.output_dir} holds an unfinished run")
-    result.study.set_user_attr(SETUP, setup)
-    result.study.set_user_attr(WALL_S, time.perf_counter() - start)
-    return result.study, float(result.study.user_attrs[WALL_S])
 
 
 def _summary(

@@ -197,9 +197,10 @@ class SearchConfig(BaseModel):
     constraints: Constraints = Field(default_factory=Constraints)
     sampler: Literal["nsga2", "tpe", "random", "gp", "mpq"] = Field(
         "mpq",
-        description="Optuna sampler; mpq (default, chosen by benchmarks/compare.py and "
-        "exhaustive.py): model-based (predicted size, latency and success, most predicted "
-        "hypervolume improvement; search/model_sampler.py)",
+        description="Optuna sampler; mpq (default, chosen by benchmarks/exhaustive.py; "
+        "compare.py ranks no sampler beyond its noise: README): model-based (predicted "
+        "size, latency and success, most predicted hypervolume improvement; "
+        "search/model_sampler.py)",
     )
     population_size: int = Field(16, ge=2, description="NSGA-II population size")
     trials: int = Field(24, ge=1, description="trials to finish (complete, pruned or failed)")

@@ -26,6 +26,7 @@ from mpq.search import study as study_mod
 from mpq.search.cluster import capped_workers, ray_session
 from mpq.search.config import SearchConfig, load_search_config, masked_url
 from mpq.search.pareto import (
+    NON_INFERIORITY_MARGIN,
     aa_speedup,
     format_speedup,
     format_success,
@@ -318,7 +319,13 @@ def domination_lines(study: Any) -> list[str]:
     for r in rows:
         success = "success: no per-episode outcomes"
         if r["success_diff"] is not None:
-            verdict = "beyond noise" if r["beyond_noise"] else "within noise"
+            verdict = (
+                "beyond noise"
+                if r["beyond_noise"]
+                else f"within noise; non-inferior (lower end >= -{NON_INFERIORITY_MARGIN:.3f})"
+                if r["non_inferior"]
+                else "within noise"
+            )
             success = (
                 f"success {r['success_diff']:+.3f} [{r['success_lo_diff']:+.3f}, "
                 f"{r['success_hi_diff']:+.3f}] over {r['episodes']} episodes, {verdict}"

@@ -137,6 +137,31 @@ def test_a_search_point_dominates_a_seed_beyond_noise_only_on_paired_episodes() 
     extra[1] = {"outcomes": "1" * 89 + "0" + "1" + "0" * 9}
     r = next(r for r in seed_dominations(_study(points, extra)) if r["trial"] == 1)
     assert r["success_diff"] == 0.0 and r["success_lo_diff"] < 0 and not r["beyond_noise"]
+    assert not r["non_inferior"]  # 1 of 2 disagreements on 100 episodes: -0.02 at the lower end
+
+
+def test_non_inferiority_is_the_paired_lower_end_within_the_margin() -> None:
+    """Seeds at float success cannot be beaten beyond noise; on 400 episodes, one disagreement
+    each way is non-inferior within a point, six lost ones are not."""
+    from mpq.search.pareto import NON_INFERIORITY_MARGIN, seed_dominations
+    from mpq.search.session import domination_lines
+
+    seed = "1" * 380 + "0" * 20
+    points = [(0.95, 500, 1.0, -1), (0.95, 400, 0.9, -1), (0.95, 450, 0.8, -1)]
+    extra = {
+        0: {"seed": "uniform-8bit", "outcomes": seed},
+        1: {"outcomes": "1" * 379 + "0" + "1" + "0" * 19},  # one lost, one won
+        2: {"outcomes": "1" * 374 + "0" * 26},  # six lost (its success refined elsewhere)
+    }
+    study = _study(points, extra)
+    rows = {r["trial"]: r for r in seed_dominations(study)}
+    assert rows[1]["success_diff"] == 0.0 and not rows[1]["beyond_noise"]
+    assert -NON_INFERIORITY_MARGIN <= rows[1]["success_lo_diff"] < 0 and rows[1]["non_inferior"]
+    assert rows[2]["success_lo_diff"] < -NON_INFERIORITY_MARGIN and not rows[2]["non_inferior"]
+    assert not any(r["non_inferior"] for r in seed_dominations(study, margin=0.001))
+    lines = {line.split()[1]: line for line in domination_lines(study)[1:]}
+    assert lines["1"].endswith("within noise; non-inferior (lower end >= -0.010)")
+    assert lines["2"].endswith("over 400 episodes, within noise")
 
 
 def test_pruned_trials_are_plotted_at_their_screening_figures(tmp_path) -> None:  # type: ignore[no-untyped-def]
