@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 WALL_S = "benchmark:wall_s"  # a finished run's wall time, kept with its study
-SETUP = "benchmark:setup"  # what a rerun must match to reuse it (budgets, seed, ...)
+SETUP = "benchmark:setup"  # what a rerun must match to reuse it
 
 
-def run_or_reuse(cfg: Any, setup: list[float]) -> tuple[Any, float]:
-    """One run from an empty ``cfg.output_dir``, or the finished one of the same ``setup``
-    already there: ``(study, wall seconds)``."""
+def run_or_reuse(cfg: Any, setup: dict[str, Any]) -> tuple[Any, float]:
+    """One run from an empty ``cfg.output_dir``, or the finished one already there whose
+    ``setup`` (the benchmark's own settings) and config (``config_digest``) match:
+    ``(study, wall seconds)``."""
     import optuna
 
     from mpq.search.session import run_search
 
+    setup = {**setup, "config": config_digest(cfg)}
     if Path(cfg.output_dir, "study.db").exists():
-        study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url())
+        try:
+            study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url())
+        except KeyError:
+            raise SystemExit(f"{cfg.output_dir} holds another study than {cfg.name}") from None
         if WALL_S not in study.user_attrs:
             raise SystemExit(f"{cfg.output_dir} holds an unfinished run: remove it")
         if study.user_attrs.get(SETUP) != setup:
@@ -34,3 +41,10 @@ def run_or_reuse(cfg: Any, setup: list[float]) -> tuple[Any, float]:
     result.study.set_user_attr(SETUP, setup)
     result.study.set_user_attr(WALL_S, time.perf_counter() - start)
     return result.study, float(result.study.user_attrs[WALL_S])
+
+
+def config_digest(cfg: Any) -> str:
+    """The run's config but for where it is kept: a rerun with another config or variant
+    must not reuse it."""
+    data = cfg.model_dump(mode="json", exclude={"output_dir"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

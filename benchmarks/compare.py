@@ -1,7 +1,7 @@
 """mpq's search against what users would pick instead, on the full space of an example.
 
     python benchmarks/compare.py [--config examples/babyai/tiny.yaml] [--budget 24]
-        [--seeds 0 1 2] [--episodes 30] [--out DIR]
+        [--seeds 0 1 2] [--episodes 30] [--out DIR] [--again DIR2]
 
 Every row is measured in this run with the same task (fixed evaluation seeds, ``--episodes``
 per level), the same space and the same kernels (the config's latency backend, paired
@@ -21,12 +21,19 @@ point any run measured (each normalised by its own study's float model: ``-succe
 ``size / float size``, ``1 / paired speed-up``); each method's score is its hypervolume after
 its first ``--budget`` trials as a share of the reference's. The gap closed is
 ``(share - best one-shot share) / (1 - best one-shot share)``. With ``--out``, the studies are
-kept there and a rerun reuses the runs that finished (same budget, episodes and seed).
+kept there and a rerun reuses the runs that finished (same config, budget, episodes and seed).
+
+The one-shot rows take their points from the seeded runs (two variants x the seeds): their
+min-max spans those studies, one configuration measured in each, so it shows the benchmark's
+own noise. ``--again DIR2`` measures it directly: the ``--again-variants`` (random search by
+default: the same configurations for a seed, whatever the measurements) are run a second time
+into DIR2 and scored against the first runs' reference, outside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -37,6 +44,7 @@ from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/_runs.py
 NO_SEEDS = {"sensitivity": {"enabled": False}, "screen_budget": 0}
 ALLOCATIONS = {
     "uniform_bits": [8, 4],
@@ -77,6 +85,12 @@ def main() -> None:
     p.add_argument(
         "--out", default=None, help="keep the studies here; a rerun reuses finished runs"
     )
+    p.add_argument(
+        "--again", default=None, help="run --again-variants a second time here (the A/A rows)"
+    )
+    p.add_argument(
+        "--again-variants", nargs="+", default=["random search"], choices=list(VARIANTS)
+    )
     args = p.parse_args()
     base = load_search_config(args.config, task_budget=args.episodes, screen_budget=10)
     runs: dict[str, list] = {k: [] for k in args.variants}  # type: ignore[type-arg]
@@ -85,8 +99,16 @@ def main() -> None:
         for name in args.variants:
             for seed in args.seeds:
                 cfg = _variant(base, name, seed, args.budget, root)
-                runs[name].append(run_or_reuse(cfg, [args.budget, args.episodes, seed]))
+                setup = {"budget": args.budget, "episodes": args.episodes, "seed": seed}
+                runs[name].append(run_or_reuse(cfg, setup))
                 print(f"# {name} seed {seed}: {runs[name][-1][1]:.0f} s", flush=True)
+        again: dict[str, list] = {}  # type: ignore[type-arg]
+        for name in args.again_variants if args.again else []:
+            for seed in args.seeds:
+                cfg = _variant(base, name, seed, args.budget, Path(args.again))
+                setup = {"budget": args.budget, "episodes": args.episodes, "seed": seed}
+                again.setdefault(name, []).append(run_or_reuse(cfg, setup))
+                print(f"# {name} seed {seed} again: {again[name][-1][1]:.0f} s", flush=True)
     some = next(iter(runs.values()))[0][0]
     objectives = list(some.user_attrs[StudyAttr.OBJECTIVES])
     first = {  # what each run measured within its budget, by trial number
@@ -135,6 +157,14 @@ def main() -> None:
             hypervolume_of(normalised_losses(s, ts), objectives) / ref_hv
             for (s, _), ts in zip(studies, first[name], strict=True)
         ]
+    for name, studies in again.items():  # scored against the first runs' reference
+        shares[f"{name}, measured again (A/A)"] = [
+            hypervolume_of(
+                normalised_losses(s, [t for t in s.trials if t.number < args.budget]), objectives
+            )
+            / ref_hv
+            for s, _ in studies
+        ]
     one_shot = [statistics.mean(shares[k]) for k in ONE_SHOT if k in shares and "uniform" not in k]
     best_one_shot = max(one_shot, default=0.0)
     for label, v in shares.items():
@@ -170,7 +200,7 @@ def main() -> None:
 
 def _variant(base, name: str, seed: int, trials: int, root: Path):  # type: ignore[no-untyped-def]
     """The run of variant ``name`` at ``seed``, its study named and kept by both."""
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower())
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     overrides = VARIANTS[name]
     data = base.model_dump()
     data.update(

@@ -27,6 +27,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/_runs.py
 
 
 def main() -> None:
@@ -79,7 +80,7 @@ def main() -> None:
                 "tracking": {"enabled": False},
                 "qat": {**data["qat"], "when": when, "steps": steps},
             }
-            setup = [args.time_budget_s, args.seed, timeout_s]  # time budget, seed, limit
+            setup = {"time_budget_s": args.time_budget_s, "seed": args.seed}
             runs[label] = run_or_reuse(type(base).model_validate(data), setup)
             print(f"# {label}: {runs[label][1]:.0f} s", flush=True)
         _summary(base, args.time_budget_s, args.seed, timeout_s, runs)

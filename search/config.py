@@ -48,7 +48,7 @@ class Sensitivity(BaseModel):
     budgets: tuple[float, ...] = Field(
         (),
         description="greedy seed allocations at these fractions of the 8-bit size (none by "
-        "default: seeds cost trials the model-based sampler spends better, benchmarks/)",
+        "default, as seeds take trials from a small budget; the examples ask for some: README)",
     )
     uniform_bits: tuple[int, ...] = Field((), description="uniform seed trials at these bits")
     ilp_budgets: tuple[float, ...] = Field(

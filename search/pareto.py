@@ -189,10 +189,12 @@ def seed_dominations(
     ``non_inferior``: the weaker, one-sided test ``success_lo_diff >= -margin``: at the lower
     end of its paired interval the search trial loses at most ``margin`` of success. Where the
     seed already runs at the float model's success (the flagship's seeds do), no quantized
-    model can beat it beyond noise, and two near-identical policies that disagree on a single
-    episode fail ``beyond_noise`` while agreeing on all of them passes it; non-inferiority is
-    what the episodes can show there. Where the task reports no outcomes the difference is
-    None and neither holds.
+    model is expected to beat it beyond noise, and two near-identical policies that disagree on
+    a single episode fail ``beyond_noise`` while agreeing on all of them passes it;
+    non-inferiority is what the episodes can show there. On ``n`` episodes one lost episode
+    alone puts the lower end at ``-1/n``: below 100 episodes a margin of one point is no
+    weaker than ``beyond_noise``. Where the task reports no outcomes the difference is None
+    and neither holds.
     """
     from mpq.evaluators.stats import paired_difference
 
@@ -230,6 +232,7 @@ def seed_dominations(
                     "episodes": len(a) if isinstance(a, str) else None,
                     "beyond_noise": lo is not None and lo >= 0,
                     "non_inferior": lo is not None and lo >= -margin,
+                    "margin": margin,
                 }
             )
     return rows

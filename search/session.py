@@ -26,7 +26,6 @@ from mpq.search import study as study_mod
 from mpq.search.cluster import capped_workers, ray_session
 from mpq.search.config import SearchConfig, load_search_config, masked_url
 from mpq.search.pareto import (
-    NON_INFERIORITY_MARGIN,
     aa_speedup,
     format_speedup,
     format_success,
@@ -319,13 +318,11 @@ def domination_lines(study: Any) -> list[str]:
     for r in rows:
         success = "success: no per-episode outcomes"
         if r["success_diff"] is not None:
-            verdict = (
-                "beyond noise"
-                if r["beyond_noise"]
-                else f"within noise; non-inferior (lower end >= -{NON_INFERIORITY_MARGIN:.3f})"
-                if r["non_inferior"]
-                else "within noise"
-            )
+            verdict = "within noise"
+            if r["beyond_noise"]:
+                verdict = "beyond noise"
+            elif r["non_inferior"]:
+                verdict += f"; non-inferior (lower end >= -{r['margin']:.3f})"
             success = (
                 f"success {r['success_diff']:+.3f} [{r['success_lo_diff']:+.3f}, "
                 f"{r['success_hi_diff']:+.3f}] over {r['episodes']} episodes, {verdict}"
