@@ -93,28 +93,28 @@ def main() -> None:
     )
     args = p.parse_args()
     base = load_search_config(args.config, task_budget=args.episodes, screen_budget=10)
-    runs: dict[str, list] = {k: [] for k in args.variants}  # type: ignore[type-arg]
-    with tempfile.TemporaryDirectory() as tmp, ray_session(base):
-        root = Path(args.out or tmp)
-        for name in args.variants:
+
+    def measure(names: list[str], root: Path, tag: str = "") -> dict[str, list]:  # type: ignore[type-arg]
+        """Each variant at each seed: ``(study, wall seconds)``, run or reused from ``root``."""
+        out: dict[str, list] = {name: [] for name in names}  # type: ignore[type-arg]
+        for name in names:
             for seed in args.seeds:
                 cfg = _variant(base, name, seed, args.budget, root)
                 setup = {"budget": args.budget, "episodes": args.episodes, "seed": seed}
-                runs[name].append(run_or_reuse(cfg, setup))
-                print(f"# {name} seed {seed}: {runs[name][-1][1]:.0f} s", flush=True)
-        again: dict[str, list] = {}  # type: ignore[type-arg]
-        for name in args.again_variants if args.again else []:
-            for seed in args.seeds:
-                cfg = _variant(base, name, seed, args.budget, Path(args.again))
-                setup = {"budget": args.budget, "episodes": args.episodes, "seed": seed}
-                again.setdefault(name, []).append(run_or_reuse(cfg, setup))
-                print(f"# {name} seed {seed} again: {again[name][-1][1]:.0f} s", flush=True)
+                out[name].append(run_or_reuse(cfg, setup))
+                print(f"# {name} seed {seed}{tag}: {out[name][-1][1]:.0f} s", flush=True)
+        return out
+
+    def within(study) -> list:  # type: ignore[no-untyped-def, type-arg]
+        """What a run measured within its budget, by trial number."""
+        return [t for t in study.trials if t.number < args.budget]
+
+    with tempfile.TemporaryDirectory() as tmp, ray_session(base):
+        runs = measure(args.variants, Path(args.out or tmp))
+        again = measure(args.again_variants, Path(args.again), " again") if args.again else {}
     some = next(iter(runs.values()))[0][0]
     objectives = list(some.user_attrs[StudyAttr.OBJECTIVES])
-    first = {  # what each run measured within its budget, by trial number
-        name: [[t for t in s.trials if t.number < args.budget] for s, _ in studies]
-        for name, studies in runs.items()
-    }
+    first = {name: [within(s) for s, _ in studies] for name, studies in runs.items()}
     union = np.concatenate(
         [
             normalised_losses(s, ts)
@@ -159,10 +159,7 @@ def main() -> None:
         ]
     for name, studies in again.items():  # scored against the first runs' reference
         shares[f"{name}, measured again (A/A)"] = [
-            hypervolume_of(
-                normalised_losses(s, [t for t in s.trials if t.number < args.budget]), objectives
-            )
-            / ref_hv
+            hypervolume_of(normalised_losses(s, within(s)), objectives) / ref_hv
             for s, _ in studies
         ]
     one_shot = [statistics.mean(shares[k]) for k in ONE_SHOT if k in shares and "uniform" not in k]
